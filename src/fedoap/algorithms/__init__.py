@@ -1,0 +1,38 @@
+"""Federated methods, one file each, all on the same backbone. ``ALGORITHMS`` maps names to
+classes; ``build_algorithm(cfg)`` instantiates the configured one."""
+
+from fedoap.algorithms import fedavg, fedoap, local  # noqa: F401  (registration)
+from fedoap.algorithms.base import (
+    KV,
+    SHARED,
+    Algorithm,
+    ClientState,
+    FitContext,
+    Update,
+    nbytes,
+    weighted_mean,
+)
+from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.config import Config, ConfigError
+
+
+def build_algorithm(cfg: Config) -> Algorithm:
+    try:
+        cls = ALGORITHMS.get(cfg.method)
+    except KeyError as err:
+        raise ConfigError(f"method: {err.args[0]}") from None
+    return cls(cfg)
+
+
+__all__ = [
+    "ALGORITHMS",
+    "KV",
+    "SHARED",
+    "Algorithm",
+    "ClientState",
+    "FitContext",
+    "Update",
+    "build_algorithm",
+    "nbytes",
+    "weighted_mean",
+]

@@ -1,0 +1,306 @@
+"""The algorithm interface: plain objects over state dicts, independent of any runtime.
+
+A federated method is a subclass of :class:`Algorithm` that overrides as little as it can. It
+declares
+
+* the backbone variant (``attention``) and which top-level modules are personal
+  (``personal_modules``; see :mod:`fedoap.models.partition`);
+* the server step (:meth:`Algorithm.aggregate`): weighted mean of the uploads by default;
+* the client step (:meth:`Algorithm.fit`): load global + personal weights, train local epochs,
+  upload the shared part;
+* whether it has a local fine-tuning stage (:attr:`Algorithm.has_finetune`) and its loss.
+
+Everything that crosses the network is a flat ``dict[str, Tensor]`` with namespaced keys
+(``shared.<state key>``, ``kv.<name>``), exactly what a Flower ``ArrayRecord`` holds. Everything a
+client keeps is a :class:`ClientState`, which never leaves the client. The in-process runner and
+the Flower apps call these same methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fedoap.config import Config, ConfigError, from_dict
+from fedoap.data.dataset import ClientData
+from fedoap.losses import SegLoss
+from fedoap.models import FedOAPNet, Partition, StateDict
+from fedoap.models.net import AttentionKind
+from fedoap.models.partition import keys_of_children
+from fedoap.training import make_generator, train_epochs
+from fedoap.training.engine import LossFn
+
+SHARED = "shared."
+KV = "kv."
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Methods without options of their own."""
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between rounds. Never sent."""
+
+    personal: StateDict  # the client's personal parameters and buffers
+    optimizer: dict[str, Any] | None = None  # torch optimiser state_dict (persists across rounds)
+    extra: StateDict = field(default_factory=dict)  # method-specific tensors
+
+
+@dataclass
+class Update:
+    """What a client sends after local training."""
+
+    arrays: StateDict  # namespaced: shared.*, kv.*
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FitContext:
+    """Per-call facts the client step needs: where it is, and how to draw randomness."""
+
+    client: str
+    round: int  # 1-based federated round, or R + e in the fine-tuning stage
+    seed: int
+    progress: Callable[[int], None] | None = None
+
+    def generator(self, stage: str) -> torch.Generator:
+        return make_generator(self.seed, stage, self.round, self.client)
+
+
+def nbytes(arrays: StateDict) -> int:
+    """Bytes of a payload as it travels (raw tensor data)."""
+    return sum(t.numel() * t.element_size() for t in arrays.values())
+
+
+class Algorithm:
+    """Base class. With no overrides it is FedAvg on the plain U-Net (McMahan et al., 2017)."""
+
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type] = NoOptions
+    #: Backbone variant; every method uses the same encoder/decoder/width.
+    attention: ClassVar[AttentionKind] = "none"
+    #: Whether the spatial adapter exists (FedOAP only; model.use_adapter can switch it off).
+    uses_adapter: ClassVar[bool] = False
+    #: Top-level modules of FedOAPNet that stay on the client.
+    personal_modules: ClassVar[tuple[str, ...]] = ()
+    #: Local fine-tuning stage after the federated rounds (finetune.epochs of it).
+    has_finetune: ClassVar[bool] = False
+    #: Whether it is a privacy-breaking reference point rather than a federated method.
+    breaks_privacy: ClassVar[bool] = False
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        try:
+            self.options = from_dict(self.Options, dict(cfg.algorithm), prefix="algorithm.")
+        except ConfigError as err:
+            raise ConfigError(f"{err} (method {self.name})") from None
+        self.seg_loss = SegLoss()
+
+    # ------------------------------------------------------------------ structure
+
+    def build_model(self) -> FedOAPNet:
+        """The shared backbone for this method, initialised from the run seed."""
+        m = self.cfg.model
+        torch.manual_seed(self.cfg.seed)
+        return FedOAPNet(
+            in_channels=self.cfg.data.channels,
+            width=m.width,
+            depth=m.depth,
+            heads=m.heads,
+            norm=m.norm,
+            attention=self.attention_kind(),
+            use_adapter=self.uses_adapter and m.use_adapter,
+        )
+
+    def attention_kind(self) -> AttentionKind:
+        return self.attention
+
+    def personal_keys(self, model: nn.Module) -> set[str]:
+        """State-dict keys that stay on the client, from module structure."""
+        return keys_of_children(model, self.personal_modules)
+
+    def partition(self, model: nn.Module) -> Partition:
+        return Partition.from_personal(model, self.personal_keys(model))
+
+    # ------------------------------------------------------------------ server
+
+    def init_global(self, model: nn.Module) -> StateDict:
+        """Initial broadcast: the shared part of the freshly initialised model."""
+        shared, _ = self.partition(model).split(model.state_dict())
+        return {SHARED + k: v.detach().clone() for k, v in shared.items()}
+
+    def aggregate(
+        self, global_arrays: StateDict, updates: Sequence[Update], server: StateDict
+    ) -> StateDict:
+        """New global arrays from the round's uploads. Default: mean weighted by examples,
+
+        ``w_{t+1} = sum_k n_k w_k / sum_k n_k``   (FedAvg, McMahan et al. 2017, Alg. 1).
+
+        ``server`` is a mutable dict of tensors for server-side state (momentum buffers, ...);
+        it is saved in checkpoints.
+        """
+        if not updates:
+            return global_arrays
+        new = dict(global_arrays)
+        new.update(weighted_mean(updates, [k for k in updates[0].arrays if k.startswith(SHARED)]))
+        return new
+
+    # ------------------------------------------------------------------ client
+
+    def init_client(self, model: nn.Module) -> ClientState:
+        _, personal = self.partition(model).split(model.state_dict())
+        return ClientState(personal={k: v.detach().clone() for k, v in personal.items()})
+
+    def load(self, model: nn.Module, global_arrays: StateDict, state: ClientState) -> None:
+        """Put global shared weights and the client's personal weights into ``model``."""
+        shared = {k[len(SHARED) :]: v for k, v in global_arrays.items() if k.startswith(SHARED)}
+        missing = set(self.partition(model).shared) - set(shared)
+        if missing:
+            raise ValueError(f"global payload lacks shared keys, e.g. {sorted(missing)[:3]}")
+        model.load_state_dict({**shared, **state.personal}, strict=True)
+
+    def personalize(self, model: nn.Module, global_arrays: StateDict, state: ClientState) -> None:
+        """Load the model this client would deploy now (what validation and test score)."""
+        self.load(model, global_arrays, state)
+
+    def trainable(self, model: nn.Module, stage: str) -> list[nn.Parameter]:
+        """Parameters the optimiser updates in a stage (``"fit"`` or ``"finetune"``)."""
+        if stage == "finetune" and self.cfg.finetune.parts == "personal":
+            personal = set(self.partition(model).personal)
+            return [p for k, p in model.named_parameters() if k in personal]
+        return list(model.parameters())
+
+    def make_optimizer(
+        self, params: list[nn.Parameter], state: dict[str, Any] | None, lr: float | None = None
+    ) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        opt = torch.optim.AdamW(params, lr=lr or t.lr, weight_decay=t.weight_decay)
+        if state is not None:
+            opt.load_state_dict(state)
+        return opt
+
+    def loss(self, stage: str) -> LossFn:
+        """Training loss for a stage. Default: ``L_seg`` everywhere."""
+        seg = self.seg_loss
+        return lambda z, y, gen: seg(z, y)
+
+    def penalty(
+        self, model: nn.Module, global_arrays: StateDict, state: ClientState
+    ) -> Callable[[], torch.Tensor] | None:
+        """Optional regulariser added to the local loss (FedProx, Ditto)."""
+        return None
+
+    def upload(self, model: nn.Module, data: ClientData, ctx: FitContext) -> StateDict:
+        shared, _ = self.partition(model).split(model.state_dict())
+        return {SHARED + k: v.detach().clone() for k, v in shared.items()}
+
+    def save_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: ClientState
+    ) -> ClientState:
+        _, personal = self.partition(model).split(model.state_dict())
+        return dataclasses.replace(
+            state,
+            personal={k: v.detach().clone() for k, v in personal.items()},
+            optimizer=optimizer.state_dict() if optimizer is not None else state.optimizer,
+        )
+
+    def fit(
+        self,
+        model: nn.Module,
+        global_arrays: StateDict,
+        state: ClientState,
+        data: ClientData,
+        ctx: FitContext,
+    ) -> tuple[Update, ClientState]:
+        """One round of local training. Returns the upload and the client's new state."""
+        self.load(model, global_arrays, state)
+        opt = self.make_optimizer(self.trainable(model, "fit"), state.optimizer)
+        t = self.cfg.train
+        loss = train_epochs(
+            model,
+            opt,
+            data.train,
+            t.local_epochs,
+            self.loss("fit"),
+            ctx.generator("fit"),
+            t.batch_size,
+            t.precision,
+            augment=self.cfg.data.augment,
+            penalty=self.penalty(model, global_arrays, state),
+            progress=ctx.progress,
+        )
+        arrays = self.upload(model, data, ctx)
+        return Update(arrays, len(data.train), {"train_loss": loss}), self.save_state(
+            model, opt, state
+        )
+
+    def finetune_epoch(
+        self,
+        model: nn.Module,
+        global_arrays: StateDict,
+        state: ClientState,
+        data: ClientData,
+        ctx: FitContext,
+        first: bool,
+    ) -> tuple[float, ClientState]:
+        """One epoch of the local fine-tuning stage (a fresh optimiser at the first epoch).
+
+        The starting weights are whatever ``state``/``global_arrays`` hold; the runner sets them
+        to the client's best validated federated model before the first epoch.
+        """
+        self.personalize(model, global_arrays, state)
+        ft = self.cfg.finetune
+        opt = self.make_optimizer(
+            self.trainable(model, "finetune"), None if first else state.optimizer, lr=ft.lr
+        )
+        t = self.cfg.train
+        loss = train_epochs(
+            model,
+            opt,
+            data.train,
+            1,
+            self.loss("finetune"),
+            ctx.generator("finetune"),
+            t.batch_size,
+            t.precision,
+            augment=self.cfg.data.augment,
+            progress=ctx.progress,
+        )
+        return loss, self.finetune_state(model, opt, state)
+
+    def finetune_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: ClientState
+    ) -> ClientState:
+        """After fine-tuning the *whole* model is the client's own: it is all personal now."""
+        return dataclasses.replace(
+            state,
+            personal={k: v.detach().clone() for k, v in model.state_dict().items()},
+            optimizer=optimizer.state_dict(),
+        )
+
+
+def weighted_mean(updates: Sequence[Update], keys: Sequence[str]) -> StateDict:
+    """``sum_k n_k a_k / sum_k n_k`` for each key; integer tensors (e.g. BN's
+    ``num_batches_tracked``) take the maximum instead."""
+    total = sum(u.num_examples for u in updates)
+    if total <= 0:
+        raise ValueError("aggregation needs at least one example in the round")
+    out: StateDict = {}
+    for k in keys:
+        first = updates[0].arrays[k]
+        if not first.is_floating_point():
+            out[k] = torch.stack([u.arrays[k] for u in updates]).max(0).values
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        for u in updates:
+            acc += u.arrays[k].double() * (u.num_examples / total)
+        out[k] = acc.to(first.dtype)
+    return out

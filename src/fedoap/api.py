@@ -1,0 +1,154 @@
+"""Python entry points behind the CLI: run, resume, evaluate and predict."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fedoap.algorithms import KV, build_algorithm
+from fedoap.config import Config, ConfigError, load_config, save_config
+from fedoap.data import prepare_clients
+from fedoap.data.dataset import ClientData
+from fedoap.data.sources import read_image
+from fedoap.data.transforms import letterbox, normalize, unletterbox
+from fedoap.federation import Runner
+from fedoap.federation.checkpoint import load_tensors
+from fedoap.models import FedOAPNet
+from fedoap.runs import RunDir
+from fedoap.training import evaluate, predict_logits
+
+
+def run_experiment(
+    cfg: Config,
+    run_dir: Path,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    clients: list[ClientData] | None = None,
+) -> dict[str, Any]:
+    """Validate everything, then train a new run in ``run_dir``; returns ``summary.json``."""
+    algorithm = build_algorithm(cfg)  # unknown method / options fail here, before data is read
+    if clients is None:
+        clients = prepare_clients(cfg.data)  # bad data fails here, before the folder is touched
+    rd = RunDir(run_dir)
+    if rd.is_started() and not force:
+        rd.prepare(force=False)  # raises RunExistsError with the standard message
+    for c in clients:
+        for note in c.notes:
+            log(f"note: {note}")
+    moved = rd.prepare(force=force)
+    if moved is not None:
+        log(f"moved the existing run folder to {moved}")
+    save_config(cfg, rd.config)
+    rd.write_json(
+        rd.splits,
+        {c.name: {s: c.split(s).names.tolist() for s in ("train", "val", "test")} for c in clients},
+    )
+    runner = Runner(cfg, algorithm, clients, rd, progress=progress, log=log)
+    return runner.run()
+
+
+def resume_experiment(
+    run_dir: Path,
+    overrides_cfg: Config | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Continue a killed run from ``checkpoints/last.safetensors``."""
+    rd = RunDir(run_dir)
+    if not rd.config.is_file():
+        raise FileNotFoundError(f"{rd.config} not found: {run_dir} is not a run folder")
+    cfg = load_config(rd.config)
+    if rd.summary.is_file():
+        log(f"{run_dir} is already complete; nothing to resume")
+        return dict(json.loads(rd.summary.read_text()))
+    if overrides_cfg is not None and overrides_cfg.digest() != cfg.digest():
+        raise ConfigError(
+            f"the config given differs from {rd.config}; resume uses the run's own config "
+            "(start a new run folder to change it)"
+        )
+    algorithm = build_algorithm(cfg)
+    clients = prepare_clients(cfg.data)
+    runner = Runner(cfg, algorithm, clients, rd, progress=progress, log=log)
+    if rd.last.is_file():
+        runner.restore()
+        log(f"resuming {run_dir} after {runner.position.stage} step {runner.position.done}")
+    else:
+        log(f"no checkpoint in {rd.checkpoints}; starting {run_dir} from round 1")
+    return runner.run()
+
+
+def load_client_model(run_dir: Path, client: str) -> tuple[Config, FedOAPNet]:
+    """Rebuild a client's selected model from a run folder (weights and K/V bank)."""
+    rd = RunDir(run_dir)
+    cfg = load_config(rd.config)
+    names = [c.name for c in cfg.data.clients]
+    if client not in names:
+        raise ConfigError(f"client {client!r} is not in {rd.config}; clients: {', '.join(names)}")
+    model = build_algorithm(cfg).build_model()
+    tensors, _ = load_tensors(rd.best(client))
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(KV)})
+    model.set_kv_bank(tensors.get(KV + "bank"))
+    return cfg, model
+
+
+def evaluate_run(run_dir: Path, split: str = "test") -> dict[str, Any]:
+    """Re-score every client's saved model on a split; writes ``evaluation.json``."""
+    rd = RunDir(run_dir)
+    cfg = load_config(rd.config)
+    clients = prepare_clients(cfg.data)
+    out: dict[str, Any] = {"split": split, "clients": {}}
+    for c in clients:
+        _, model = load_client_model(run_dir, c.name)
+        out["clients"][c.name] = evaluate(model, c.split(split), cfg.train.precision, full=True)
+    dice = [v["dice"] for v in out["clients"].values()]
+    out["mean"] = {"dice": float(np.mean(dice))}
+    rd.write_json(rd.root / f"evaluation_{split}.json", out)
+    return out
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """RGB uint8: the image in gray, the mask tinted red with a bright outline."""
+    img = image.astype(np.float32)
+    if img.ndim == 3:
+        img = img.mean(-1)
+    lo, hi = float(img.min()), float(img.max())
+    g = (img - lo) / (hi - lo + 1e-6) * 255
+    rgb = np.stack([g, g, g], -1)
+    m = mask.astype(bool)
+    rgb[m] = 0.6 * rgb[m] + 0.4 * np.array([255, 0, 0])
+    t = torch.from_numpy(m.astype(np.float32))[None, None]
+    edge = torch.nn.functional.max_pool2d(t, 3, 1, 1) - (
+        -torch.nn.functional.max_pool2d(-t, 3, 1, 1)
+    )
+    rgb[edge[0, 0].numpy() > 0] = (255, 255, 0)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def predict_images(
+    run_dir: Path, client: str, images: Sequence[Path], out_dir: Path
+) -> list[tuple[Path, Path]]:
+    """Write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` for each image."""
+    cfg, model = load_client_model(run_dir, client)
+    spec = next(c for c in cfg.data.clients if c.name == client)
+    arrays = [read_image(Path(p), cfg.data.channels, spec.channel) for p in images]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, arr in zip(images, arrays, strict=True):
+        h, w = arr.shape[:2]
+        boxed = letterbox(arr, cfg.data.image_size, is_mask=False)
+        x = normalize(boxed[None], cfg.data.normalize)
+        pred = (predict_logits(model, x, cfg.train.precision)[0, 0] > 0).numpy().astype(np.uint8)
+        mask = unletterbox(pred, h, w, is_mask=True)
+        stem = Path(path).stem
+        mpath, opath = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+        Image.fromarray(mask * 255).save(mpath)
+        Image.fromarray(overlay(arr, mask)).save(opath)
+        written.append((mpath, opath))
+    return written

@@ -1,0 +1,163 @@
+"""``fedoap`` command line: run, evaluate, predict."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedoap.config import ConfigError, load_config
+from fedoap.data import DataError
+from fedoap.runs import RunExistsError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Personalised federated tumour segmentation (FedOAP and baselines).",
+)
+# Wide enough for the per-client table when output goes to a file or CI log.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+USER_ERRORS = (ConfigError, DataError, RunExistsError, FileNotFoundError, ValueError, KeyError)
+
+
+def fail(err: Exception) -> None:
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def print_summary(summary: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    for col in (
+        "client",
+        "train/val/test",
+        "best round",
+        "val",
+        "test Dice",
+        "IoU",
+        "HD95 px",
+        "case Dice",
+    ):
+        table.add_column(col, justify="right" if col != "client" else "left")
+    for name, c in summary["clients"].items():
+        n = c["n"]
+        table.add_row(
+            name,
+            f"{n['train']}/{n['val']}/{n['test']}",
+            str(c["best_round"]),
+            _fmt(next(iter(c["val"].values()))),
+            _fmt(c["test"]["dice"]),
+            _fmt(c["test"]["iou"]),
+            _fmt(c["test"]["hd95_px"], 1),
+            _fmt(c["test"].get("case_dice")),
+        )
+    m = summary["mean"]["test"]
+    table.add_row(
+        "[bold]mean",
+        "",
+        "",
+        "",
+        f"[bold]{_fmt(m['dice'])}",
+        _fmt(m["iou"]),
+        _fmt(m["hd95_px"], 1),
+        _fmt(m["case_dice"]),
+    )
+    console.print(table)
+    p, t, comm = summary["params"], summary["time"], summary["comm"]
+    console.print(
+        f"params shared/personal: {p['shared']:,}/{p['personal']:,}   "
+        f"up/down per client-round: {comm['bytes_up_per_round'] / 1e6:.2f}/"
+        f"{comm['bytes_down_per_round'] / 1e6:.2f} MB   "
+        f"time: {t['seconds_total']:.0f} s ({t['seconds_per_round'] or 0:.1f} s/round)"
+    )
+
+
+@app.command()
+def run(
+    overrides: list[str] = typer.Argument(
+        None, help="dotted.key=value overrides, e.g. train.lr=3e-4"
+    ),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file"),
+    out: Path = typer.Option(None, "--out", "-o", help="run folder to create"),
+    resume: Path = typer.Option(None, "--resume", help="continue the killed run in this folder"),
+    force: bool = typer.Option(
+        False, "--force", help="move an existing run folder aside and start over"
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Train a federation and write a run folder (config.yaml, metrics.csv, summary.json, ...)."""
+    from fedoap.api import resume_experiment, run_experiment
+
+    try:
+        if resume is not None:
+            given = load_config(config, overrides or []) if config is not None else None
+            if out is not None and out.resolve() != resume.resolve():
+                raise ConfigError(f"--out {out} and --resume {resume} name different folders")
+            summary = resume_experiment(resume, given, progress=not quiet)
+            run_dir = resume
+        else:
+            if config is None or out is None:
+                raise ConfigError("fedoap run needs -c CONFIG and -o RUN_DIR (or --resume RUN_DIR)")
+            cfg = load_config(config, overrides or [])
+            summary = run_experiment(cfg, out, force=force, progress=not quiet)
+            run_dir = out
+    except USER_ERRORS as err:
+        fail(err)
+        return
+    print_summary(summary, f"{summary['method']}: test metrics per client ({run_dir})")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    run_dir: Path = typer.Argument(..., help="a finished run folder"),
+    split: str = typer.Option("test", help="split to score: test, val or train"),
+) -> None:
+    """Re-score each client's saved (validation-selected) model."""
+    from fedoap.api import evaluate_run
+
+    try:
+        out = evaluate_run(run_dir, split)
+    except USER_ERRORS as err:
+        fail(err)
+        return
+    table = Table(title=f"{run_dir}: {split} split, re-scored from checkpoints/best")
+    for col in ("client", "Dice", "IoU", "HD95 px", "case Dice"):
+        table.add_column(col)
+    for name, m in out["clients"].items():
+        table.add_row(
+            name, _fmt(m["dice"]), _fmt(m["iou"]), _fmt(m["hd95_px"], 1), _fmt(m["case_dice"])
+        )
+    console.print(table)
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="a finished run folder"),
+    images: list[Path] = typer.Argument(..., help="image files (PNG/JPG/TIF)"),
+    client: str = typer.Option(..., "--client", help="whose personalised model to use"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+) -> None:
+    """Segment images with one client's model: writes <stem>_mask.png and <stem>_overlay.png."""
+    from fedoap.api import predict_images
+
+    try:
+        written = predict_images(run_dir, client, images, out)
+    except USER_ERRORS as err:
+        fail(err)
+        return
+    for m, o in written:
+        console.print(f"wrote {m} and {o}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,117 @@
+"""Client datasets in memory, ready for training: the glue between sources, splits, transforms.
+
+A 128x128 client of a few thousand images is a few hundred MB as float32, so whole splits live in
+memory as tensors and a batch is an index operation: data loading is never the bottleneck.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedoap.config import ClientSpec, DataConfig
+from fedoap.data.errors import DataError
+from fedoap.data.sources import RawClient, load_folder, load_npz
+from fedoap.data.splits import SPLITS, cap_cases, cap_images, split_by_case
+from fedoap.data.synthetic import generate_client
+from fedoap.data.transforms import letterbox, normalize
+
+
+@dataclass
+class Split:
+    """One split of one client: normalised images and masks as tensors."""
+
+    x: torch.Tensor  # (N, C, H, W) float32
+    y: torch.Tensor  # (N, 1, H, W) float32 in {0, 1}
+    case_ids: np.ndarray  # (N,)
+    names: np.ndarray  # (N,)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+@dataclass
+class ClientData:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    notes: list[str] = field(default_factory=list)
+
+    def split(self, which: str) -> Split:
+        if which not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {which!r}")
+        return getattr(self, which)
+
+    def sizes(self) -> dict[str, int]:
+        return {s: len(self.split(s)) for s in SPLITS}
+
+
+def resolve_path(root: str, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(root).expanduser() / p
+
+
+def load_raw(spec: ClientSpec, cfg: DataConfig) -> RawClient:
+    """Read one client's data as arrays at ``cfg.image_size``; errors name the client and file."""
+    if spec.source == "synthetic":
+        assert spec.style is not None
+        return generate_client(spec.style, spec.num_images, cfg.image_size, spec.name, spec.seed)
+    assert spec.path is not None
+    path = resolve_path(cfg.root, spec.path)
+    if spec.source == "npz":
+        raw = load_npz(path, use_rgb=spec.use_rgb)
+    else:
+        raw = load_folder(
+            path,
+            channels=cfg.channels,
+            image_dir=spec.image_dir,
+            mask_dir=spec.mask_dir,
+            mask_suffix=spec.mask_suffix,
+            case_regex=spec.case_regex,
+            channel=spec.channel,
+            resize_to=cfg.image_size,
+        )
+    has_rgb = raw.images.ndim == 4
+    if cfg.channels == 3 and not has_rgb:
+        raw.images = np.repeat(raw.images[..., None], 3, axis=-1)
+    if cfg.channels == 1 and has_rgb:
+        raise DataError(f"{path}: RGB images but data.channels=1")
+    if raw.images.shape[1:3] != (cfg.image_size, cfg.image_size):
+        raw.images = np.stack([letterbox(im, cfg.image_size, is_mask=False) for im in raw.images])
+        raw.masks = np.stack([letterbox(m, cfg.image_size, is_mask=True) for m in raw.masks])
+        raw.notes.append(f"{path}: letterboxed to {cfg.image_size}x{cfg.image_size}")
+    return raw
+
+
+def make_client(spec: ClientSpec, cfg: DataConfig) -> ClientData:
+    raw = load_raw(spec, cfg)
+    where = f"client '{spec.name}'"
+    idx = split_by_case(raw.case_ids, cfg.split, where)
+    seed = cfg.split.seed
+    idx["train"] = cap_images(idx["train"], cfg.max_train_images, seed)
+    idx["val"] = cap_cases(idx["val"], raw.case_ids, cfg.max_val_images, seed + 1)
+    idx["test"] = cap_cases(idx["test"], raw.case_ids, cfg.max_test_images, seed + 2)
+    splits = {}
+    for name, sel in idx.items():
+        splits[name] = Split(
+            x=normalize(raw.images[sel], cfg.normalize),
+            y=torch.from_numpy(raw.masks[sel].astype(np.float32)).unsqueeze(1),
+            case_ids=raw.case_ids[sel],
+            names=raw.names[sel],
+        )
+    return ClientData(name=spec.name, notes=raw.notes, **splits)
+
+
+def prepare_clients(cfg: DataConfig) -> list[ClientData]:
+    """Load, validate and split every client. Raises :class:`DataError` before any training."""
+    clients = []
+    for spec in cfg.clients:
+        try:
+            clients.append(make_client(spec, cfg))
+        except DataError as err:
+            raise DataError(f"client '{spec.name}': {err}") from None
+    return clients

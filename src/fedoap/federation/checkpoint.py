@@ -1,0 +1,86 @@
+"""Atomic safetensors checkpoints with JSON metadata.
+
+One file holds everything needed to resume: tensors under namespaced keys and a JSON document in
+the safetensors metadata. It is written to a temporary file, flushed to disk, then renamed over
+the old one, so a run killed at any moment leaves either the previous or the new checkpoint,
+never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from fedoap.models import StateDict
+
+META_KEY = "fedoap"
+
+
+def save_tensors(path: Path, tensors: StateDict, meta: dict[str, Any] | None = None) -> None:
+    """Save tensors (+ JSON metadata) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    # safetensors refuses shared storage and non-contiguous tensors: give it clean copies.
+    clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    save_file(clean, str(tmp), metadata={META_KEY: json.dumps(meta or {})})
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> tuple[StateDict, dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get(META_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read checkpoint (corrupt or truncated?): {err}") from err
+    return tensors, meta
+
+
+# ------------------------------------------------------------------ optimiser state
+
+
+def flatten_optimizer(state: dict[str, Any] | None, prefix: str) -> tuple[StateDict, Any]:
+    """Split a torch optimiser ``state_dict`` into tensors and a JSON-able rest."""
+    if state is None:
+        return {}, None
+    tensors: StateDict = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state["state"].items():
+        for k, v in pstate.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{prefix}{pid}.{k}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: StateDict, rest: Any, prefix: str) -> dict[str, Any] | None:
+    if rest is None:
+        return None
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix):
+            pid, name = key[len(prefix) :].split(".", 1)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, extra in rest["scalars"].items():
+        state.setdefault(int(pid), {}).update(extra)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def sub(tensors: StateDict, prefix: str) -> StateDict:
+    """Entries under ``prefix``, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def prefixed(tensors: StateDict, prefix: str) -> StateDict:
+    return {prefix + k: v for k, v in tensors.items()}

@@ -1,0 +1,397 @@
+"""The in-process federation runner: every client in one Python process, one after another.
+
+Protocol (method.md, "Training protocol"):
+
+1. Federated stage, rounds 1..R: the sampled clients run ``algorithm.fit`` from the current
+   global arrays and their own state; the server runs ``algorithm.aggregate``. Then *every*
+   client scores its personalised model on its **validation** split, and keeps it if it is its
+   best so far.
+2. Fine-tuning stage (methods that have one), epochs 1..F, logged as rounds R+1..R+F: each
+   client starts from its best validated federated model and fine-tunes locally; the model is
+   validated after every epoch and the best is kept.
+3. Test: each client's selected model is scored on its **test** split, once, at the end.
+
+A checkpoint is written atomically after every round and every fine-tuning epoch, with the
+global arrays, each client's state and best model, and the metric history, so a killed run
+resumes exactly (all randomness is derived from (seed, stage, round, client)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fedoap.algorithms import KV, Algorithm, ClientState, FitContext, Update, nbytes
+from fedoap.config import Config
+from fedoap.data.dataset import ClientData
+from fedoap.federation.checkpoint import (
+    flatten_optimizer,
+    load_tensors,
+    prefixed,
+    save_tensors,
+    sub,
+    unflatten_optimizer,
+)
+from fedoap.models import FedOAPNet, StateDict
+from fedoap.plots import plot_curves
+from fedoap.runs import RunDir
+from fedoap.training import evaluate
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Position:
+    """Where a run is: the last completed round (federated) or epoch (finetune)."""
+
+    stage: str
+    done: int
+
+
+@dataclass
+class ClientRecord:
+    """Runner-side bookkeeping for one client: its algorithm state and its selected model."""
+
+    data: ClientData
+    state: ClientState
+    best_score: float = -math.inf
+    best_round: int = 0
+    best_weights: StateDict = field(default_factory=dict)  # full model state dict
+    best_kv: StateDict = field(default_factory=dict)  # kv.* payload at the best round
+
+
+def sample_clients(names: list[str], fraction: float, seed: int, rnd: int) -> list[str]:
+    """The clients that train in round ``rnd`` (in their configured order)."""
+    k = max(1, round(fraction * len(names)))
+    if k >= len(names):
+        return list(names)
+    chosen = np.random.default_rng([seed, rnd]).choice(len(names), size=k, replace=False)
+    return [names[i] for i in sorted(chosen)]
+
+
+class Runner:
+    def __init__(
+        self,
+        cfg: Config,
+        algorithm: Algorithm,
+        clients: list[ClientData],
+        run_dir: RunDir,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.cfg = cfg
+        self.alg = algorithm
+        self.run_dir = run_dir
+        self.progress = progress
+        self.log = log
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.model: FedOAPNet = algorithm.build_model()
+        self.partition = algorithm.partition(self.model)
+        self.global_arrays: StateDict = algorithm.init_global(self.model)
+        self.server: StateDict = {}
+        self.records = {c.name: ClientRecord(c, algorithm.init_client(self.model)) for c in clients}
+        self.rows: list[dict[str, Any]] = []
+        self.round_seconds: list[float] = []
+        self.bytes_up: list[int] = []  # one entry per (round, sampled client)
+        self.bytes_down: list[int] = []  # one entry per (round, client that received)
+        self.position = Position("federated", 0)
+        self.elapsed = 0.0
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.records)
+
+    @property
+    def finetune_epochs(self) -> int:
+        return self.cfg.finetune.epochs if self.alg.has_finetune else 0
+
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter() - self.elapsed
+        total = self.cfg.federation.rounds + self.finetune_epochs
+        done = self._steps_done()
+        bar = tqdm(
+            total=total,
+            initial=done,
+            desc=f"{self.alg.name}",
+            unit="round",
+            disable=not self.progress,
+            leave=True,
+        )
+        while (
+            self.position.stage == "federated"
+            and self.position.done < self.cfg.federation.rounds
+        ):
+            t0 = time.perf_counter()
+            self._federated_round(self.position.done + 1)
+            self.round_seconds.append(time.perf_counter() - t0)
+            self.position.done += 1
+            self.elapsed = time.perf_counter() - start
+            self._checkpoint()
+            bar.update(1)
+            bar.set_postfix(self._postfix())
+        if self.position.stage == "federated":
+            self.position = Position("finetune", 0)
+            if self.finetune_epochs:
+                self._start_finetune()
+            self._checkpoint()
+        while self.position.stage == "finetune" and self.position.done < self.finetune_epochs:
+            self._finetune_epoch(self.position.done + 1)
+            self.position.done += 1
+            self.elapsed = time.perf_counter() - start
+            self._checkpoint()
+            bar.update(1)
+            bar.set_postfix(self._postfix())
+        bar.close()
+        self.elapsed = time.perf_counter() - start
+        summary = self._finish()
+        return summary
+
+    # ------------------------------------------------------------------ stages
+
+    def _inner_bar(self, desc: str, total: int) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not self.progress)
+
+    def _federated_round(self, rnd: int) -> None:
+        cfg = self.cfg
+        sampled = sample_clients(self.names, cfg.federation.fraction, cfg.seed, rnd)
+        payload = self.global_arrays
+        down = nbytes(payload)
+        updates: list[Update] = []
+        losses: dict[str, float] = {}
+        for name in sampled:
+            rec = self.records[name]
+            t0 = time.perf_counter()
+            with self._inner_bar(
+                f"round {rnd} {name}", len(rec.data.train) * cfg.train.local_epochs
+            ) as ib:
+                ctx = FitContext(name, rnd, cfg.seed, progress=ib.update)
+                update, rec.state = self.alg.fit(self.model, payload, rec.state, rec.data, ctx)
+            update.metrics["seconds"] = time.perf_counter() - t0
+            updates.append(update)
+            losses[name] = update.metrics["train_loss"]
+            self.bytes_up.append(nbytes(update.arrays))
+            self.bytes_down.append(down)
+        self.global_arrays = self.alg.aggregate(self.global_arrays, updates, self.server)
+        for name in self.names:
+            self._validate(
+                name, rnd, "federated", self.global_arrays, losses.get(name), name in sampled
+            )
+
+    def _start_finetune(self) -> None:
+        """Each client fine-tunes from its best validated federated model."""
+        for rec in self.records.values():
+            rec.state = ClientState(
+                personal=dict(rec.best_weights), optimizer=None, extra=rec.state.extra
+            )
+
+    def _ft_payload(self, rec: ClientRecord) -> StateDict:
+        # Shared weights are fully overridden by the (complete) personal state; the K/V bank is
+        # the one the best model was selected with.
+        base = {k: v for k, v in self.global_arrays.items() if not k.startswith(KV)}
+        return {**base, **rec.best_kv}
+
+    def _finetune_epoch(self, epoch: int) -> None:
+        rnd = self.cfg.federation.rounds + epoch
+        for name, rec in self.records.items():
+            payload = self._ft_payload(rec)
+            with self._inner_bar(f"fine-tune {epoch} {name}", len(rec.data.train)) as ib:
+                ctx = FitContext(name, rnd, self.cfg.seed, progress=ib.update)
+                loss, rec.state = self.alg.finetune_epoch(
+                    self.model, payload, rec.state, rec.data, ctx, first=epoch == 1
+                )
+            self._validate(name, rnd, "finetune", payload, loss, True)
+
+    def _validate(
+        self,
+        name: str,
+        rnd: int,
+        stage: str,
+        payload: StateDict,
+        train_loss: float | None,
+        sampled: bool,
+    ) -> None:
+        rec = self.records[name]
+        t0 = time.perf_counter()
+        self.alg.personalize(self.model, payload, rec.state)
+        val = evaluate(self.model, rec.data.val, self.cfg.train.precision)
+        score = val[self.cfg.train.select_metric]
+        improved = score is not None and score > rec.best_score
+        if improved:
+            rec.best_score = score
+            rec.best_round = rnd
+            rec.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            rec.best_kv = {k: v.clone() for k, v in payload.items() if k.startswith(KV)}
+        self.rows.append(
+            {
+                "round": rnd,
+                "stage": stage,
+                "client": name,
+                "sampled": int(sampled),
+                "train_loss": train_loss,
+                "val_dice": val["dice"],
+                "val_case_dice": val["case_dice"],
+                "best": int(improved),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+
+    def _postfix(self) -> dict[str, str]:
+        last = {r["client"]: r["val_dice"] for r in self.rows[-len(self.names) :]}
+        return {k[:10]: f"{v:.3f}" for k, v in last.items()}
+
+    def _steps_done(self) -> int:
+        if self.position.stage == "federated":
+            return self.position.done
+        return self.cfg.federation.rounds + self.position.done
+
+    # ------------------------------------------------------------------ test and outputs
+
+    def load_best(self, name: str) -> None:
+        """Put client ``name``'s selected model (and its K/V bank) into ``self.model``."""
+        rec = self.records[name]
+        self.model.load_state_dict(rec.best_weights)
+        self.model.set_kv_bank(rec.best_kv.get(KV + "bank"))
+
+    def _finish(self) -> dict[str, Any]:
+        clients: dict[str, Any] = {}
+        for name, rec in self.records.items():
+            self.load_best(name)
+            test = evaluate(self.model, rec.data.test, self.cfg.train.precision, full=True)
+            save_tensors(
+                self.run_dir.best(name),
+                {**rec.best_weights, **rec.best_kv},
+                {"client": name, "best_round": rec.best_round, "method": self.alg.name},
+            )
+            clients[name] = {
+                "n": rec.data.sizes(),
+                "best_round": rec.best_round,
+                "best_stage": "federated"
+                if rec.best_round <= self.cfg.federation.rounds
+                else "finetune",
+                "val": {self.cfg.train.select_metric: rec.best_score},
+                "test": test,
+                "notes": rec.data.notes,
+            }
+        mean_test = {
+            k: _mean([c["test"][k] for c in clients.values()])
+            for k in ("dice", "iou", "hd95_px", "case_dice")
+        }
+        counts = self.partition.count(self.model)
+        k = len(self.names)
+        rounds = self.cfg.federation.rounds
+        summary = {
+            "method": self.alg.name,
+            "breaks_privacy": self.alg.breaks_privacy,
+            "seed": self.cfg.seed,
+            "config_digest": self.cfg.digest(),
+            "clients": clients,
+            "mean": {"test": mean_test},
+            "worst": {"test": {"dice": min(c["test"]["dice"] for c in clients.values())}},
+            "params": {**counts, "total": counts["shared"] + counts["personal"]},
+            "flops_per_image": self.model.flops_per_image(self.cfg.data.image_size),
+            "comm": {
+                # Per client per round, of what actually travels (raw tensor bytes).
+                "bytes_up_per_round": int(np.mean(self.bytes_up)) if self.bytes_up else 0,
+                "bytes_down_per_round": int(np.mean(self.bytes_down)) if self.bytes_down else 0,
+                "bytes_total": int(sum(self.bytes_up) + sum(self.bytes_down)),
+                "kv_bank_bytes": int(
+                    nbytes({k: v for k, v in self.global_arrays.items() if k.startswith(KV)})
+                ),
+            },
+            "time": {
+                "seconds_total": round(self.elapsed, 2),
+                "seconds_per_round": round(float(np.mean(self.round_seconds)), 3)
+                if self.round_seconds
+                else None,
+                "rounds": rounds,
+                "finetune_epochs": self.finetune_epochs,
+                "clients": k,
+            },
+        }
+        self.run_dir.write_json(self.run_dir.summary, summary)
+        self.run_dir.write_metrics(self.rows)
+        plot_curves(self.rows, self.run_dir.plots, f"{self.alg.name} (seed {self.cfg.seed})")
+        return summary
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint(self) -> None:
+        tensors: StateDict = {}
+        tensors.update(prefixed(self.global_arrays, "global/"))
+        tensors.update(prefixed(self.server, "server/"))
+        clients_meta: dict[str, Any] = {}
+        for name, rec in self.records.items():
+            p = f"client/{name}/"
+            tensors.update(prefixed(rec.state.personal, p + "personal/"))
+            tensors.update(prefixed(rec.state.extra, p + "extra/"))
+            tensors.update(prefixed(rec.best_weights, p + "best/"))
+            tensors.update(prefixed(rec.best_kv, p + "best_kv/"))
+            opt_t, opt_rest = flatten_optimizer(rec.state.optimizer, p + "optim/")
+            tensors.update(opt_t)
+            clients_meta[name] = {
+                "optimizer": opt_rest,
+                "best_score": rec.best_score if math.isfinite(rec.best_score) else None,
+                "best_round": rec.best_round,
+            }
+        meta = {
+            "version": CHECKPOINT_VERSION,
+            "config_digest": self.cfg.digest(),
+            "position": dataclasses.asdict(self.position),
+            "elapsed": self.elapsed,
+            "rows": self.rows,
+            "round_seconds": self.round_seconds,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "clients": clients_meta,
+        }
+        save_tensors(self.run_dir.last, tensors, meta)
+        self.run_dir.write_metrics(self.rows)
+
+    def restore(self) -> None:
+        """Load ``checkpoints/last.safetensors`` (resume)."""
+        tensors, meta = load_tensors(self.run_dir.last)
+        if meta.get("config_digest") != self.cfg.digest():
+            raise ValueError(
+                f"{self.run_dir.last} was written by a different config (digest "
+                f"{meta.get('config_digest')} vs {self.cfg.digest()}); resume with the run's own "
+                "config.yaml"
+            )
+        missing = set(self.names) - set(meta["clients"])
+        if missing:
+            raise ValueError(f"{self.run_dir.last}: no state for client(s) {sorted(missing)}")
+        self.global_arrays = sub(tensors, "global/")
+        self.server = sub(tensors, "server/")
+        for name, rec in self.records.items():
+            p = f"client/{name}/"
+            cm = meta["clients"][name]
+            rec.state = ClientState(
+                personal=sub(tensors, p + "personal/"),
+                optimizer=unflatten_optimizer(tensors, cm["optimizer"], p + "optim/"),
+                extra=sub(tensors, p + "extra/"),
+            )
+            rec.best_weights = sub(tensors, p + "best/")
+            rec.best_kv = sub(tensors, p + "best_kv/")
+            rec.best_score = -math.inf if cm["best_score"] is None else cm["best_score"]
+            rec.best_round = cm["best_round"]
+        self.position = Position(**meta["position"])
+        self.elapsed = meta["elapsed"]
+        self.rows = meta["rows"]
+        self.round_seconds = meta["round_seconds"]
+        self.bytes_up = meta["bytes_up"]
+        self.bytes_down = meta["bytes_down"]
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny configs that train in seconds, and the path of the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedoap.config import Config, apply_overrides, from_dict, validate
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FEDOAP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+TINY: dict[str, Any] = {
+    "method": "fedoap",
+    "seed": 0,
+    "data": {
+        "image_size": 32,
+        "clients": [
+            {"name": "mri", "source": "synthetic", "style": "mri", "num_images": 36},
+            {"name": "us", "source": "synthetic", "style": "ultrasound", "num_images": 30},
+            {"name": "ct", "source": "synthetic", "style": "ct", "num_images": 30},
+        ],
+    },
+    "model": {"width": 4, "depth": 3, "heads": 2},
+    "train": {"batch_size": 8, "local_epochs": 1, "lr": 0.003},
+    "federation": {"rounds": 2},
+    "finetune": {"epochs": 1},
+}
+
+
+def tiny_config(*overrides: str, **sections: Any) -> Config:
+    """A three-client synthetic config at 32x32 that runs a round in about a second."""
+    data = apply_overrides(TINY, list(overrides))
+    for k, v in sections.items():
+        data[k] = v
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data. CI always has it, so its absence is a failure, not a skip."""
+    if not (SHARED_DATA / "lgg_brain_mri.npz").is_file():
+        pytest.fail(
+            f"real data not found at {SHARED_DATA}: tests expect ../shared/data beside the repo "
+            "(or FEDOAP_SHARED_DATA pointing at it)"
+        )
+    return SHARED_DATA

@@ -1,0 +1,68 @@
+"""The ``fedoap`` command line: errors are clear and touch nothing; a run prints its table."""
+
+from __future__ import annotations
+
+import numpy as np
+import yaml
+from typer.testing import CliRunner
+
+from fedoap.cli.main import app
+from tests.conftest import tiny_config
+
+cli = CliRunner()
+
+
+def write_cfg(tmp_path, cfg=None, **raw):
+    p = tmp_path / "cfg.yaml"
+    data = (cfg or tiny_config("federation.rounds=1", "finetune.epochs=0")).to_dict()
+    data.update(raw)
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_run_prints_the_per_client_table(tmp_path):
+    cfg = write_cfg(tmp_path)
+    res = cli.invoke(app, ["run", "-c", str(cfg), "-o", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "test metrics per client" in res.output
+    for name in ("mri", "us", "ct", "mean"):
+        assert name in res.output
+    again = cli.invoke(app, ["run", "-c", str(cfg), "-o", str(tmp_path / "run"), "--quiet"])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_bad_override_fails_before_anything_is_created(tmp_path):
+    cfg = write_cfg(tmp_path)
+    out = tmp_path / "run"
+    res = cli.invoke(app, ["run", "-c", str(cfg), "-o", str(out), "train.lr=abc"])
+    assert res.exit_code == 2
+    assert "train.lr: expected a number" in res.output
+    assert not out.exists()
+
+
+def test_bad_data_fails_before_the_run_folder_is_created(tmp_path):
+    arr = np.zeros((8, 16, 16), np.uint8)
+    np.savez(tmp_path / "bad.npz", images=arr, masks=np.zeros((8, 8, 8), np.uint8))
+    data = tiny_config().to_dict()["data"]
+    data["root"] = str(tmp_path)
+    data["clients"].append({"name": "bad", "source": "npz", "path": "bad.npz"})
+    cfg = write_cfg(tmp_path, data=data)
+    out = tmp_path / "run"
+    res = cli.invoke(app, ["run", "-c", str(cfg), "-o", str(out)])
+    assert res.exit_code == 2
+    assert (
+        "client 'bad'" in res.output and "bad.npz" in res.output and "does not match" in res.output
+    )
+    assert not out.exists()
+
+
+def test_unknown_method_lists_known(tmp_path):
+    res = cli.invoke(
+        app, ["run", "-c", str(write_cfg(tmp_path)), "-o", str(tmp_path / "r"), "method=nope"]
+    )
+    assert res.exit_code == 2 and "known:" in res.output and "fedoap" in res.output
+
+
+def test_resume_of_missing_folder(tmp_path):
+    res = cli.invoke(app, ["run", "--resume", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "not a run folder" in res.output

@@ -1,0 +1,71 @@
+import torch
+import torch.nn.functional as F
+
+from fedoap.losses import PerturbedBoundaryLoss, SegLoss, perturbation_region
+from fedoap.losses.pbl import boundary_band
+
+
+def square_mask(size=16, lo=4, hi=12):
+    y = torch.zeros(1, 1, size, size)
+    y[..., lo:hi, lo:hi] = 1
+    return y
+
+
+def test_seg_loss_is_half_bce_plus_batch_soft_dice():
+    torch.manual_seed(0)
+    z = torch.randn(2, 1, 8, 8)
+    y = (torch.rand(2, 1, 8, 8) > 0.7).float()
+    p = torch.sigmoid(z)
+    dice = 1 - (2 * (p * y).sum() + 1e-5) / (p.sum() + y.sum() + 1e-5)
+    expected = 0.5 * F.binary_cross_entropy_with_logits(z, y) + dice
+    torch.testing.assert_close(SegLoss()(z, y), expected)
+
+
+def test_error_region_is_thresholded_error_map():
+    y = square_mask()
+    z = torch.full_like(y, -4.0)  # predicts background everywhere: wrong inside the square
+    m = perturbation_region(z, y, "error", tau=0.75, band_width=1)
+    assert torch.equal(m, y.bool())
+
+
+def test_band_region_of_a_square():
+    y = square_mask()
+    band = boundary_band(y, 1)
+    # dilation minus erosion with a 3x3 element: 2-pixel-wide ring at the square's edge
+    expected = torch.zeros_like(y, dtype=torch.bool)
+    expected[..., 3:13, 3:13] = True
+    expected[..., 5:11, 5:11] = False
+    assert torch.equal(band, expected)
+
+
+def test_perturbation_touches_only_the_chosen_region():
+    torch.manual_seed(0)
+    y = square_mask()
+    z = torch.randn_like(y) * 3
+    for region in ("error", "band", "error_and_band"):
+        loss = PerturbedBoundaryLoss(region=region, tau=0.6, s=0.5, lam=0.3, band_width=2)
+        z_tilde, m = loss.perturb(z, y, torch.Generator().manual_seed(1))
+        changed = z_tilde != z
+        assert changed.any(), region
+        assert not changed[~m].any(), region  # nothing outside M moves
+        assert changed[m].float().mean() > 0.99, region  # everything inside M does (a.s.)
+
+
+def test_lambda_zero_equals_plain_loss():
+    torch.manual_seed(0)
+    z, y = torch.randn(2, 1, 16, 16), square_mask().repeat(2, 1, 1, 1)
+    plain = SegLoss()(z, y)
+    pbl = PerturbedBoundaryLoss(lam=0.0, s=5.0)(z, y, torch.Generator().manual_seed(0))
+    assert torch.equal(pbl, plain)
+
+
+def test_pbl_differs_from_plain_when_active_and_has_gradient():
+    torch.manual_seed(0)
+    z = torch.randn(2, 1, 16, 16, requires_grad=True)
+    y = square_mask().repeat(2, 1, 1, 1)
+    pbl = PerturbedBoundaryLoss(region="band", lam=0.5, s=1.0)(
+        z, y, torch.Generator().manual_seed(0)
+    )
+    assert not torch.allclose(pbl, SegLoss()(z, y))
+    pbl.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0

@@ -1,0 +1,63 @@
+import math
+
+import numpy as np
+import torch
+
+from fedoap.metrics import case_dice, image_metrics, summarize
+
+
+def box(size, y0, y1, x0, x1):
+    m = torch.zeros(size, size, dtype=torch.bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_dice_and_iou_known_overlap():
+    # two 10x10 squares overlapping in a 10x5 strip: Dice = 2*50/200, IoU = 50/150
+    p = box(32, 0, 10, 0, 10)
+    g = box(32, 0, 10, 5, 15)
+    m = image_metrics(p[None], g[None])
+    assert math.isclose(m.dice[0], 0.5, abs_tol=1e-6)
+    assert math.isclose(m.iou[0], 1 / 3, abs_tol=1e-6)
+
+
+def test_empty_mask_rule():
+    empty = torch.zeros(16, 16, dtype=torch.bool)
+    some = box(16, 2, 6, 2, 6)
+    pred = torch.stack([empty, some, empty])
+    gt = torch.stack([empty, empty, some])
+    m = image_metrics(pred, gt)
+    assert list(m.dice) == [1.0, 0.0, 0.0]  # empty/empty = 1; FP on empty = 0; miss = 0
+    assert list(m.iou) == [1.0, 0.0, 0.0]
+    assert np.isnan(m.hd95_px).all()  # HD95 only where both are non-empty
+    s = summarize(m)
+    assert s["hd95_px"] is None and s["hd95_pairs"] == 0
+
+
+def test_hd95_of_shifted_square():
+    # a 20x20 square shifted by 3 px: every boundary point is at most 3 px away
+    p = box(64, 10, 30, 10, 30)
+    g = box(64, 10, 30, 13, 33)
+    m = image_metrics(p[None], g[None])
+    assert math.isclose(m.hd95_px[0], 3.0, abs_tol=1e-6)
+
+
+def test_hd95_of_concentric_squares():
+    # inner square 10x10 inside 20x20: the outer boundary is 5 px from the inner one
+    p = box(64, 20, 30, 20, 30)
+    g = box(64, 15, 35, 15, 35)
+    m = image_metrics(p[None], g[None])
+    assert 4.0 <= m.hd95_px[0] <= math.hypot(5, 5)
+    # HD95 of identical masks is 0
+    assert image_metrics(g[None], g[None]).hd95_px[0] == 0.0
+
+
+def test_case_dice_pools_pixels_across_images():
+    a, b = box(16, 0, 4, 0, 4), box(16, 0, 4, 0, 8)  # 16 and 32 px
+    empty = torch.zeros(16, 16, dtype=torch.bool)
+    pred = torch.stack([a, empty, a])
+    gt = torch.stack([a, a, b])
+    cases = case_dice(pred, gt, ["p1", "p1", "p2"])
+    assert math.isclose(cases["p1"], 2 * 16 / (16 + 32))  # per-image mean would be 0.5
+    assert math.isclose(cases["p2"], 2 * 16 / (16 + 32))
+    assert case_dice(empty[None], empty[None], ["e"]) == {"e": 1.0}

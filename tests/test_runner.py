@@ -1,0 +1,224 @@
+"""End-to-end runs of the in-process runner on tiny synthetic federations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+import fedoap.federation.runner as runner_mod
+from fedoap.api import evaluate_run, predict_images, resume_experiment, run_experiment
+from fedoap.runs import RunExistsError, read_metrics
+from tests.conftest import tiny_config
+
+
+def quiet_run(cfg, path: Path):
+    return run_experiment(cfg, path, progress=False, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def fedoap_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("runs") / "fedoap"
+    return path, quiet_run(tiny_config(), path)
+
+
+def test_run_folder_layout_and_summary(fedoap_run):
+    path, summary = fedoap_run
+    for rel in (
+        "config.yaml",
+        "metrics.csv",
+        "summary.json",
+        "splits.json",
+        "checkpoints/last.safetensors",
+        "plots/val_dice.png",
+    ):
+        assert (path / rel).is_file(), rel
+    for name in ("mri", "us", "ct"):
+        assert (path / "checkpoints" / "best" / f"{name}.safetensors").is_file()
+        test = summary["clients"][name]["test"]
+        assert set(test) >= {"dice", "iou", "hd95_px", "case_dice"}
+        assert 0 <= test["dice"] <= 1
+        assert summary["clients"][name]["best_round"] >= 1
+    assert summary["method"] == "fedoap"
+    assert summary["params"]["shared"] > 0 and summary["params"]["personal"] > 0
+    assert summary["comm"]["bytes_up_per_round"] == summary["comm"]["bytes_down_per_round"] > 0
+    assert summary["time"]["seconds_total"] > 0 and summary["time"]["seconds_per_round"] > 0
+    mean = sum(c["test"]["dice"] for c in summary["clients"].values()) / 3
+    assert abs(summary["mean"]["test"]["dice"] - mean) < 1e-9
+    assert json.loads((path / "summary.json").read_text()) == summary
+
+
+def test_comm_counts_only_shared_weights(fedoap_run):
+    path, summary = fedoap_run
+    # bytes up per client-round = 4 bytes x number of shared tensors' elements (fp32, no buffers
+    # with instance norm)
+    assert summary["comm"]["bytes_up_per_round"] == 4 * summary["params"]["shared"]
+
+
+def test_metrics_rows_and_selection_on_validation(fedoap_run):
+    path, summary = fedoap_run
+    rows = read_metrics(path / "metrics.csv")
+    cfg = tiny_config()
+    assert len(rows) == 3 * (cfg.federation.rounds + cfg.finetune.epochs)
+    for name, c in summary["clients"].items():
+        mine = [r for r in rows if r["client"] == name]
+        best = max(mine, key=lambda r: (float(r["val_dice"]), -int(r["round"])))
+        assert int(best["round"]) == c["best_round"]
+        assert abs(float(best["val_dice"]) - c["val"]["dice"]) < 1e-5
+    assert {r["stage"] for r in rows} == {"federated", "finetune"}
+
+
+def test_test_split_is_read_once_at_the_end(tmp_path, monkeypatch):
+    seen = []
+    real = runner_mod.evaluate
+
+    def spy(model, data, precision, full=False):
+        seen.append("test" if full else "val")
+        return real(model, data, precision, full)
+
+    monkeypatch.setattr(runner_mod, "evaluate", spy)
+    quiet_run(tiny_config(), tmp_path / "r")
+    n_val = 3 * (2 + 1)
+    assert seen == ["val"] * n_val + ["test"] * 3
+
+
+def test_evaluate_reproduces_the_summary(fedoap_run):
+    path, summary = fedoap_run
+    out = evaluate_run(path)
+    for name, c in summary["clients"].items():
+        assert out["clients"][name]["dice"] == pytest.approx(c["test"]["dice"], abs=1e-9)
+        assert out["clients"][name]["case_dice"] == pytest.approx(c["test"]["case_dice"], abs=1e-9)
+
+
+def test_predict_writes_masks_and_overlays(fedoap_run, tmp_path):
+    path, _ = fedoap_run
+    img = tmp_path / "scan.png"
+    Image.new("L", (50, 40), 90).save(img)
+    ((mask, over),) = predict_images(path, "mri", [img], tmp_path / "out")
+    m = Image.open(mask)
+    assert m.size == (50, 40) and m.mode == "L"
+    assert Image.open(over).size == (50, 40) and Image.open(over).mode == "RGB"
+
+
+def test_refuses_to_overwrite_and_force_moves_aside(fedoap_run, tmp_path):
+    path = tmp_path / "r"
+    path.mkdir()
+    (path / "precious.txt").write_text("keep me")
+    with pytest.raises(RunExistsError, match="already exists"):
+        quiet_run(tiny_config(), path)
+    assert (path / "precious.txt").read_text() == "keep me"
+    run_experiment(
+        tiny_config("federation.rounds=1", "finetune.epochs=0"),
+        path,
+        force=True,
+        progress=False,
+        log=lambda s: None,
+    )
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
+    assert len(moved) == 1 and (moved[0] / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("method", ["fedavg", "local"])
+def test_baselines_run(tmp_path, method):
+    s = quiet_run(tiny_config(f"method={method}", "federation.rounds=1"), tmp_path / method)
+    assert s["method"] == method
+    if method == "local":
+        assert s["comm"]["bytes_up_per_round"] == 0 and s["params"]["shared"] == 0
+        assert s["time"]["finetune_epochs"] == 1  # same budget as FedOAP
+    else:
+        assert s["params"]["personal"] == 0 and s["time"]["finetune_epochs"] == 0
+
+
+def test_client_sampling_fraction(tmp_path):
+    s = quiet_run(
+        tiny_config("federation.fraction=0.34", "federation.rounds=3", "finetune.epochs=0"),
+        tmp_path / "f",
+    )
+    rows = read_metrics(tmp_path / "f" / "metrics.csv")
+    per_round = {}
+    for r in rows:
+        per_round.setdefault(r["round"], 0)
+        per_round[r["round"]] += int(r["sampled"])
+    assert set(per_round.values()) == {1}
+    assert len(rows) == 9  # every client is validated every round
+    assert s["comm"]["bytes_total"] == 3 * 2 * s["comm"]["bytes_up_per_round"]
+
+
+def test_fp32_and_bf16_both_train(tmp_path):
+    for prec in ("fp32", "bf16"):
+        s = quiet_run(
+            tiny_config(f"train.precision={prec}", "federation.rounds=1", "finetune.epochs=0"),
+            tmp_path / prec,
+        )
+        assert s["mean"]["test"]["dice"] is not None
+
+
+def _strip_time(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "time"}
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    """Kill a real ``fedoap run`` process after its second round, resume, compare summaries."""
+    cfg = tiny_config("federation.rounds=4", "finetune.epochs=2", "model.kv.mode=bank")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    reference = quiet_run(cfg, tmp_path / "reference")
+
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedoap.cli.main",
+            "run",
+            "-c",
+            str(cfg_path),
+            "-o",
+            str(run_dir),
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    metrics = run_dir / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.is_file() and len(read_metrics(metrics)) >= 2 * 3:  # two rounds x three clients
+            break
+        if proc.poll() is not None:
+            pytest.fail(
+                f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            )
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists(), "the run finished before the kill"
+    done = len(read_metrics(metrics))
+    assert 6 <= done < 3 * 6
+
+    resumed = resume_experiment(run_dir, progress=False, log=lambda s: None)
+    assert _strip_time(resumed) == _strip_time(reference)
+    rows = read_metrics(metrics)
+    assert len(rows) == 3 * 6
+    ref_rows = read_metrics(tmp_path / "reference" / "metrics.csv")
+    assert [(r["round"], r["client"], r["val_dice"]) for r in rows] == [
+        (r["round"], r["client"], r["val_dice"]) for r in ref_rows
+    ]
+
+
+def test_resume_refuses_a_different_config(fedoap_run):
+    path, _ = fedoap_run
+    from fedoap.config import ConfigError
+
+    with pytest.raises(ConfigError, match="differs from"):
+        resume_experiment(path, tiny_config("seed=5"), progress=False, log=lambda s: None)
