@@ -65,14 +65,14 @@ def resume_experiment(
     if not rd.config.is_file():
         raise FileNotFoundError(f"{rd.config} not found: {run_dir} is not a run folder")
     cfg = load_config(rd.config)
-    if rd.summary.is_file():
-        log(f"{run_dir} is already complete; nothing to resume")
-        return dict(json.loads(rd.summary.read_text()))
     if overrides_cfg is not None and overrides_cfg.digest() != cfg.digest():
         raise ConfigError(
             f"the config given differs from {rd.config}; resume uses the run's own config "
             "(start a new run folder to change it)"
         )
+    if rd.summary.is_file():
+        log(f"{run_dir} is already complete; nothing to resume")
+        return dict(json.loads(rd.summary.read_text()))
     algorithm = build_algorithm(cfg)
     clients = prepare_clients(cfg.data)
     runner = Runner(cfg, algorithm, clients, rd, progress=progress, log=log)
