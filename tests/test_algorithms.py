@@ -75,8 +75,8 @@ def test_client_state_persists_personal_weights_and_optimizer(client):
     alg, model, g, update, state = fit_once(cfg, client)
     part = alg.partition(model)
     assert set(state.personal) == set(part.personal)
-    assert state.optimizer is not None
-    steps = next(iter(state.optimizer["state"].values()))["step"].item()
+    assert set(state.optimizers) == {"fit"}
+    steps = next(iter(state.optimizers["fit"]["state"].values()))["step"].item()
     assert steps == -(-len(client.train) // cfg.train.batch_size)
     # A new global payload changes the shared part only; the personal part comes from the state.
     new_global = {k: v + 1.0 for k, v in g.items()}

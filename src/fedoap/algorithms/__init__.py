@@ -1,7 +1,25 @@
 """Federated methods, one file each, all on the same backbone. ``ALGORITHMS`` maps names to
 classes; ``build_algorithm(cfg)`` instantiates the configured one."""
 
-from fedoap.algorithms import fedavg, fedoap, local  # noqa: F401  (registration)
+from fedoap.algorithms import (  # noqa: F401  (registration)
+    centralized,
+    ditto,
+    fedadagrad,
+    fedadam,
+    fedavg,
+    fedavg_ft,
+    fedavgm,
+    fedbabu,
+    fedbn,
+    feddp,
+    fedoap,
+    fedper,
+    fedprox,
+    fedrep,
+    fedyogi,
+    lg_fedavg,
+    local,
+)
 from fedoap.algorithms.base import (
     KV,
     SHARED,

@@ -18,8 +18,9 @@ the Flower apps call these same methods.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from fedoap.config import Config, ConfigError, from_dict
-from fedoap.data.dataset import ClientData
+from fedoap.data.dataset import ClientData, Split
 from fedoap.losses import SegLoss
 from fedoap.models import FedOAPNet, Partition, StateDict
 from fedoap.models.net import AttentionKind
@@ -49,7 +50,8 @@ class ClientState:
     """What a client keeps between rounds. Never sent."""
 
     personal: StateDict  # the client's personal parameters and buffers
-    optimizer: dict[str, Any] | None = None  # torch optimiser state_dict (persists across rounds)
+    # Named torch optimiser state_dicts ("fit", "finetune", ...); they persist across rounds.
+    optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: StateDict = field(default_factory=dict)  # method-specific tensors
 
 
@@ -95,6 +97,8 @@ class Algorithm:
     has_finetune: ClassVar[bool] = False
     #: Whether it is a privacy-breaking reference point rather than a federated method.
     breaks_privacy: ClassVar[bool] = False
+    #: Train one model on the pooled training sets instead of per client (``centralized``).
+    pooled: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -122,6 +126,10 @@ class Algorithm:
 
     def attention_kind(self) -> AttentionKind:
         return self.attention
+
+    def passes_per_round(self) -> int:
+        """Passes over the local training set per round (for progress bars and budgets)."""
+        return self.cfg.train.local_epochs
 
     def personal_keys(self, model: nn.Module) -> set[str]:
         """State-dict keys that stay on the client, from module structure."""
@@ -157,12 +165,12 @@ class Algorithm:
 
     def init_client(self, model: nn.Module) -> ClientState:
         _, personal = self.partition(model).split(model.state_dict())
-        return ClientState(personal={k: v.detach().clone() for k, v in personal.items()})
+        return ClientState(personal=clone(personal))
 
     def load(self, model: nn.Module, global_arrays: StateDict, state: ClientState) -> None:
         """Put global shared weights and the client's personal weights into ``model``."""
         shared = {k[len(SHARED) :]: v for k, v in global_arrays.items() if k.startswith(SHARED)}
-        missing = set(self.partition(model).shared) - set(shared)
+        missing = set(self.partition(model).shared) - set(shared) - set(state.personal)
         if missing:
             raise ValueError(f"global payload lacks shared keys, e.g. {sorted(missing)[:3]}")
         model.load_state_dict({**shared, **state.personal}, strict=True)
@@ -190,7 +198,7 @@ class Algorithm:
     def loss(self, stage: str) -> LossFn:
         """Training loss for a stage. Default: ``L_seg`` everywhere."""
         seg = self.seg_loss
-        return lambda z, y, gen: seg(z, y)
+        return lambda z, y, gen, x: seg(z, y)
 
     def penalty(
         self, model: nn.Module, global_arrays: StateDict, state: ClientState
@@ -200,17 +208,49 @@ class Algorithm:
 
     def upload(self, model: nn.Module, data: ClientData, ctx: FitContext) -> StateDict:
         shared, _ = self.partition(model).split(model.state_dict())
-        return {SHARED + k: v.detach().clone() for k, v in shared.items()}
+        return {SHARED + k: v for k, v in clone(shared).items()}
 
     def save_state(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: ClientState
+        self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer], state: ClientState
     ) -> ClientState:
         _, personal = self.partition(model).split(model.state_dict())
         return dataclasses.replace(
             state,
-            personal={k: v.detach().clone() for k, v in personal.items()},
-            optimizer=optimizer.state_dict() if optimizer is not None else state.optimizer,
+            personal=clone(personal),
+            optimizers={**state.optimizers, **{k: o.state_dict() for k, o in optimizers.items()}},
         )
+
+    def train(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        split: Split,
+        epochs: int,
+        loss_fn: LossFn,
+        gen: torch.Generator,
+        ctx: FitContext,
+        penalty: Callable[[], torch.Tensor] | None = None,
+    ) -> float:
+        """``epochs`` of local training with this run's batch size, precision and augmentation.
+
+        Parameters outside the optimiser are frozen for the call (no gradient is computed for
+        them), so head-only or body-only phases cost what they should.
+        """
+        t = self.cfg.train
+        with only_these_train(model, optimizer):
+            return train_epochs(
+                model,
+                optimizer,
+                split,
+                epochs,
+                loss_fn,
+                gen,
+                t.batch_size,
+                t.precision,
+                augment=self.cfg.data.augment,
+                penalty=penalty,
+                progress=ctx.progress,
+            )
 
     def fit(
         self,
@@ -222,25 +262,34 @@ class Algorithm:
     ) -> tuple[Update, ClientState]:
         """One round of local training. Returns the upload and the client's new state."""
         self.load(model, global_arrays, state)
-        opt = self.make_optimizer(self.trainable(model, "fit"), state.optimizer)
-        t = self.cfg.train
-        loss = train_epochs(
+        opt = self.make_optimizer(self.trainable(model, "fit"), state.optimizers.get("fit"))
+        penalty = self.penalty(model, global_arrays, state)
+        loss = self.train(
             model,
             opt,
             data.train,
-            t.local_epochs,
+            self.cfg.train.local_epochs,
             self.loss("fit"),
             ctx.generator("fit"),
-            t.batch_size,
-            t.precision,
-            augment=self.cfg.data.augment,
-            penalty=self.penalty(model, global_arrays, state),
-            progress=ctx.progress,
+            ctx,
+            penalty,
         )
         arrays = self.upload(model, data, ctx)
-        return Update(arrays, len(data.train), {"train_loss": loss}), self.save_state(
-            model, opt, state
-        )
+        update = Update(arrays, len(data.train), {"train_loss": loss})
+        return update, self.save_state(model, {"fit": opt}, state)
+
+    # ------------------------------------------------------------------ fine-tuning
+
+    def finetune_payload(
+        self, global_arrays: StateDict, states: dict[str, ClientState]
+    ) -> StateDict:
+        """Extra arrays every client receives for the fine-tuning stage (FedDP: the other
+        sites' models). Called once, after the last round. Default: nothing."""
+        return {}
+
+    def start_finetune(self, best_weights: StateDict, state: ClientState) -> ClientState:
+        """The client's state at the start of fine-tuning: its best validated model, whole."""
+        return ClientState(personal=dict(best_weights), extra=state.extra)
 
     def finetune_epoch(
         self,
@@ -251,30 +300,26 @@ class Algorithm:
         ctx: FitContext,
         first: bool,
     ) -> tuple[float, ClientState]:
-        """One epoch of the local fine-tuning stage (a fresh optimiser at the first epoch).
-
-        The starting weights are whatever ``state``/``global_arrays`` hold; the runner sets them
-        to the client's best validated federated model before the first epoch.
-        """
+        """One epoch of the local fine-tuning stage (a fresh optimiser at the first epoch)."""
         self.personalize(model, global_arrays, state)
-        ft = self.cfg.finetune
         opt = self.make_optimizer(
-            self.trainable(model, "finetune"), None if first else state.optimizer, lr=ft.lr
+            self.trainable(model, "finetune"),
+            None if first else state.optimizers.get("finetune"),
+            lr=self.cfg.finetune.lr,
         )
-        t = self.cfg.train
-        loss = train_epochs(
+        loss = self.train(
             model,
             opt,
             data.train,
             1,
-            self.loss("finetune"),
+            self.finetune_loss(model, global_arrays),
             ctx.generator("finetune"),
-            t.batch_size,
-            t.precision,
-            augment=self.cfg.data.augment,
-            progress=ctx.progress,
+            ctx,
         )
         return loss, self.finetune_state(model, opt, state)
+
+    def finetune_loss(self, model: nn.Module, global_arrays: StateDict) -> LossFn:
+        return self.loss("finetune")
 
     def finetune_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, state: ClientState
@@ -282,9 +327,27 @@ class Algorithm:
         """After fine-tuning the *whole* model is the client's own: it is all personal now."""
         return dataclasses.replace(
             state,
-            personal={k: v.detach().clone() for k, v in model.state_dict().items()},
-            optimizer=optimizer.state_dict(),
+            personal=clone(model.state_dict()),
+            optimizers={"finetune": optimizer.state_dict()},
         )
+
+
+def clone(state: StateDict) -> StateDict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def only_these_train(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Temporarily set ``requires_grad=False`` on parameters the optimiser does not update."""
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    frozen = [p for p in model.parameters() if id(p) not in in_opt and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def weighted_mean(updates: Sequence[Update], keys: Sequence[str]) -> StateDict:

@@ -70,7 +70,7 @@ class FedOAP(Algorithm):
         fn = PerturbedBoundaryLoss(
             pbl.region, pbl.tau, pbl.s, pbl.lam, pbl.band_width, self.seg_loss
         )
-        return lambda z, y, gen: fn(z, y, gen)
+        return lambda z, y, gen, x: fn(z, y, gen)
 
     # ---------------------------------------------------------------- K/V bank
 

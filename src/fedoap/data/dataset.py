@@ -115,3 +115,25 @@ def prepare_clients(cfg: DataConfig) -> list[ClientData]:
         except DataError as err:
             raise DataError(f"client '{spec.name}': {err}") from None
     return clients
+
+
+def _concat(splits: list[Split]) -> Split:
+    return Split(
+        x=torch.cat([s.x for s in splits]),
+        y=torch.cat([s.y for s in splits]),
+        case_ids=np.concatenate([s.case_ids for s in splits]),
+        names=np.concatenate([s.names for s in splits]),
+    )
+
+
+def pool_training_sets(clients: list[ClientData]) -> ClientData:
+    """All clients' training splits in one (the privacy-breaking ``centralized`` reference).
+
+    Validation and test stay per client; the pooled ones are there only to fill the type.
+    """
+    return ClientData(
+        name="pooled",
+        train=_concat([c.train for c in clients]),
+        val=_concat([c.val for c in clients]),
+        test=_concat([c.test for c in clients]),
+    )

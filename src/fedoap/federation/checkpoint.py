@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fedoap.models import StateDict
+from fedoap.models.partition import prefixed, sub  # noqa: F401  (re-exported)
 
 META_KEY = "fedoap"
 
@@ -49,10 +50,8 @@ def load_tensors(path: Path) -> tuple[StateDict, dict[str, Any]]:
 # ------------------------------------------------------------------ optimiser state
 
 
-def flatten_optimizer(state: dict[str, Any] | None, prefix: str) -> tuple[StateDict, Any]:
+def flatten_optimizer(state: dict[str, Any], prefix: str) -> tuple[StateDict, Any]:
     """Split a torch optimiser ``state_dict`` into tensors and a JSON-able rest."""
-    if state is None:
-        return {}, None
     tensors: StateDict = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in state["state"].items():
@@ -64,9 +63,7 @@ def flatten_optimizer(state: dict[str, Any] | None, prefix: str) -> tuple[StateD
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def unflatten_optimizer(tensors: StateDict, rest: Any, prefix: str) -> dict[str, Any] | None:
-    if rest is None:
-        return None
+def unflatten_optimizer(tensors: StateDict, rest: Any, prefix: str) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         if key.startswith(prefix):
@@ -75,12 +72,3 @@ def unflatten_optimizer(tensors: StateDict, rest: Any, prefix: str) -> dict[str,
     for pid, extra in rest["scalars"].items():
         state.setdefault(int(pid), {}).update(extra)
     return {"state": state, "param_groups": rest["param_groups"]}
-
-
-def sub(tensors: StateDict, prefix: str) -> StateDict:
-    """Entries under ``prefix``, with the prefix removed."""
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def prefixed(tensors: StateDict, prefix: str) -> StateDict:
-    return {prefix + k: v for k, v in tensors.items()}

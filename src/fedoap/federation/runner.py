@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from fedoap.algorithms import KV, Algorithm, ClientState, FitContext, Update, nbytes
 from fedoap.config import Config
-from fedoap.data.dataset import ClientData
+from fedoap.data.dataset import ClientData, pool_training_sets
 from fedoap.federation.checkpoint import (
     flatten_optimizer,
     load_tensors,
@@ -46,6 +46,7 @@ from fedoap.runs import RunDir
 from fedoap.training import evaluate
 
 CHECKPOINT_VERSION = 1
+POOLED = "__pooled__"  # the single trainer of ``centralized`` (not a client name: has '_' x2)
 
 
 @dataclass
@@ -98,7 +99,14 @@ class Runner:
         self.partition = algorithm.partition(self.model)
         self.global_arrays: StateDict = algorithm.init_global(self.model)
         self.server: StateDict = {}
+        self.ft_extra: StateDict = {}  # algorithm's extra payload for the fine-tuning stage
         self.records = {c.name: ClientRecord(c, algorithm.init_client(self.model)) for c in clients}
+        # ``centralized``: one trainer on the pooled training sets instead of the clients.
+        self.pooled = (
+            ClientRecord(pool_training_sets(clients), algorithm.init_client(self.model))
+            if algorithm.pooled
+            else None
+        )
         self.rows: list[dict[str, Any]] = []
         self.round_seconds: list[float] = []
         self.bytes_up: list[int] = []  # one entry per (round, sampled client)
@@ -129,8 +137,7 @@ class Runner:
             leave=True,
         )
         while (
-            self.position.stage == "federated"
-            and self.position.done < self.cfg.federation.rounds
+            self.position.stage == "federated" and self.position.done < self.cfg.federation.rounds
         ):
             t0 = time.perf_counter()
             self._federated_round(self.position.done + 1)
@@ -164,42 +171,44 @@ class Runner:
 
     def _federated_round(self, rnd: int) -> None:
         cfg = self.cfg
-        sampled = sample_clients(self.names, cfg.federation.fraction, cfg.seed, rnd)
+        if self.pooled is not None:
+            trainers = {POOLED: self.pooled}
+            sampled = self.names
+        else:
+            sampled = sample_clients(self.names, cfg.federation.fraction, cfg.seed, rnd)
+            trainers = {name: self.records[name] for name in sampled}
         payload = self.global_arrays
         down = nbytes(payload)
         updates: list[Update] = []
         losses: dict[str, float] = {}
-        for name in sampled:
-            rec = self.records[name]
-            t0 = time.perf_counter()
+        for name, rec in trainers.items():
             with self._inner_bar(
-                f"round {rnd} {name}", len(rec.data.train) * cfg.train.local_epochs
+                f"round {rnd} {name}", len(rec.data.train) * self.alg.passes_per_round()
             ) as ib:
                 ctx = FitContext(name, rnd, cfg.seed, progress=ib.update)
                 update, rec.state = self.alg.fit(self.model, payload, rec.state, rec.data, ctx)
-            update.metrics["seconds"] = time.perf_counter() - t0
             updates.append(update)
             losses[name] = update.metrics["train_loss"]
-            self.bytes_up.append(nbytes(update.arrays))
-            self.bytes_down.append(down)
+            if self.pooled is None:  # pooling moves raw data, not model messages
+                self.bytes_up.append(nbytes(update.arrays))
+                self.bytes_down.append(down)
         self.global_arrays = self.alg.aggregate(self.global_arrays, updates, self.server)
         for name in self.names:
-            self._validate(
-                name, rnd, "federated", self.global_arrays, losses.get(name), name in sampled
-            )
+            loss = losses.get(POOLED, losses.get(name))
+            self._validate(name, rnd, "federated", self.global_arrays, loss, name in sampled)
 
     def _start_finetune(self) -> None:
         """Each client fine-tunes from its best validated federated model."""
+        states = {name: rec.state for name, rec in self.records.items()}
+        self.ft_extra = self.alg.finetune_payload(self.global_arrays, states)
         for rec in self.records.values():
-            rec.state = ClientState(
-                personal=dict(rec.best_weights), optimizer=None, extra=rec.state.extra
-            )
+            rec.state = self.alg.start_finetune(rec.best_weights, rec.state)
 
     def _ft_payload(self, rec: ClientRecord) -> StateDict:
         # Shared weights are fully overridden by the (complete) personal state; the K/V bank is
         # the one the best model was selected with.
         base = {k: v for k, v in self.global_arrays.items() if not k.startswith(KV)}
-        return {**base, **rec.best_kv}
+        return {**base, **self.ft_extra, **rec.best_kv}
 
     def _finetune_epoch(self, epoch: int) -> None:
         rnd = self.cfg.federation.rounds + epoch
@@ -326,21 +335,27 @@ class Runner:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _all_records(self) -> dict[str, ClientRecord]:
+        return {**self.records, **({POOLED: self.pooled} if self.pooled is not None else {})}
+
     def _checkpoint(self) -> None:
         tensors: StateDict = {}
         tensors.update(prefixed(self.global_arrays, "global/"))
         tensors.update(prefixed(self.server, "server/"))
+        tensors.update(prefixed(self.ft_extra, "ft_extra/"))
         clients_meta: dict[str, Any] = {}
-        for name, rec in self.records.items():
+        for name, rec in self._all_records().items():
             p = f"client/{name}/"
             tensors.update(prefixed(rec.state.personal, p + "personal/"))
             tensors.update(prefixed(rec.state.extra, p + "extra/"))
             tensors.update(prefixed(rec.best_weights, p + "best/"))
             tensors.update(prefixed(rec.best_kv, p + "best_kv/"))
-            opt_t, opt_rest = flatten_optimizer(rec.state.optimizer, p + "optim/")
-            tensors.update(opt_t)
+            opt_rest = {}
+            for opt_name, opt_state in rec.state.optimizers.items():
+                opt_t, opt_rest[opt_name] = flatten_optimizer(opt_state, f"{p}optim/{opt_name}/")
+                tensors.update(opt_t)
             clients_meta[name] = {
-                "optimizer": opt_rest,
+                "optimizers": opt_rest,
                 "best_score": rec.best_score if math.isfinite(rec.best_score) else None,
                 "best_round": rec.best_round,
             }
@@ -367,17 +382,21 @@ class Runner:
                 f"{meta.get('config_digest')} vs {self.cfg.digest()}); resume with the run's own "
                 "config.yaml"
             )
-        missing = set(self.names) - set(meta["clients"])
+        missing = set(self._all_records()) - set(meta["clients"])
         if missing:
             raise ValueError(f"{self.run_dir.last}: no state for client(s) {sorted(missing)}")
         self.global_arrays = sub(tensors, "global/")
         self.server = sub(tensors, "server/")
-        for name, rec in self.records.items():
+        self.ft_extra = sub(tensors, "ft_extra/")
+        for name, rec in self._all_records().items():
             p = f"client/{name}/"
             cm = meta["clients"][name]
             rec.state = ClientState(
                 personal=sub(tensors, p + "personal/"),
-                optimizer=unflatten_optimizer(tensors, cm["optimizer"], p + "optim/"),
+                optimizers={
+                    k: unflatten_optimizer(tensors, rest, f"{p}optim/{k}/")
+                    for k, rest in cm["optimizers"].items()
+                },
                 extra=sub(tensors, p + "extra/"),
             )
             rec.best_weights = sub(tensors, p + "best/")

@@ -79,6 +79,7 @@ class FedOAPNet(nn.Module):
         self.head = nn.Conv2d(width, 1, 1)
         # Start from the foreground prior (Lin et al., focal loss, 2017): with a zero bias every
         # pixel starts at p = 0.5 and the first hundreds of steps only learn "background".
+        assert self.head.bias is not None
         nn.init.constant_(self.head.bias, math.log(FOREGROUND_PRIOR / (1 - FOREGROUND_PRIOR)))
         # Global K/V bank (M, C) in B_kv feature space, set by the FedOAP algorithm in bank mode.
         # Not in the state dict: it travels as its own payload ("kv.*"), not as a parameter.

@@ -78,3 +78,13 @@ class Partition:
             "shared": sum(params[k].numel() for k in self.shared if k in params),
             "personal": sum(params[k].numel() for k in self.personal if k in params),
         }
+
+
+def sub(tensors: StateDict, prefix: str) -> StateDict:
+    """Entries under ``prefix``, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def prefixed(tensors: StateDict, prefix: str) -> StateDict:
+    """The same entries with ``prefix`` prepended to every key."""
+    return {prefix + k: v for k, v in tensors.items()}

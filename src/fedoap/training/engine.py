@@ -25,7 +25,10 @@ from fedoap.data.augment import augment_batch
 from fedoap.data.dataset import Split
 from fedoap.metrics import case_dice, image_metrics, summarize
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+#: ``loss(logits, y, gen, x)``: logits and masks (B, 1, H, W), the batch's generator (for
+#: stochastic losses such as PBL) and its input images (for losses that consult other models,
+#: such as FedDP's calibration).
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator, torch.Tensor], torch.Tensor]
 
 
 def make_generator(seed: int, *keys: Any) -> torch.Generator:
@@ -82,7 +85,7 @@ def train_epochs(
                 x, y = augment_batch(x, y, augment, gen)
             with autocast(precision):
                 logits = model(x)
-            loss = loss_fn(logits.float(), y, gen)
+            loss = loss_fn(logits.float(), y, gen, x)
             full = loss + penalty() if penalty is not None else loss
             optimizer.zero_grad(set_to_none=True)
             full.backward()

@@ -1,0 +1,98 @@
+"""FedDP: Wang, Jin, Chen, Zhao, Heng, Dou, "Dual Personalization for Federated Medical Image
+Segmentation" (IEEE TMI 2023; public code jcwang123/FedDP). The closest prior art to FedOAP.
+
+1. Federated stage: the same U-Net with bottleneck **self**-attention (``attention="self"``:
+   queries, keys and values all from the one bottleneck). Only the query projection
+   ``query_proj`` is personal; everything else is averaged as in FedAvg.
+2. Fine-tuning stage, *inter-site guided calibration*: each client fine-tunes its whole model on
+
+       L = L_seg(z, y) + lambda * mean( U * BCE(z, y) ),
+       U = std_j sigma(f_j(x)) / max std
+
+   where f_j are the models of all sites j (the final shared weights with site j's query
+   projection, frozen when fine-tuning starts) and the std is taken per pixel over sites. Pixels
+   on which the sites disagree get a larger BCE weight.
+
+Departures from the public code: the segmentation term is this project's ``L_seg`` (0.5 BCE +
+soft Dice) instead of plain Dice, so that every method optimises the same base loss; the
+backbone is this project's U-Net instead of the FPN/PVT used there.
+
+Communication: after the federated stage the server collects each site's query projection and
+sends all of them to every site (``finetune_payload``) -- the method's design, and a one-off
+exception to "personal parameters never leave the client" that FedOAP does not need.
+
+Config keys: ``algorithm.lam`` (lambda, default 1.0), ``finetune.*``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedoap.algorithms.base import SHARED, Algorithm, ClientState
+from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.models import StateDict
+from fedoap.training import autocast
+from fedoap.training.engine import LossFn
+
+SITES = "sites/"
+
+
+@dataclass(frozen=True)
+class FedDPOptions:
+    lam: float = 1.0
+
+
+@ALGORITHMS.register("feddp")
+class FedDP(Algorithm):
+    name = "feddp"
+    Options = FedDPOptions
+    attention = "self"
+    personal_modules = ("query_proj",)
+    has_finetune = True
+
+    def finetune_payload(
+        self, global_arrays: StateDict, states: dict[str, ClientState]
+    ) -> StateDict:
+        return {
+            f"{SITES}{name}/{k}": v.clone()
+            for name, st in sorted(states.items())
+            for k, v in st.personal.items()
+        }
+
+    def site_models(self, model: nn.Module, payload: StateDict) -> list[nn.Module]:
+        """Every site's model: final shared weights + that site's query projection, frozen."""
+        shared = {k[len(SHARED) :]: v for k, v in payload.items() if k.startswith(SHARED)}
+        per_site: dict[str, StateDict] = {}
+        for key, v in payload.items():
+            if key.startswith(SITES):
+                site, k = key[len(SITES) :].split("/", 1)
+                per_site.setdefault(site, {})[k] = v
+        models = []
+        for site in sorted(per_site):
+            m = copy.deepcopy(model)
+            m.load_state_dict({**shared, **per_site[site]})
+            m.eval().requires_grad_(False)
+            models.append(m)
+        return models
+
+    def finetune_loss(self, model: nn.Module, global_arrays: StateDict) -> LossFn:
+        sites = self.site_models(model, global_arrays)
+        lam, seg, precision = self.options.lam, self.seg_loss, self.cfg.train.precision
+
+        def loss(
+            z: torch.Tensor, y: torch.Tensor, gen: torch.Generator, x: torch.Tensor
+        ) -> torch.Tensor:
+            with torch.no_grad(), autocast(precision):
+                preds = torch.stack([torch.sigmoid(m(x).float()) for m in sites])  # (K, B, 1, H, W)
+            u = preds.float().std(0)  # per-pixel disagreement between sites
+            if u.max() > 0:
+                u = u / u.max()
+            bce = F.binary_cross_entropy_with_logits(z, y, reduction="none")
+            return seg(z, y) + lam * (u * bce).mean()
+
+        return loss
