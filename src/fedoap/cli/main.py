@@ -159,5 +159,80 @@ def predict(
         console.print(f"wrote {m} and {o}")
 
 
+@app.command()
+def adapt(
+    run_dir: Path = typer.Argument(..., help="a finished federation's run folder"),
+    data: Path = typer.Option(..., "--data", help="the new client's .npz or image folder"),
+    name: str = typer.Option(..., "--name", help="a name for the new client"),
+    epochs: int = typer.Option(2, "--epochs", help="fine-tuning epochs F"),
+    parts: str = typer.Option("all", "--parts", help="personal | all"),
+    init: str = typer.Option("averaged", "--init", help="personal parts: averaged | fresh"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    force: bool = typer.Option(False, "--force", help="move an existing output folder aside"),
+) -> None:
+    """Adapt a finished federation to a client that was never part of it (zero-shot, fine-tuned,
+    and local-from-scratch references)."""
+    from fedoap.adapt import adapt as run_adapt
+    from fedoap.adapt import write_adapt
+    from fedoap.runs import RunDir
+
+    try:
+        if RunDir(out).is_started() and not force:
+            RunDir(out).prepare(force=False)
+        summary = run_adapt(run_dir, data, name, epochs, parts, init)
+        write_adapt(summary, out, force)
+    except USER_ERRORS as err:
+        fail(err)
+        return
+    table = Table(
+        title=f"{summary['method']} -> new client {name} ({parts}, {init} personal parts)"
+    )
+    for col in ("model", "epochs", "test Dice", "IoU", "HD95 px", "case Dice"):
+        table.add_column(col)
+    for key in ("zero_shot", "adapted", "local_only", "local_full"):
+        t = summary[key]["test"]
+        ep = summary[key].get("best_epoch", 0)
+        table.add_row(
+            key,
+            str(ep),
+            _fmt(t["dice"]),
+            _fmt(t["iou"]),
+            _fmt(t["hd95_px"], 1),
+            _fmt(t["case_dice"]),
+        )
+    console.print(table)
+
+
+@app.command()
+def bench(
+    spec: Path = typer.Option(..., "--config", "-c", help="benchmark spec (benchmarks/*.yaml)"),
+    out: Path = typer.Option(..., "--out", "-o", help="results folder"),
+    methods: list[str] = typer.Option(
+        None, "--methods", help="main-matrix methods (default: spec)"
+    ),
+    seeds: list[int] = typer.Option(None, "--seeds", help="main/ablation seeds (default: spec)"),
+    only: list[str] = typer.Option(None, "--only", help="main | ablation | loo (repeatable)"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="cells run in parallel"),
+    max_cells: int = typer.Option(None, "--max-cells", help="run at most this many (chunking)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and stop"),
+) -> None:
+    """Run the benchmark matrix; finished cells are cached, results.csv is kept current."""
+    from fedoap.bench import is_done, load_spec, plan, run_bench
+
+    try:
+        bspec, base = load_spec(spec)
+        cells = plan(
+            bspec, base, methods or None, seeds or None, only or ("main", "ablation", "loo")
+        )
+    except USER_ERRORS as err:
+        fail(err)
+        return
+    if dry_run:
+        for c in cells:
+            console.print(f"{'cached' if is_done(c, out) else 'todo  '} {c.key}")
+        return
+    run_bench(bspec, base, out, cells, jobs=jobs, max_cells=max_cells, log=console.print)
+
+
 if __name__ == "__main__":
     app()

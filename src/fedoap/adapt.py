@@ -1,0 +1,208 @@
+"""Adapting a finished federation to a hospital that was never part of it.
+
+``fedoap adapt RUN_DIR --data NEW --name NAME [--epochs F] [--parts personal|all] [--init
+averaged|fresh] -o OUT``:
+
+1. splits the new client's data by case, with the run's data settings;
+2. **zero-shot**: the federation's final shared weights (and K/V bank), with personal parts
+   either *averaged* over the federation's clients' selected models or *freshly* initialised;
+3. **adapted**: fine-tunes the chosen parts for F epochs with the method's fine-tuning loss
+   (PBL for FedOAP), selecting the epoch (0 = zero-shot) on the new client's validation split;
+4. **local_only**: a model trained from scratch on the same split for the same F epochs;
+   **local_full**: the same from scratch with a federation client's whole budget
+   (rounds x local epochs + fine-tuning epochs), the stricter bar.
+
+Every model's test score is read once, at the end. ``OUT/summary.json`` holds
+``zero_shot.test.dice``, ``adapted.test.dice``, ``local_only.test.dice`` and
+``local_full.test.dice`` with HD95, IoU and case Dice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedoap.algorithms import KV, SHARED, ClientState, FitContext, build_algorithm
+from fedoap.config import ClientSpec, Config, ConfigError, load_config
+from fedoap.data.dataset import ClientData, make_client
+from fedoap.federation.checkpoint import load_tensors
+from fedoap.models import StateDict
+from fedoap.models.partition import sub
+from fedoap.runs import RunDir
+from fedoap.training import evaluate
+
+
+def new_client_data(cfg: Config, path: Path, name: str) -> ClientData:
+    source = "npz" if path.suffix == ".npz" else "folder"
+    spec = ClientSpec(name=name, source=source, path=str(path.resolve()))
+    return make_client(spec, cfg.data)
+
+
+def _mean_states(states: list[StateDict]) -> StateDict:
+    out = {}
+    for k in states[0]:
+        stacked = torch.stack([s[k] for s in states])
+        out[k] = (
+            stacked.double().mean(0).to(stacked.dtype)
+            if stacked.is_floating_point()
+            else stacked[0]
+        )
+    return out
+
+
+def _select(
+    train_epoch: Callable[[int], None],
+    score: Callable[[], dict[str, Any]],
+    snapshot: Callable[[], StateDict],
+    epochs: int,
+    metric: str,
+    include_start: bool,
+) -> tuple[int, dict[str, Any], StateDict]:
+    """Train ``epochs`` epochs, validating after each; returns (best epoch, its val, weights)."""
+    best: tuple[int, dict[str, Any], StateDict] | None = None
+    if include_start:
+        val = score()
+        best = (0, val, snapshot())
+    for e in range(1, epochs + 1):
+        train_epoch(e)
+        val = score()
+        if best is None or val[metric] > best[1][metric]:
+            best = (e, val, snapshot())
+    assert best is not None
+    return best
+
+
+def adapt(
+    run_dir: Path,
+    data_path: Path,
+    name: str,
+    epochs: int = 2,
+    parts: str = "all",
+    init: str = "averaged",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    if parts not in ("all", "personal"):
+        raise ConfigError(f"--parts must be 'all' or 'personal', got {parts!r}")
+    if init not in ("averaged", "fresh"):
+        raise ConfigError(f"--init must be 'averaged' or 'fresh', got {init!r}")
+    rd = RunDir(run_dir)
+    if not rd.summary.is_file():
+        raise FileNotFoundError(f"{rd.summary} not found: adapt needs a finished run")
+    cfg = load_config(rd.config)
+    cfg = dataclasses.replace(
+        cfg, finetune=dataclasses.replace(cfg.finetune, epochs=epochs, parts=parts)
+    )
+    if name in [c.name for c in cfg.data.clients]:
+        raise ConfigError(f"client {name!r} was part of the federation in {rd.config}")
+    data = new_client_data(cfg, data_path, name)
+    alg = build_algorithm(cfg)
+    model = alg.build_model()
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors, _ = load_tensors(rd.last)
+    global_arrays = sub(tensors, "global/")
+    payload = {**global_arrays, **sub(tensors, "ft_extra/")}
+    personal_keys = set(alg.partition(model).personal)
+    if init == "averaged" and personal_keys:
+        bests = [sub(tensors, f"client/{c.name}/best/") for c in cfg.data.clients]
+        personal = _mean_states([{k: b[k] for k in personal_keys} for b in bests])
+    else:
+        personal = {k: fresh[k] for k in personal_keys}
+    shared = {k[len(SHARED) :]: v for k, v in global_arrays.items() if k.startswith(SHARED)}
+    start = {**fresh, **shared, **personal}
+    metric = cfg.train.select_metric
+    precision = cfg.train.precision
+
+    def load(weights: StateDict) -> None:
+        model.load_state_dict(weights)
+        model.set_kv_bank(payload.get(KV + "bank"))
+
+    # 1-2. zero-shot and adapted (epoch 0 = zero-shot is a candidate for selection)
+    load(start)
+    zero_val = evaluate(model, data.val, precision)
+    state = ClientState(personal=dict(start))
+    holder = {"state": state}
+
+    def ft_epoch(e: int) -> None:
+        ctx = FitContext(name, e, cfg.seed)
+        _, holder["state"] = alg.finetune_epoch(
+            model, payload, holder["state"], data, ctx, first=e == 1
+        )
+
+    def snap() -> StateDict:
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    load(start)
+    best_e, best_val, best_w = _select(
+        ft_epoch, lambda: evaluate(model, data.val, precision), snap, epochs, metric, True
+    )
+    log(f"adapted: best epoch {best_e} of {epochs} (val {metric} {best_val[metric]:.3f})")
+
+    # 3. local baselines from scratch, same split
+    local_cfg = dataclasses.replace(
+        cfg, method="local", train=dataclasses.replace(cfg.train, local_epochs=1)
+    )
+    local_alg = build_algorithm(local_cfg)
+
+    def from_scratch(n_epochs: int) -> tuple[int, dict[str, Any], StateDict]:
+        m = local_alg.build_model()
+        st = {"state": local_alg.init_client(m)}
+
+        def epoch(e: int) -> None:
+            _, st["state"] = local_alg.fit(m, {}, st["state"], data, FitContext(name, e, cfg.seed))
+
+        return _select(
+            epoch,
+            lambda: evaluate(m, data.val, precision),
+            lambda: {k: v.clone() for k, v in m.state_dict().items()},
+            n_epochs,
+            metric,
+            False,
+        )
+
+    full_budget = cfg.federation.rounds * cfg.train.local_epochs + epochs
+    local_only = from_scratch(epochs)
+    local_full = from_scratch(full_budget)
+
+    # 4. test, once per model
+    def test(weights: StateDict, m: torch.nn.Module, bank: bool) -> dict[str, Any]:
+        m.load_state_dict(weights)
+        if bank:
+            model.set_kv_bank(payload.get(KV + "bank"))
+        return evaluate(m, data.test, precision, full=True)
+
+    scratch = local_alg.build_model()
+    summary = {
+        "run": str(run_dir),
+        "method": cfg.method,
+        "client": name,
+        "data": str(data_path),
+        "init": init,
+        "parts": parts,
+        "epochs": epochs,
+        "n": data.sizes(),
+        "zero_shot": {"val": zero_val, "test": test(start, model, True)},
+        "adapted": {"best_epoch": best_e, "val": best_val, "test": test(best_w, model, True)},
+        "local_only": {
+            "epochs": epochs,
+            "best_epoch": local_only[0],
+            "val": local_only[1],
+            "test": test(local_only[2], scratch, False),
+        },
+        "local_full": {
+            "epochs": full_budget,
+            "best_epoch": local_full[0],
+            "val": local_full[1],
+            "test": test(local_full[2], scratch, False),
+        },
+    }
+    return summary
+
+
+def write_adapt(summary: dict[str, Any], out: Path, force: bool) -> None:
+    rd = RunDir(out)
+    rd.prepare(force=force)
+    rd.write_json(rd.summary, summary)

@@ -1,0 +1,418 @@
+"""The benchmark: methods x seeds, FedOAP ablations and leave-one-client-out, cached per cell.
+
+A benchmark spec (``benchmarks/federation4.yaml``) names a base run config and the matrix. Every
+*cell* is one run: (kind, variant, seed) with its resolved config. A cell lives in
+``OUT/cells/<variant>-seed<k>-<digest>/`` and is skipped when its ``summary.json`` exists, so an
+interrupted or extended benchmark only runs what is missing; a killed cell resumes from its last
+checkpoint. ``--max-cells`` splits the work into chunks across invocations. After every cell,
+``OUT/results.csv`` is rewritten from all finished cells.
+
+Cells run as ``fedoap run`` subprocesses, ``--jobs`` at a time, each with
+``cpu_count / jobs`` torch threads (two single-thread runs give about 25% more throughput than
+one two-thread run on a 2-core machine). The thread count is not part of a cell's identity.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fedoap.config import Config, ConfigError, apply_overrides, from_dict, load_config, validate
+from fedoap.fileio import atomic_write_text
+from fedoap.runs import read_metrics
+
+RESULT_FIELDS = [
+    "kind",
+    "variant",
+    "method",
+    "seed",
+    "client",
+    "test_dice",
+    "test_iou",
+    "test_hd95_px",
+    "test_case_dice",
+    "best_round",
+    "val_dice",
+    "bytes_up_per_round",
+    "bytes_down_per_round",
+    "seconds_per_round",
+    "seconds_total",
+    "breaks_privacy",
+    "config_digest",
+    "val_curve",
+]
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    name: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LOOSpec:
+    """Leave-one-client-out: federate K-1 clients, adapt to the held-out one."""
+
+    methods: tuple[str, ...] = ("fedoap", "fedavg", "feddp")
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 2
+    parts: str = "all"
+    init: str = "averaged"
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    base: str  # run config, relative to the spec file
+    overrides: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()  # empty: every registered method
+    seeds: tuple[int, ...] = (0, 1, 2)
+    ablation_method: str = "fedoap"
+    ablations: tuple[AblationSpec, ...] = ()
+    loo: LOOSpec | None = None
+    examples_per_client: int = 4  # test images per client kept for the report's grid
+
+
+def load_spec(path: Path) -> tuple[BenchSpec, Config]:
+    if not path.is_file():
+        raise ConfigError(f"benchmark spec not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    spec = from_dict(BenchSpec, raw, prefix="")
+    base = load_config((path.parent / spec.base).resolve(), spec.overrides)
+    return spec, base
+
+
+@dataclass(frozen=True)
+class Cell:
+    kind: str  # main | ablation | loo
+    variant: str  # method name, "fedoap-<ablation>", or "loo-<client>-<method>"
+    method: str
+    seed: int
+    cfg: Config
+    heldout: str | None = None  # loo only
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}-seed{self.seed}-{digest(self.cfg)}"
+
+
+def digest(cfg: Config) -> str:
+    """Cell identity: the resolved config without execution details (thread count)."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_threads=0)).digest()
+
+
+def derive(base: Config, overrides: Sequence[str]) -> Config:
+    cfg = from_dict(Config, apply_overrides(base.to_dict(), list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def plan(
+    spec: BenchSpec,
+    base: Config,
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    kinds: Sequence[str] = ("main", "ablation", "loo"),
+) -> list[Cell]:
+    from fedoap.algorithms import ALGORITHMS
+
+    methods = list(methods or spec.methods or ALGORITHMS.names())
+    for m in methods:
+        ALGORITHMS.get(m)  # unknown names fail here, listing the known ones
+    seeds = list(seeds if seeds is not None else spec.seeds)
+    cells: list[Cell] = []
+    if "main" in kinds:
+        for seed in seeds:
+            for m in methods:
+                cfg = derive(base, [f"method={m}", f"seed={seed}"])
+                cells.append(Cell("main", m, m, seed, cfg))
+    if "ablation" in kinds:
+        for seed in seeds:
+            for ab in spec.ablations:
+                cfg = derive(
+                    base, [f"method={spec.ablation_method}", f"seed={seed}", *ab.overrides]
+                )
+                cells.append(
+                    Cell(
+                        "ablation",
+                        f"{spec.ablation_method}-{ab.name}",
+                        spec.ablation_method,
+                        seed,
+                        cfg,
+                    )
+                )
+    if "loo" in kinds and spec.loo is not None:
+        for seed in spec.loo.seeds:
+            for held in [c.name for c in base.data.clients]:
+                for m in spec.loo.methods:
+                    cfg = derive(base, [f"method={m}", f"seed={seed}"])
+                    kept = tuple(c for c in cfg.data.clients if c.name != held)
+                    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, clients=kept))
+                    cells.append(Cell("loo", f"loo-{held}-{m}", m, seed, cfg, heldout=held))
+    return cells
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def _fedoap(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedoap.cli.main", *args]
+
+
+def run_cell(cell: Cell, out: Path, spec: BenchSpec, base: Config, threads: int) -> Path:
+    """Run (or resume) one cell; returns its folder. Idempotent."""
+    folder = out / "cells" / cell.key
+    run_dir = folder / "run"
+    write_cell_meta(cell, out)
+    cfg = dataclasses.replace(
+        cell.cfg, train=dataclasses.replace(cell.cfg.train, num_threads=threads)
+    )
+    cfg_path = folder / "config.yaml"
+    if not cfg_path.exists():
+        atomic_write_text(cfg_path, cfg.to_yaml())
+    with open(folder / "log.txt", "a") as log:
+        _run_cell_steps(cell, folder, run_dir, cfg_path, spec, base, log)
+    return folder
+
+
+def _run_cell_steps(
+    cell: Cell, folder: Path, run_dir: Path, cfg_path: Path, spec: BenchSpec, base: Config, log: Any
+) -> None:
+    """The cell's run (resumed if it was interrupted), then its adaptation (LOO) or examples."""
+    if not (run_dir / "summary.json").is_file():
+        if (run_dir / "config.yaml").is_file():
+            cmd = _fedoap("run", "--resume", str(run_dir), "--quiet")
+        else:
+            cmd = _fedoap("run", "-c", str(cfg_path), "-o", str(run_dir), "--quiet", "--force")
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    if cell.kind == "loo":
+        assert cell.heldout is not None and spec.loo is not None
+        adapt_dir = folder / "adapt"
+        if not (adapt_dir / "summary.json").is_file():
+            held = next(c for c in base.data.clients if c.name == cell.heldout)
+            from fedoap.data.dataset import resolve_path
+
+            assert held.path is not None
+            cmd = _fedoap(
+                "adapt",
+                str(run_dir),
+                "--data",
+                str(resolve_path(base.data.root, held.path)),
+                "--name",
+                held.name,
+                "--epochs",
+                str(spec.loo.epochs),
+                "--parts",
+                spec.loo.parts,
+                "--init",
+                spec.loo.init,
+                "-o",
+                str(adapt_dir),
+                "--force",
+            )
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    elif cell.seed == min(spec.seeds) and not (folder / "examples.npz").is_file():
+        save_examples(run_dir, folder / "examples.npz", spec.examples_per_client)
+
+
+def is_done(cell: Cell, out: Path) -> bool:
+    folder = out / "cells" / cell.key
+    if cell.kind == "loo":
+        return (folder / "adapt" / "summary.json").is_file()
+    return (folder / "run" / "summary.json").is_file()
+
+
+def run_bench(
+    spec: BenchSpec,
+    base: Config,
+    out: Path,
+    cells: list[Cell],
+    jobs: int = 1,
+    max_cells: int | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    todo = [c for c in cells if not is_done(c, out)]
+    log(f"{len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run")
+    if max_cells is not None:
+        todo = todo[:max_cells]
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    t0 = time.perf_counter()
+    failures = []
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        futures = {pool.submit(run_cell, c, out, spec, base, threads): c for c in todo}
+        for i, fut in enumerate(as_completed(futures), 1):
+            cell = futures[fut]
+            try:
+                fut.result()
+                status = "done"
+            except subprocess.CalledProcessError:
+                failures.append(cell.key)
+                status = f"FAILED (see {out / 'cells' / cell.key / 'log.txt'})"
+            write_results(out)
+            minutes = (time.perf_counter() - t0) / 60
+            log(f"[{i}/{len(todo)}] {cell.key}: {status} ({minutes:.1f} min)")
+    write_results(out)
+    if failures:
+        raise RuntimeError(f"{len(failures)} cell(s) failed: {', '.join(failures)}")
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
+    summary = json.loads((folder / "run" / "summary.json").read_text())
+    metrics = read_metrics(folder / "run" / "metrics.csv")
+    rows = []
+    base = {
+        "variant": cell.variant,
+        "method": cell.method,
+        "seed": cell.seed,
+        "bytes_up_per_round": summary["comm"]["bytes_up_per_round"],
+        "bytes_down_per_round": summary["comm"]["bytes_down_per_round"],
+        "seconds_per_round": summary["time"]["seconds_per_round"],
+        "seconds_total": summary["time"]["seconds_total"],
+        "breaks_privacy": int(summary.get("breaks_privacy", False)),
+        "config_digest": digest(cell.cfg),
+    }
+    if cell.kind != "loo":
+        for name, c in summary["clients"].items():
+            curve = [r["val_dice"] for r in metrics if r["client"] == name]
+            rows.append(
+                {
+                    **base,
+                    "kind": cell.kind,
+                    "client": name,
+                    **{f"test_{k}": c["test"][k] for k in ("dice", "iou", "hd95_px", "case_dice")},
+                    "best_round": c["best_round"],
+                    "val_dice": next(iter(c["val"].values())),
+                    "val_curve": ";".join(curve),
+                }
+            )
+        return rows
+    adapt = json.loads((folder / "adapt" / "summary.json").read_text())
+    for stage in ("zero_shot", "adapted", "local_only", "local_full"):
+        t = adapt[stage]["test"]
+        rows.append(
+            {
+                **base,
+                "kind": "loo",
+                "variant": f"{cell.method}:{stage}",
+                "client": cell.heldout,
+                **{f"test_{k}": t.get(k) for k in ("dice", "iou", "hd95_px", "case_dice")},
+                "best_round": adapt[stage].get("best_epoch"),
+                "val_dice": adapt[stage].get("val", {}).get("dice"),
+            }
+        )
+    return rows
+
+
+def collect(out: Path) -> list[dict[str, Any]]:
+    """Rows of every finished cell under ``out/cells`` (whatever spec produced them)."""
+    rows: list[dict[str, Any]] = []
+    for folder in sorted((out / "cells").glob("*")):
+        if not (folder / "config.yaml").is_file():
+            continue
+        meta_path = folder / "cell.json"
+        if not meta_path.is_file():
+            continue
+        meta = json.loads(meta_path.read_text())
+        cfg = load_config(folder / "config.yaml")
+        cell = Cell(
+            meta["kind"], meta["variant"], meta["method"], meta["seed"], cfg, meta.get("heldout")
+        )
+        done = (
+            (folder / "adapt" / "summary.json").is_file()
+            if cell.kind == "loo"
+            else (folder / "run" / "summary.json").is_file()
+        )
+        if done:
+            rows.extend(cell_rows(cell, folder))
+    return rows
+
+
+def write_results(out: Path) -> Path:
+    rows = collect(out)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in sorted(rows, key=lambda r: (r["kind"], r["variant"], r["seed"], r["client"])):
+        w.writerow({k: _fmt(r.get(k)) for k in RESULT_FIELDS})
+    path = out / "results.csv"
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def _fmt(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+# ------------------------------------------------------------------------------ examples
+
+
+def save_examples(run_dir: Path, path: Path, per_client: int) -> None:
+    """Predicted masks of a few fixed test images per client (for the report's image grid).
+
+    Only masks and image names are stored, never images: the report reads the images from the
+    data folder, which cannot be redistributed.
+    """
+    from fedoap.api import load_client_model
+    from fedoap.data import prepare_clients
+    from fedoap.training import predict_logits
+
+    cfg = load_config(run_dir / "config.yaml")
+    out: dict[str, np.ndarray] = {}
+    for client in prepare_clients(cfg.data):
+        idx = example_indices(client.test.y.numpy(), client.test.names, per_client)
+        _, model = load_client_model(run_dir, client.name)
+        pred = predict_logits(model, client.test.x[idx], cfg.train.precision) > 0
+        out[f"{client.name}/pred"] = pred[:, 0].numpy()
+        out[f"{client.name}/names"] = client.test.names[idx].astype(str)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **out)  # type: ignore[arg-type]
+    os.replace(tmp, path)
+
+
+def example_indices(masks: np.ndarray, names: np.ndarray, k: int) -> np.ndarray:
+    """k test images with lesions, spread over the range of lesion sizes (deterministic)."""
+    area = masks.reshape(len(masks), -1).sum(1)
+    cand = np.flatnonzero(area > 0)
+    if len(cand) == 0:
+        cand = np.arange(len(masks))
+    order = cand[np.lexsort((names[cand], area[cand]))]
+    pick = np.linspace(0, len(order) - 1, min(k, len(order))).round().astype(int)
+    return order[pick]
+
+
+def write_cell_meta(cell: Cell, out: Path) -> None:
+    folder = out / "cells" / cell.key
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "kind": cell.kind,
+        "variant": cell.variant,
+        "method": cell.method,
+        "seed": cell.seed,
+        "heldout": cell.heldout,
+    }
+    if not (folder / "cell.json").is_file():
+        atomic_write_text(folder / "cell.json", json.dumps(meta, indent=2))
+
+
+__all__ = ["BenchSpec", "Cell", "load_spec", "plan", "run_bench", "write_results"]

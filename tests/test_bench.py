@@ -1,0 +1,107 @@
+"""The benchmark runner, adaptation to an unseen client, and the report, on a tiny federation."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import yaml
+
+from fedoap.adapt import adapt
+from fedoap.api import run_experiment
+from fedoap.bench import is_done, load_spec, plan, run_bench
+from fedoap.data.synthetic import generate_client
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def npz_clients(tmp_path_factory):
+    """Three tiny synthetic clients saved as .npz (so one can be held out by path)."""
+    root = tmp_path_factory.mktemp("data")
+    for name, style in (("mri", "mri"), ("us", "ultrasound"), ("ct", "ct")):
+        raw = generate_client(style, 30, 32, name)
+        np.savez(
+            root / f"{name}.npz",
+            images=raw.images,
+            masks=raw.masks,
+            case_ids=raw.case_ids,
+            names=raw.names,
+        )
+    return root
+
+
+def tiny_npz_config(root, *overrides):
+    clients = [{"name": n, "source": "npz", "path": f"{n}.npz"} for n in ("mri", "us", "ct")]
+    cfg = tiny_config(*overrides).to_dict()
+    cfg["data"]["root"] = str(root)
+    cfg["data"]["clients"] = clients
+    return cfg
+
+
+def test_adapt_to_an_unseen_client(npz_clients, tmp_path):
+    from fedoap.config import Config, from_dict, validate
+
+    data = tiny_npz_config(npz_clients)
+    data["data"]["clients"] = data["data"]["clients"][:2]  # federate mri + us, hold out ct
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    run_experiment(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    s = adapt(tmp_path / "run", npz_clients / "ct.npz", "ct", epochs=2, log=lambda s: None)
+    for key in ("zero_shot", "adapted", "local_only", "local_full"):
+        assert 0 <= s[key]["test"]["dice"] <= 1
+    assert s["init"] == "averaged" and 0 <= s["adapted"]["best_epoch"] <= 2
+    assert s["local_full"]["epochs"] == cfg.federation.rounds * cfg.train.local_epochs + 2
+    with pytest.raises(ValueError, match="was part of the federation"):
+        adapt(tmp_path / "run", npz_clients / "us.npz", "us", log=lambda s: None)
+
+
+def test_bench_runs_caches_and_writes_results(npz_clients, tmp_path):
+    cfg_path = tmp_path / "base.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(tiny_npz_config(npz_clients, "federation.rounds=1", "finetune.epochs=1"))
+    )
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "base": "base.yaml",
+                "methods": ["fedoap", "local"],
+                "seeds": [0],
+                "ablations": [{"name": "no_pbl", "overrides": ["finetune.pbl.enabled=false"]}],
+                "loo": {"methods": ["fedavg"], "seeds": [0], "epochs": 1},
+                "examples_per_client": 2,
+            }
+        )
+    )
+    spec, base = load_spec(spec_path)
+    cells = plan(spec, base)
+    assert [c.kind for c in cells] == ["main", "main", "ablation", "loo", "loo", "loo"]
+    out = tmp_path / "out"
+    run_bench(spec, base, out, cells[:2], jobs=2, log=lambda s: None)
+    assert all(is_done(c, out) for c in cells[:2])
+    mtimes = {
+        c.key: (out / "cells" / c.key / "run" / "summary.json").stat().st_mtime for c in cells[:2]
+    }
+    run_bench(
+        spec, base, out, cells, jobs=1, log=lambda s: None
+    )  # extends; the first two are cached
+    for key, t in mtimes.items():
+        assert (out / "cells" / key / "run" / "summary.json").stat().st_mtime == t
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    kinds = {(r["kind"], r["variant"]) for r in rows}
+    assert ("main", "fedoap") in kinds and ("ablation", "fedoap-no_pbl") in kinds
+    assert {r["variant"] for r in rows if r["kind"] == "loo"} >= {
+        "fedavg:zero_shot",
+        "fedavg:adapted",
+        "fedavg:local_only",
+    }
+    main = [r for r in rows if r["kind"] == "main"]
+    assert len(main) == 2 * 3  # methods x clients
+    for r in main:
+        assert (
+            0 <= float(r["test_dice"]) <= 1 and r["val_curve"].count(";") == 1
+        )  # 2 rounds incl. FT
+    ex = np.load(out / "cells" / cells[0].key / "examples.npz")
+    assert ex["mri/pred"].shape == (2, 32, 32)
