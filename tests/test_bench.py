@@ -105,3 +105,26 @@ def test_bench_runs_caches_and_writes_results(npz_clients, tmp_path):
         )  # 2 rounds incl. FT
     ex = np.load(out / "cells" / cells[0].key / "examples.npz")
     assert ex["mri/pred"].shape == (2, 32, 32)
+
+    # The report regenerates from results.csv (plus the kept masks and the data, for the grid).
+    from fedoap.report import make_report
+
+    report = make_report(out).read_text()
+    for section in (
+        "## All methods",
+        "margin over the best baseline",
+        "## The goals, measured",
+        "## FedOAP ablations",
+        "## Unseen client",
+    ):
+        assert section in report, section
+    for fig in (
+        "per_client_dice",
+        "hd95_per_client",
+        "dice_vs_round",
+        "dice_vs_bytes",
+        "ablations",
+        "leave_one_out",
+        "examples",
+    ):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000, fig

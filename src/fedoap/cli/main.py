@@ -234,5 +234,20 @@ def bench(
     run_bench(bspec, base, out, cells, jobs=jobs, max_cells=max_cells, log=console.print)
 
 
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="a benchmark results folder (with results.csv)"),
+) -> None:
+    """Write REPORT.md and figures/ from results.csv."""
+    from fedoap.report import make_report
+
+    try:
+        path = make_report(results)
+    except USER_ERRORS as err:
+        fail(err)
+        return
+    console.print(f"wrote {path} and {results / 'figures'}")
+
+
 if __name__ == "__main__":
     app()
