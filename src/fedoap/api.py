@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedoap.algorithms import KV, build_algorithm
+from fedoap.algorithms import KV, Algorithm, build_algorithm
 from fedoap.config import Config, ConfigError, load_config, save_config
 from fedoap.data import prepare_clients
 from fedoap.data.dataset import ClientData
@@ -34,6 +34,8 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Validate everything, then train a new run in ``run_dir``; returns ``summary.json``."""
     algorithm = build_algorithm(cfg)  # unknown method / options fail here, before data is read
+    if cfg.federation.runtime == "flower-sim":
+        check_flower(cfg, algorithm)
     if clients is None:
         clients = prepare_clients(cfg.data)  # bad data fails here, before the folder is touched
     rd = RunDir(run_dir)
@@ -50,8 +52,34 @@ def run_experiment(
         rd.splits,
         {c.name: {s: c.split(s).names.tolist() for s in ("train", "val", "test")} for c in clients},
     )
+    if cfg.federation.runtime == "flower-sim":
+        return run_on_flower_simulation(cfg, rd, log)
     runner = Runner(cfg, algorithm, clients, rd, progress=progress, log=log)
     return runner.run()
+
+
+def check_flower(cfg: Config, algorithm: Algorithm) -> None:
+    """Fail early, with a reason, if a run cannot use the Flower runtime."""
+    try:
+        from fedoap.federation.flower import unsupported_reason
+    except ImportError as err:
+        raise ConfigError(
+            f"federation.runtime=flower-sim needs Flower: pip install -e '.[flower]' ({err})"
+        ) from None
+    reason = unsupported_reason(algorithm)
+    if reason:
+        raise ConfigError(f"method {cfg.method} cannot run on Flower: {reason}")
+
+
+def run_on_flower_simulation(cfg: Config, rd: RunDir, log: Callable[[str], None]) -> dict[str, Any]:
+    """The same run through Flower's simulation engine; it writes the same run folder."""
+    from fedoap.federation.flower_launch import run_simulation
+
+    run = run_simulation(rd.root, len(cfg.data.clients), log=log)
+    summary = dict(json.loads(rd.summary.read_text()))
+    summary["flower"] = {k: run.get(k) for k in ("run-id", "status", "elapsed", "network-traffic")}
+    rd.write_json(rd.summary, summary)
+    return summary
 
 
 def resume_experiment(

@@ -175,7 +175,9 @@ class FinetuneConfig:
 class FederationConfig:
     rounds: int = 5
     fraction: float = 1.0  # share of clients sampled each round (at least one)
-    runtime: Literal["inprocess"] = "inprocess"
+    # inprocess: every client in this process (default). flower-sim: the same algorithm objects
+    # through Flower's simulation runtime (needs the [flower] extra).
+    runtime: Literal["inprocess", "flower-sim"] = "inprocess"
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,25 @@ def run(
     print_summary(summary, f"{summary['method']}: test metrics per client ({run_dir})")
 
 
+@app.command("config")
+def config_cmd(
+    overrides: list[str] = typer.Argument(None, help="dotted.key=value overrides"),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config file"),
+    clients: bool = typer.Option(False, "--clients", help="print only the client names"),
+) -> None:
+    """Print the resolved config (validated, defaults filled in) as YAML."""
+    try:
+        cfg = load_config(config, overrides or [])
+    except USER_ERRORS as err:
+        fail(err)
+        return
+    if clients:
+        for c in cfg.data.clients:
+            typer.echo(c.name)
+    else:
+        typer.echo(cfg.to_yaml(), nl=False)
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     run_dir: Path = typer.Argument(..., help="a finished run folder"),

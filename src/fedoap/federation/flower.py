@@ -1,0 +1,589 @@
+"""The Flower adapter: a ``ServerApp`` and a ``ClientApp`` that call the same algorithm objects as
+the in-process runner (Flower 1.42 Message API).
+
+Protocol, message by message:
+
+* **query** (once): every node reports which configured client it is (``client-index``) and its
+  split sizes. The server needs this to sample clients the way the in-process runner does.
+* **train, stage=fit** (rounds 1..R, through Flower's strategy loop): the node loads its
+  :class:`~fedoap.algorithms.ClientState` from ``context.state``, runs ``algorithm.fit`` on the
+  global arrays it received, saves its state back to ``context.state`` and replies with **one
+  ArrayRecord** (namespaced ``shared.*`` / ``kv.*`` keys, the same key set on every node) and
+  **one MetricRecord** (``num-examples``, ``train-loss``, ``client-index``, byte counts). The
+  strategy's ``aggregate_train`` calls ``algorithm.aggregate``.
+* **evaluate, stage=val** (after every round): every node personalises the new global model,
+  scores its validation split and keeps its best model in ``context.state``.
+* **train, stage=finetune** (epochs 1..F, methods with a fine-tuning stage): local only; the
+  reply carries metrics, no arrays.
+* **evaluate, stage=test** (once, at the end): each node scores its selected model on its test
+  split and writes it to ``<output-dir>/checkpoints/best/<client>.safetensors``.
+
+Personal parameters, optimiser state and the selected model live in ``context.state`` and never
+enter a message. The resolved fedoap config travels from the server in every ConfigRecord, so a
+site needs only its own data path (``--node-config "client-name=... data-path=..."``).
+
+Not supported here, by design: ``centralized`` (pools raw data) and ``feddp`` (its fine-tuning
+needs every site's personal query projection, i.e. each client's individual model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import yaml
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import message_size_mod
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedoap.algorithms import (
+    KV,
+    Algorithm,
+    ClientState,
+    FitContext,
+    Update,
+    build_algorithm,
+    nbytes,
+)
+from fedoap.config import ClientSpec, Config, ConfigError, from_dict, validate
+from fedoap.data.dataset import ClientData, make_client
+from fedoap.federation.checkpoint import flatten_optimizer, save_tensors, unflatten_optimizer
+from fedoap.federation.runner import sample_clients
+from fedoap.federation.summary import make_summary
+from fedoap.models import StateDict
+from fedoap.models.partition import prefixed
+from fedoap.runs import RunDir
+from fedoap.training import evaluate
+
+ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
+
+
+def unsupported_reason(alg: Algorithm) -> str | None:
+    """Why a method cannot run on Flower, or None."""
+    if alg.pooled:
+        return f"{alg.name} pools the clients' raw training data; it has no federated form"
+    if type(alg).finetune_payload is not Algorithm.finetune_payload:
+        return (
+            f"{alg.name}'s fine-tuning needs every client's personal parameters at the server "
+            "(each client's individual model); the Flower runtime never sends personal keys"
+        )
+    return None
+
+
+def _i(record: Any, key: str) -> int:
+    """An int from a Flower record (their values are typed as a wide union)."""
+    return int(cast(Any, record[key]))
+
+
+def _f(record: Any, key: str) -> float:
+    return float(cast(Any, record[key]))
+
+
+def _s(record: Any, key: str) -> str:
+    return str(cast(Any, record[key]))
+
+
+def config_from_yaml(text: str) -> Config:
+    cfg = from_dict(Config, yaml.safe_load(text))
+    validate(cfg)
+    return cfg
+
+
+# ============================================================================ client side
+
+
+@dataclass
+class _Site:
+    """What a node builds once per process and reuses across messages."""
+
+    cfg: Config
+    alg: Algorithm
+    model: torch.nn.Module
+    data: ClientData
+    index: int
+
+
+_SITES: dict[tuple[str, str, str], _Site] = {}
+
+
+def _site(context: Context, cfg_yaml: str) -> _Site:
+    """Resolve which client this node is and load its data (cached per process)."""
+    cfg = config_from_yaml(cfg_yaml)
+    names = [c.name for c in cfg.data.clients]
+    nc = context.node_config
+    if "client-name" in nc:
+        name = _s(nc, "client-name")
+        if name not in names:
+            raise ConfigError(f"node-config client-name={name!r} is not one of {names}")
+    elif "partition-id" in nc:  # simulation: virtual node i is client i
+        name = names[_i(nc, "partition-id")]
+    else:
+        raise ConfigError("node-config needs client-name (deployment) or partition-id (simulation)")
+    key = (cfg.digest(), name, str(nc.get("data-path", "")))
+    if key not in _SITES:
+        spec = next(c for c in cfg.data.clients if c.name == name)
+        if "data-path" in nc:  # the site's own copy of its data
+            path = _s(nc, "data-path")
+            spec = ClientSpec(
+                **{
+                    **spec.__dict__,
+                    "path": path,
+                    "source": "folder" if Path(path).is_dir() else "npz",
+                }
+            )
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        alg = build_algorithm(cfg)
+        _SITES[key] = _Site(
+            cfg, alg, alg.build_model(), make_client(spec, cfg.data), names.index(name)
+        )
+    return _SITES[key]
+
+
+def _load_state(context: Context) -> tuple[ClientState, dict[str, Any], StateDict, StateDict]:
+    st = context.state
+    if "fedoap.meta" not in st:
+        raise KeyError("no client state yet")
+    meta = json.loads(str(st.config_records["fedoap.meta"]["json"]))
+    optim = st.array_records["fedoap.optim"].to_torch_state_dict()
+    state = ClientState(
+        personal=st.array_records["fedoap.personal"].to_torch_state_dict(),
+        optimizers={
+            k: unflatten_optimizer(optim, rest, f"{k}/") for k, rest in meta["optimizers"].items()
+        },
+        extra=st.array_records["fedoap.extra"].to_torch_state_dict(),
+    )
+    return (
+        state,
+        meta,
+        st.array_records["fedoap.best"].to_torch_state_dict(),
+        st.array_records["fedoap.best_kv"].to_torch_state_dict(),
+    )
+
+
+def _save_state(
+    context: Context, state: ClientState, meta: dict[str, Any], best: StateDict, best_kv: StateDict
+) -> None:
+    optim: StateDict = {}
+    rests = {}
+    for name, opt_state in state.optimizers.items():
+        tensors, rests[name] = flatten_optimizer(opt_state, f"{name}/")
+        optim.update(tensors)
+    meta = {**meta, "optimizers": rests}
+    st = context.state
+    st["fedoap.personal"] = ArrayRecord(state.personal)
+    st["fedoap.extra"] = ArrayRecord(state.extra)
+    st["fedoap.optim"] = ArrayRecord(optim)
+    st["fedoap.best"] = ArrayRecord(best)
+    st["fedoap.best_kv"] = ArrayRecord(best_kv)
+    st["fedoap.meta"] = ConfigRecord({"json": json.dumps(meta)})
+
+
+def _state_or_init(
+    context: Context, site: _Site
+) -> tuple[ClientState, dict[str, Any], StateDict, StateDict]:
+    try:
+        return _load_state(context)
+    except KeyError:
+        meta: dict[str, Any] = {"best_score": None, "best_round": 0, "optimizers": {}}
+        return site.alg.init_client(site.model), meta, {}, {}
+
+
+def _reply(msg: Message, records: dict[str, Any]) -> Message:
+    content = RecordDict(records)
+    return Message(content=content, reply_to=msg)
+
+
+client_app = ClientApp(mods=[message_size_mod])
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    site = _site(context, _s(msg.content[CONFIG], "fedoap-config"))
+    sizes = site.data.sizes()
+    return _reply(
+        msg,
+        {
+            METRICS: MetricRecord(
+                {
+                    "client-index": site.index,
+                    "num-train": sizes["train"],
+                    "num-val": sizes["val"],
+                    "num-test": sizes["test"],
+                }
+            )
+        },
+    )
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content[CONFIG]
+    site = _site(context, _s(config, "fedoap-config"))
+    state, meta, best, best_kv = _state_or_init(context, site)
+    rnd = _i(config, "server-round") if "server-round" in config else _i(config, "round")
+    ctx = FitContext(site.data.name, rnd, site.cfg.seed)
+    bytes_in = sum(r.count_bytes() for r in msg.content.values())
+    if config["stage"] == "fit":
+        global_arrays = msg.content.array_records[ARRAYS].to_torch_state_dict()
+        update, state = site.alg.fit(site.model, global_arrays, state, site.data, ctx)
+        _save_state(context, state, meta, best, best_kv)
+        arrays = ArrayRecord(update.arrays)
+        metrics = MetricRecord(
+            {
+                "num-examples": update.num_examples,
+                "train-loss": update.metrics["train_loss"],
+                "client-index": site.index,
+                "bytes-in": bytes_in,
+                "bytes-out": arrays.count_bytes(),
+                "raw-bytes-out": nbytes(update.arrays),
+            }
+        )
+        return _reply(msg, {ARRAYS: arrays, METRICS: metrics})
+    if config["stage"] == "finetune":
+        epoch = _i(config, "epoch")
+        if epoch == 1:
+            state = site.alg.start_finetune(best, state)
+        # The K/V bank the best model was selected with; shared weights come from the state.
+        payload = dict(best_kv)
+        loss, state = site.alg.finetune_epoch(
+            site.model, payload, state, site.data, ctx, first=epoch == 1
+        )
+        row = _validate(site, payload, state, meta, rnd)
+        if row["improved"]:
+            best = {k: v.clone() for k, v in site.model.state_dict().items()}
+            best_kv = {k: v.clone() for k, v in payload.items() if k.startswith(KV)}
+        _save_state(context, state, meta, best, best_kv)
+        return _reply(msg, {METRICS: MetricRecord({**_row_metrics(row, site), "train-loss": loss})})
+    raise ValueError(f"unknown train stage {config['stage']!r}")
+
+
+def _validate(
+    site: _Site, payload: StateDict, state: ClientState, meta: dict[str, Any], rnd: int
+) -> dict[str, Any]:
+    site.alg.personalize(site.model, payload, state)
+    val = evaluate(site.model, site.data.val, site.cfg.train.precision)
+    score = val[site.cfg.train.select_metric]
+    best_score = meta["best_score"]
+    improved = score is not None and (best_score is None or score > best_score)
+    if improved:
+        meta["best_score"], meta["best_round"] = score, rnd
+    return {"improved": improved, **val}
+
+
+def _row_metrics(row: dict[str, Any], site: _Site) -> dict[str, Any]:
+    return {
+        "client-index": site.index,
+        "val-dice": row["dice"],
+        "val-case-dice": row["case_dice"],
+        "improved": _i(row, "improved"),
+        "num-examples": len(site.data.val),
+    }
+
+
+@client_app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    config = msg.content[CONFIG]
+    site = _site(context, _s(config, "fedoap-config"))
+    state, meta, best, best_kv = _state_or_init(context, site)
+    if config["stage"] == "val":
+        global_arrays = msg.content.array_records[ARRAYS].to_torch_state_dict()
+        rnd = _i(config, "server-round")
+        row = _validate(site, global_arrays, state, meta, rnd)
+        if row["improved"]:
+            best = {k: v.clone() for k, v in site.model.state_dict().items()}
+            best_kv = {k: v.clone() for k, v in global_arrays.items() if k.startswith(KV)}
+        _save_state(context, state, meta, best, best_kv)
+        return _reply(msg, {METRICS: MetricRecord(_row_metrics(row, site))})
+    if config["stage"] == "test":
+        site.model.load_state_dict(best)
+        cast(Any, site.model).set_kv_bank(best_kv.get(KV + "bank"))
+        test = evaluate(site.model, site.data.test, site.cfg.train.precision, full=True)
+        out = Path(str(context.node_config.get("output-dir", config["run-dir"])))
+        save_tensors(
+            RunDir(out).best(site.data.name),
+            {**best, **best_kv},
+            {"client": site.data.name, "best_round": meta["best_round"], "method": site.alg.name},
+        )
+        values = {k: (float("nan") if v is None else float(v)) for k, v in test.items()}
+        return _reply(
+            msg,
+            {
+                METRICS: MetricRecord(
+                    {
+                        "client-index": site.index,
+                        "best-round": meta["best_round"],
+                        "best-val": _f(meta, "best_score"),
+                        "num-examples": len(site.data.test),
+                        **values,
+                    }
+                )
+            },
+        )
+    raise ValueError(f"unknown evaluate stage {config['stage']!r}")
+
+
+# ============================================================================ server side
+
+
+@dataclass
+class ServerLog:
+    """What the server learns from replies; becomes metrics.csv and summary.json."""
+
+    names: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    train_loss: dict[tuple[int, int], float] = field(default_factory=dict)
+    received_keys: list[set[str]] = field(default_factory=list)
+    bytes_up: list[int] = field(default_factory=list)
+    bytes_down: list[int] = field(default_factory=list)
+    flower_bytes_up: list[int] = field(default_factory=list)
+    flower_bytes_down: list[int] = field(default_factory=list)
+    round_seconds: list[float] = field(default_factory=list)
+
+
+class FedoapStrategy(FedAvg):
+    """Flower's FedAvg loop with aggregation delegated to a fedoap :class:`Algorithm`.
+
+    Sampling follows :func:`fedoap.federation.runner.sample_clients`, so a round trains the same
+    clients on either runtime.
+    """
+
+    def __init__(
+        self, alg: Algorithm, cfg: Config, nodes: dict[int, int], log: ServerLog, run_dir: Path
+    ) -> None:
+        k = len(cfg.data.clients)
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=1,
+            min_evaluate_nodes=k,
+            min_available_nodes=k,
+        )
+        self.alg, self.cfg, self.log, self.run_dir = alg, cfg, log, run_dir
+        self.node_of = {idx: node for node, idx in nodes.items()}
+        self.server: StateDict = {}
+        self.global_arrays: StateDict = {}
+        self.t_round = time.perf_counter()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ):  # type: ignore[override]
+        self.t_round = time.perf_counter()
+        self.global_arrays = arrays.to_torch_state_dict()
+        names = self.log.names
+        sampled = sample_clients(names, self.cfg.federation.fraction, self.cfg.seed, server_round)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        self.log.bytes_down += [nbytes(self.global_arrays)] * len(sampled)
+        self.log.flower_bytes_down += [arrays.count_bytes()] * len(sampled)
+        return self._construct_messages(
+            record, [self.node_of[names.index(n)] for n in sampled], MessageType.TRAIN
+        )
+
+    def aggregate_train(self, server_round: int, replies):  # type: ignore[override]
+        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        if errors:
+            raise RuntimeError(
+                f"{len(errors)} client(s) failed in round {server_round}: "
+                + "; ".join(str(m.error.reason) for m in errors)
+            )
+        contents = sorted((m.content for m in valid), key=lambda c: _i(c[METRICS], "client-index"))
+        updates: list[Update] = []
+        losses: list[float] = []
+        for c in contents:
+            arrays = c.array_records[ARRAYS].to_torch_state_dict()
+            self.log.received_keys.append(set(arrays))
+            self.log.bytes_up.append(_i(c[METRICS], "raw-bytes-out"))
+            self.log.flower_bytes_up.append(c.array_records[ARRAYS].count_bytes())
+            idx = _i(c[METRICS], "client-index")
+            self.log.train_loss[(server_round, idx)] = _f(c[METRICS], "train-loss")
+            losses.append(_f(c[METRICS], "train-loss"))
+            updates.append(Update(arrays, _i(c[METRICS], "num-examples")))
+        new = self.alg.aggregate(self.global_arrays, updates, self.server)
+        save_tensors(RunDir(self.run_dir).last, prefixed(new, "global/"), {"round": server_round})
+        return ArrayRecord(new), MetricRecord({"train-loss": float(np.mean(losses))})
+
+    def aggregate_evaluate(self, server_round: int, replies):  # type: ignore[override]
+        valid, errors = self._check_and_log_replies(replies, is_train=False)
+        if errors:
+            raise RuntimeError(f"{len(errors)} client(s) failed evaluation in round {server_round}")
+        sampled = set(
+            sample_clients(
+                self.log.names, self.cfg.federation.fraction, self.cfg.seed, server_round
+            )
+        )
+        self.log.rows += _rows(valid, self.log, server_round, "federated", sampled)
+        self.log.round_seconds.append(time.perf_counter() - self.t_round)
+        return MetricRecord(
+            {"val-dice": float(np.mean([_f(m.content[METRICS], "val-dice") for m in valid]))}
+        )
+
+
+def _rows(
+    replies: list[Message], log: ServerLog, rnd: int, stage: str, sampled: set[str]
+) -> list[dict[str, Any]]:
+    rows = []
+    for m in sorted(replies, key=lambda m: _i(m.content[METRICS], "client-index")):
+        r = m.content[METRICS]
+        idx = _i(r, "client-index")
+        name = log.names[idx]
+        loss = r.get("train-loss", log.train_loss.get((rnd, idx)))
+        rows.append(
+            {
+                "round": rnd,
+                "stage": stage,
+                "client": name,
+                "sampled": int(name in sampled),
+                "train_loss": None if loss is None else float(cast(Any, loss)),
+                "val_dice": _f(r, "val-dice"),
+                "val_case_dice": _f(r, "val-case-dice"),
+                "best": _i(r, "improved"),
+                "seconds": None,
+            }
+        )
+    return rows
+
+
+def _send(
+    grid: Grid,
+    cfg_record: ConfigRecord,
+    nodes: list[int],
+    kind: str,
+    arrays: ArrayRecord | None = None,
+) -> list[Message]:
+    content = {CONFIG: cfg_record} if arrays is None else {CONFIG: cfg_record, ARRAYS: arrays}
+    msgs = [
+        Message(content=RecordDict(cast(Any, content)), message_type=kind, dst_node_id=n)
+        for n in nodes
+    ]
+    replies = list(grid.send_and_receive(msgs, timeout=3600))
+    failed = [m for m in replies if m.has_error()]
+    if failed or len(replies) != len(nodes):
+        reasons = "; ".join(str(m.error.reason) for m in failed)
+        raise RuntimeError(
+            f"{kind}: {len(replies) - len(failed)} of {len(nodes)} replies ({reasons})"
+        )
+    return replies
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    run_dir = Path(_s(context.run_config, "run-dir"))
+    rd = RunDir(run_dir)
+    cfg_yaml = rd.config.read_text()
+    cfg = config_from_yaml(cfg_yaml)
+    alg = build_algorithm(cfg)
+    reason = unsupported_reason(alg)
+    if reason:
+        raise ConfigError(f"method {cfg.method} cannot run on Flower: {reason}")
+    t0 = time.perf_counter()
+    names = [c.name for c in cfg.data.clients]
+    base = {"fedoap-config": cfg_yaml, "run-dir": str(run_dir.resolve())}
+    # Wait for every client, then learn which node is which client.
+    deadline = time.time() + 600
+    while len(list(grid.get_node_ids())) < len(names):
+        if time.time() > deadline:
+            raise RuntimeError(
+                f"only {len(list(grid.get_node_ids()))} of {len(names)} nodes connected"
+            )
+        time.sleep(0.5)
+    node_ids = list(grid.get_node_ids())
+    info = _send(grid, ConfigRecord(base), node_ids, MessageType.QUERY)
+    nodes = {m.metadata.src_node_id: _i(m.content[METRICS], "client-index") for m in info}
+    if sorted(nodes.values()) != list(range(len(names))):
+        raise RuntimeError(
+            f"nodes report client indices {sorted(nodes.values())}, expected 0..{len(names) - 1}"
+        )
+    sizes = {
+        names[i]: {s: _i(m.content[METRICS], f"num-{s}") for s in ("train", "val", "test")}
+        for m in info
+        for i in [_i(m.content[METRICS], "client-index")]
+    }
+
+    log = ServerLog(names)
+    model = alg.build_model()
+    strategy = FedoapStrategy(alg, cfg, nodes, log, run_dir)
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(alg.init_global(model)),
+        num_rounds=cfg.federation.rounds,
+        train_config=ConfigRecord({**base, "stage": "fit"}),
+        evaluate_config=ConfigRecord({**base, "stage": "val"}),
+    )
+    ft_epochs = cfg.finetune.epochs if alg.has_finetune else 0
+    all_nodes = sorted(nodes, key=lambda n: nodes[n])
+    for e in range(1, ft_epochs + 1):
+        rnd = cfg.federation.rounds + e
+        replies = _send(
+            grid,
+            ConfigRecord({**base, "stage": "finetune", "epoch": e, "round": rnd}),
+            all_nodes,
+            MessageType.TRAIN,
+        )
+        log.rows += _rows(replies, log, rnd, "finetune", set(names))
+    replies = _send(grid, ConfigRecord({**base, "stage": "test"}), all_nodes, MessageType.EVALUATE)
+    clients = {}
+    for m in sorted(replies, key=lambda m: _i(m.content[METRICS], "client-index")):
+        r = m.content[METRICS]
+        name = names[_i(r, "client-index")]
+        test = {
+            k: (None if isinstance(r[k], float) and math.isnan(cast(float, r[k])) else r[k])
+            for k in ("dice", "iou", "hd95_px", "case_dice", "hd95_pairs", "n_images", "n_cases")
+        }
+        clients[name] = {
+            "n": sizes[name],
+            "best_round": _i(r, "best-round"),
+            "best_stage": "federated"
+            if _i(r, "best-round") <= cfg.federation.rounds
+            else "finetune",
+            "val": {cfg.train.select_metric: _f(r, "best-val")},
+            "test": test,
+        }
+    kv_bytes = nbytes({k: v for k, v in strategy.global_arrays.items() if k.startswith(KV)})
+    summary = make_summary(
+        cfg,
+        alg,
+        model,
+        clients,
+        log.bytes_up,
+        log.bytes_down,
+        kv_bytes,
+        time.perf_counter() - t0,
+        log.round_seconds,
+        ft_epochs,
+    )
+    summary["runtime"] = "flower"
+    summary["comm"]["flower_bytes_up_per_round"] = (
+        int(np.mean(log.flower_bytes_up)) if log.flower_bytes_up else 0
+    )
+    summary["comm"]["flower_bytes_down_per_round"] = (
+        int(np.mean(log.flower_bytes_down)) if log.flower_bytes_down else 0
+    )
+    rd.write_json(rd.summary, summary)
+    rd.write_metrics(log.rows)
+    rd.write_json(rd.root / "flower_received_keys.json", [sorted(k) for k in log.received_keys])
+    from fedoap.plots import plot_curves
+
+    plot_curves(log.rows, rd.plots, f"{alg.name} on Flower (seed {cfg.seed})")
+
+
+__all__ = ["client_app", "server_app", "unsupported_reason"]

@@ -1,0 +1,350 @@
+"""Starting, driving and stopping Flower services from Python (simulation and loopback
+deployment), with the offline settings these machines need (docs/flower.md).
+
+A :class:`FlowerSession` owns a private ``FLWR_HOME``, starts ``flower-superlink`` and
+``flower-supernode`` processes in their own process groups, writes the CLI's connection profile,
+submits a run with ``flwr run``, reads the run's status from ``flwr list --format json`` (success
+is ``finished:completed``, never ``flwr run``'s exit code) and stops every service by PID.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+APP_DIR = Path(__file__).with_name("flower_app")
+
+#: Environment every Flower process gets: no dependency installation (offline), no telemetry.
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """A Flower executable from this Python's environment."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(
+            f"{name} not found: install the Flower extra (pip install -e '.[flower]')"
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def make_tls(folder: Path, host: str = "127.0.0.1") -> TLSFiles:
+    """A throw-away CA and a server certificate for ``host`` (for tests and loopback trials)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedoap test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP384R1())
+    san = x509.SubjectAlternativeName(
+        [x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(san, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TLSFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
+    files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.server_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
+
+
+def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """An EC key pair for SuperNode authentication: (private key PEM, public key OpenSSH)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+    return private, public
+
+
+class FlowerSession:
+    """Flower services for one run, under ``workdir`` (FLWR_HOME, logs). Use as a context
+    manager: every process it started is stopped on exit, by PID (its whole process group)."""
+
+    def __init__(self, workdir: Path, connection: str = "fedoap") -> None:
+        self.workdir = workdir
+        self.home = workdir / "flwr-home"
+        self.logs = workdir / "logs"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.connection = connection
+        # Flower's services start each other by name (flower-superexec, flwr-serverapp, ...):
+        # this Python's scripts folder goes first on PATH.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.home), "PATH": path}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.address: str | None = None
+
+    def __enter__(self) -> FlowerSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -------------------------------------------------------------- services
+
+    def _spawn(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115  (closed with the process)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, start_new_session=True
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def start_superlink(
+        self,
+        simulation: bool = False,
+        tls: TLSFiles | None = None,
+        node_auth: bool = False,
+        port: int | None = None,
+    ) -> str:
+        port = port or free_port()
+        cmd = [
+            _bin("flower-superlink"),
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+            "--database",
+            str(self.workdir / "superlink.db"),
+        ]
+        cmd += ["--simulation"] if simulation else []
+        if tls is None:
+            cmd.append("--insecure")
+        else:
+            cmd += [
+                "--ssl-certfile",
+                str(tls.server_cert),
+                "--ssl-keyfile",
+                str(tls.server_key),
+                "--ssl-ca-certfile",
+                str(tls.ca_cert),
+            ]
+        if node_auth:
+            cmd.append("--enable-supernode-auth")
+        self._spawn("superlink", cmd)
+        self.address = f"127.0.0.1:{port}"
+        self.write_connection(tls)
+        self._wait_port(port)
+        return self.address
+
+    def start_supernode(
+        self,
+        name: str,
+        node_config: dict[str, Any],
+        tls: TLSFiles | None = None,
+        private_key: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        assert self.address is not None, "start the SuperLink first"
+        cfg = " ".join(
+            f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items()
+        )
+        cmd = [
+            _bin("flower-supernode"),
+            "--superlink",
+            self.address,
+            "--port",
+            str(free_port()),
+            "--node-config",
+            cfg,
+        ]
+        cmd += ["--insecure"] if tls is None else ["--root-certificates", str(tls.ca_cert)]
+        if private_key is not None:
+            cmd += ["--auth-supernode-private-key", str(private_key)]
+        return self._spawn(f"supernode-{name}", cmd, {**self.env, **(extra_env or {})})
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        deadline = time.time() + 15
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+    def _wait_port(self, port: int, timeout: float = 60) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.procs and self.procs[0].poll() is not None:
+                raise RuntimeError(f"flower-superlink exited: see {self.logs / 'superlink.log'}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"flower-superlink did not listen on {port} within {timeout} s")
+
+    # -------------------------------------------------------------- CLI
+
+    def write_connection(self, tls: TLSFiles | None = None) -> None:
+        lines = [
+            "[superlink]",
+            f'default = "{self.connection}"',
+            "",
+            f"[superlink.{self.connection}]",
+            f'address = "{self.address}"',
+        ]
+        lines += ["insecure = true"] if tls is None else [f'root-certificates = "{tls.ca_cert}"']
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [_bin("flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.workdir,
+        )
+
+    def flwr_json(self, *args: str) -> dict[str, Any]:
+        res = self.flwr(*args, "--format", "json")
+        try:
+            return dict(json.loads(res.stdout))
+        except json.JSONDecodeError as err:
+            raise RuntimeError(
+                f"flwr {' '.join(args)} failed: {res.stdout[-1500:]} {res.stderr[-1500:]}"
+            ) from err
+
+    def configure_simulation(self, num_supernodes: int, cpus_per_client: int = 1) -> None:
+        out = self.flwr_json(
+            "federation",
+            "simulation-config",
+            "@none/default",
+            self.connection,
+            "--num-supernodes",
+            str(num_supernodes),
+            "--client-resources-num-cpus",
+            str(cpus_per_client),
+        )
+        if not out.get("success"):
+            raise RuntimeError(f"could not configure the simulation: {out}")
+
+    def register_node(self, public_key: Path) -> None:
+        out = self.flwr_json("supernode", "register", str(public_key), self.connection)
+        if not out.get("success"):
+            raise RuntimeError(f"could not register {public_key}: {out}")
+
+    def run(self, run_config: dict[str, str], app: Path = APP_DIR) -> str:
+        """Submit the app; returns the run id."""
+        overrides = " ".join(f"{k}='{v}'" for k, v in run_config.items())
+        out = self.flwr_json("run", str(app), self.connection, "--run-config", overrides)
+        if not out.get("success"):
+            raise RuntimeError(f"flwr run failed: {out}")
+        return str(out["run-id"])
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        out = self.flwr_json("list", self.connection)
+        for run in out.get("runs", []):
+            if str(run["run-id"]) == run_id:
+                return dict(run)
+        raise RuntimeError(f"run {run_id} not listed by the SuperLink: {out}")
+
+    def wait(self, run_id: str, timeout: float = 3600, poll: float = 2.0) -> dict[str, Any]:
+        """Block until the run finishes; returns its ``flwr list`` entry."""
+        end = time.time() + timeout
+        while time.time() < end:
+            run = self.status(run_id)
+            if str(run["status"]).startswith("finished"):
+                return run
+            time.sleep(poll)
+        raise TimeoutError(f"run {run_id} not finished after {timeout} s")
+
+
+def run_simulation(run_dir: Path, num_clients: int, log: Any = print) -> dict[str, Any]:
+    """``federation.runtime=flower-sim``: the run folder's config through Flower's simulation
+    runtime (a local SuperLink with ``--simulation``). Returns Flower's run entry."""
+    with FlowerSession(run_dir / "flower") as fl:
+        fl.start_superlink(simulation=True)
+        fl.configure_simulation(num_clients)
+        run_id = fl.run({"run-dir": str(run_dir.resolve())})
+        log(f"Flower run {run_id} submitted to {fl.address}")
+        run = fl.wait(run_id)
+    if run["status"] != "finished:completed":
+        raise RuntimeError(
+            f"Flower run {run_id} ended with status {run['status']} ({run.get('status-details')}); "
+            f"logs in {run_dir / 'flower' / 'logs'}"
+        )
+    return run

@@ -1,0 +1,63 @@
+"""``summary.json``: one structure for every runtime (in-process runner, Flower)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedoap.algorithms import Algorithm
+from fedoap.config import Config
+from fedoap.models import FedOAPNet
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def make_summary(
+    cfg: Config,
+    alg: Algorithm,
+    model: FedOAPNet,
+    clients: dict[str, Any],
+    bytes_up: list[int],
+    bytes_down: list[int],
+    kv_bank_bytes: int,
+    elapsed: float,
+    round_seconds: list[float],
+    finetune_epochs: int,
+) -> dict[str, Any]:
+    """``clients[name]`` holds n, best_round, best_stage, val and test (dice, iou, hd95_px,
+    case_dice, ...). Byte lists have one entry per (round, client that sent/received)."""
+    counts = alg.partition(model).count(model)
+    return {
+        "method": alg.name,
+        "breaks_privacy": alg.breaks_privacy,
+        "seed": cfg.seed,
+        "config_digest": cfg.digest(),
+        "clients": clients,
+        "mean": {
+            "test": {
+                k: _mean([c["test"][k] for c in clients.values()])
+                for k in ("dice", "iou", "hd95_px", "case_dice")
+            }
+        },
+        "worst": {"test": {"dice": min(c["test"]["dice"] for c in clients.values())}},
+        "params": {**counts, "total": counts["shared"] + counts["personal"]},
+        "flops_per_image": model.flops_per_image(cfg.data.image_size),
+        "comm": {
+            # Per client per round, of what actually travels (raw tensor bytes).
+            "bytes_up_per_round": int(np.mean(bytes_up)) if bytes_up else 0,
+            "bytes_down_per_round": int(np.mean(bytes_down)) if bytes_down else 0,
+            "bytes_total": int(sum(bytes_up) + sum(bytes_down)),
+            "kv_bank_bytes": int(kv_bank_bytes),
+        },
+        "time": {
+            "seconds_total": round(elapsed, 2),
+            "seconds_per_round": round(float(np.mean(round_seconds)), 3) if round_seconds else None,
+            "rounds": cfg.federation.rounds,
+            "finetune_epochs": finetune_epochs,
+            "clients": len(clients),
+        },
+    }
