@@ -236,6 +236,38 @@ def test_ditto_personal_model_moves_towards_the_global_one(clients):
     assert dist(tight) < dist(loose)
 
 
+def test_apfl_with_alpha_zero_trains_the_fedavg_global_model(clients):
+    *_, g_avg, _, _ = run_rounds(tiny_config("method=fedavg"), clients)
+    alg, model, g_apfl, states, _ = run_rounds(
+        tiny_config("method=apfl", "algorithm.alpha=0.0", "algorithm.alpha_lr=0.0"), clients
+    )
+    assert all(torch.equal(g_avg[k], g_apfl[k]) for k in g_avg)
+    # ... and its personalised model is then the global model itself.
+    alg.personalize(model, g_apfl, states[clients[0].name])
+    assert all(torch.equal(v, g_apfl[SHARED + k]) for k, v in model.state_dict().items())
+
+
+def test_apfl_with_alpha_one_trains_the_local_model(clients):
+    _, _, _, local, _ = run_rounds(tiny_config("method=local"), clients[:1], rounds=2)
+    _, _, _, apfl, _ = run_rounds(
+        tiny_config("method=apfl", "algorithm.alpha=1.0", "algorithm.alpha_lr=0.0"),
+        clients[:1],
+        rounds=2,
+    )
+    name = clients[0].name
+    v = sub(apfl[name].extra, "local/")
+    assert all(torch.equal(v[k], local[name].personal[k]) for k in local[name].personal)
+
+
+def test_apfl_learns_alpha_within_bounds(clients):
+    *_, states, uploads = run_rounds(
+        tiny_config("method=apfl", "algorithm.alpha_lr=0.5"), clients[:1], rounds=2
+    )
+    alpha = float(next(iter(states.values())).extra["alpha"])
+    assert 0.0 <= alpha <= 1.0 and alpha != 0.5
+    assert all(k.startswith("shared.") for k in next(iter(uploads.values())).arrays)
+
+
 def test_centralized_sees_every_training_image_once_per_epoch(tmp_path, monkeypatch):
     cfg = tiny_config("method=centralized", "train.local_epochs=2", "federation.rounds=1")
     epochs = []

@@ -2,6 +2,7 @@
 classes; ``build_algorithm(cfg)`` instantiates the configured one."""
 
 from fedoap.algorithms import (  # noqa: F401  (registration)
+    apfl,
     centralized,
     ditto,
     fedadagrad,
