@@ -268,6 +268,33 @@ def test_apfl_learns_alpha_within_bounds(clients):
     assert all(k.startswith("shared.") for k in next(iter(uploads.values())).arrays)
 
 
+def test_fedala_with_unit_weights_takes_the_global_model(clients):
+    cfg = tiny_config("method=fedala", "algorithm.eta=0.0")
+    alg, model, g, states, _ = run_rounds(cfg, clients[:1], rounds=2)
+    st = states[clients[0].name]
+    weights = sub(st.extra, "ala_w/")
+    assert set(weights) == set(alg.ala_keys(model)) == {"head.weight", "head.bias"}
+    assert all(torch.equal(w, torch.ones_like(w)) for w in weights.values())  # eta=0: W stays 1
+    alg.personalize(model, g, st)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, g[SHARED + k], rtol=0, atol=1e-6)
+
+
+def test_fedala_learns_weights_only_for_its_layers(clients):
+    # Two clients: with one, the global model is its own and ALA has nothing to weigh.
+    alg, model, g, states, _ = run_rounds(
+        tiny_config("method=fedala", "algorithm.eta=50.0"), clients[:2], rounds=3
+    )
+    st = states[clients[0].name]
+    weights = sub(st.extra, "ala_w/")
+    assert any(not torch.equal(w, torch.ones_like(w)) for w in weights.values())
+    assert all(((w >= 0) & (w <= 1)).all() for w in weights.values())
+    alg.personalize(model, g, st)
+    sd = model.state_dict()
+    lower = [k for k in sd if not k.startswith("head.")]
+    assert all(torch.equal(sd[k], g[SHARED + k]) for k in lower)  # lower layers: the global model
+
+
 def test_centralized_sees_every_training_image_once_per_epoch(tmp_path, monkeypatch):
     cfg = tiny_config("method=centralized", "train.local_epochs=2", "federation.rounds=1")
     epochs = []

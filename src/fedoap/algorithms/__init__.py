@@ -11,6 +11,7 @@ from fedoap.algorithms import (  # noqa: F401  (registration)
     fedavg_ft,
     fedavgm,
     fedbabu,
+    fedala,
     fedbn,
     feddp,
     fedoap,
