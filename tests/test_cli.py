@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -66,3 +67,34 @@ def test_unknown_method_lists_known(tmp_path):
 def test_resume_of_missing_folder(tmp_path):
     res = cli.invoke(app, ["run", "--resume", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "not a run folder" in res.output
+
+
+def test_multi_value_options_accept_space_and_comma_lists():
+    from fedoap.cli.main import expand_multi_value
+
+    argv = ["bench", "-c", "b.yaml", "--seeds", "0", "1", "2", "--methods", "fedoap,local", "-j"]
+    argv.append("2")
+    assert expand_multi_value(argv) == [
+        "bench", "-c", "b.yaml",
+        "--seeds", "0", "--seeds", "1", "--seeds", "2",
+        "--methods", "fedoap", "--methods", "local",
+        "-j", "2",
+    ]  # fmt: skip
+    # A trailing option without values is left for click to reject.
+    assert expand_multi_value(["bench", "--only"]) == ["bench", "--only"]
+
+
+def test_bench_dry_run_takes_space_separated_seeds(tmp_path, capsys):
+    from fedoap.cli.main import main
+
+    spec = tmp_path / "b.yaml"
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_config().to_dict()))
+    spec.write_text(yaml.safe_dump({"base": "base.yaml", "methods": ["local"], "seeds": [0]}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["bench", "-c", str(spec), "-o", str(tmp_path / "o"), "--seeds", "3", "4", "--dry-run"]
+        )  # noqa: E501
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "local-seed3-" in out and "local-seed4-" in out and "seed0" not in out

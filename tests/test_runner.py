@@ -167,7 +167,11 @@ def _strip_time(summary: dict) -> dict:
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     """Kill a real ``fedoap run`` process after its second round, resume, compare summaries."""
-    cfg = tiny_config("federation.rounds=4", "finetune.epochs=2", "model.kv.mode=bank")
+    # Float reductions depend on the intra-op thread count, so pin it: the killed process and
+    # this one must agree even if an earlier test changed this process's torch setting.
+    cfg = tiny_config(
+        "federation.rounds=4", "finetune.epochs=2", "model.kv.mode=bank", "train.num_threads=1"
+    )
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     reference = quiet_run(cfg, tmp_path / "reference")
@@ -222,3 +226,13 @@ def test_resume_refuses_a_different_config(fedoap_run):
 
     with pytest.raises(ConfigError, match="differs from"):
         resume_experiment(path, tiny_config("seed=5"), progress=False, log=lambda s: None)
+
+
+def test_run_restores_the_thread_count(tmp_path):
+    """``train.num_threads`` applies to the run only; the process's setting is restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    quiet_run(tiny_config("federation.rounds=1", f"train.num_threads={target}"), tmp_path / "r")
+    assert torch.get_num_threads() == before

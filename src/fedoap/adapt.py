@@ -111,7 +111,7 @@ def adapt(
         personal = _mean_states([{k: b[k] for k in personal_keys} for b in bests])
     else:
         personal = {k: fresh[k] for k in personal_keys}
-    shared = {k[len(SHARED) :]: v for k, v in global_arrays.items() if k.startswith(SHARED)}
+    shared = sub(global_arrays, SHARED)
     start = {**fresh, **shared, **personal}
     metric = cfg.train.select_metric
     precision = cfg.train.precision

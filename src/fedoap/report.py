@@ -82,8 +82,11 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 class Table:
     """Per (variant, client) statistics over seeds for one kind of rows."""
 
-    def __init__(self, rows: list[dict[str, Any]], kind: str) -> None:
-        self.rows = [r for r in rows if r["kind"] == kind]
+    def __init__(
+        self, rows: list[dict[str, Any]], kind: str, seeds: Iterable[int] | None = None
+    ) -> None:
+        keep = None if seeds is None else set(seeds)
+        self.rows = [r for r in rows if r["kind"] == kind and (keep is None or r["seed"] in keep)]
         self.variants = list(dict.fromkeys(r["variant"] for r in self.rows))
         self.clients = list(dict.fromkeys(r["client"] for r in self.rows))
         self.by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -99,6 +102,9 @@ class Table:
             if r["variant"] == variant and not math.isnan(r[key]):
                 per_seed[r["seed"]].append(r[key])
         return stat(float(np.mean(v)) for v in per_seed.values() if len(v) == len(self.clients))
+
+    def seeds(self, variant: str) -> list[int]:
+        return sorted({r["seed"] for r in self.rows if r["variant"] == variant})
 
     def worst(self, variant: str) -> tuple[str, Stat]:
         cells = {c: self.cell(variant, c) for c in self.clients}
@@ -348,7 +354,16 @@ def make_report(results: Path) -> Path:
 
 
 def main_table(t: Table, private: set[str]) -> list[str]:
-    header = ["method", *t.clients, "mean", "worst client", "HD95 px (mean)", "MB/round", "s/round"]
+    header = [
+        "method",
+        "seeds",
+        *t.clients,
+        "mean",
+        "worst client",
+        "HD95 px (mean)",
+        "MB/round",
+        "s/round",
+    ]
     out = ["## All methods", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = sorted(t.variants, key=lambda v: t.mean(v).mean, reverse=True)
     for v in order:
@@ -364,6 +379,7 @@ def main_table(t: Table, private: set[str]) -> list[str]:
             + " | ".join(
                 [
                     name,
+                    str(len(t.seeds(v))),
                     *[t.cell(v, c).fmt() for c in t.clients],
                     t.mean(v).fmt(),
                     f"{wc} {ws.mean:.3f}",
@@ -438,14 +454,18 @@ def goals(t: Table, private: set[str]) -> list[str]:
 
 
 def ablation_table(main: Table, ab: Table, figs: Path) -> list[str]:
-    header = ["variant", *ab.clients, "mean", "HD95 px (mean)"]
+    # FedOAP's row uses the ablations' seeds only, so every row averages the same seeds.
+    seeds = sorted({r["seed"] for r in ab.rows})
+    ref = Table(main.rows, "main", seeds)
+    header = ["variant", "seeds", *ab.clients, "mean", "HD95 px (mean)"]
     body = []
-    srcs = [(main, FEDOAP)] if FEDOAP in main.variants else []
+    srcs = [(ref, FEDOAP)] if FEDOAP in ref.variants else []
     srcs += [(ab, v) for v in ab.variants]
     for t, v in srcs:
         body.append(
             [
                 v,
+                ",".join(map(str, t.seeds(v))),
                 *[t.cell(v, c).fmt() for c in ab.clients],
                 t.mean(v).fmt(),
                 t.mean(v, "test_hd95_px").fmt(1),
@@ -453,7 +473,11 @@ def ablation_table(main: Table, ab: Table, figs: Path) -> list[str]:
         )
     fig_table(header, body, figs / "ablations.png", "FedOAP ablations: test Dice (mean ± 95% CI)")
     return [
-        "## FedOAP ablations (same protocol and seeds)",
+        "## FedOAP ablations (same protocol)",
+        "",
+        f"Each variant changes one thing in FedOAP's config. Seeds run: {seeds}; the `fedoap` "
+        "row is the main matrix's FedOAP on those seeds only. With one seed a cell shows the "
+        "value alone (no CI).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

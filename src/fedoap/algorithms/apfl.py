@@ -71,7 +71,7 @@ class APFL(Algorithm):
         return state
 
     def personalize(self, model: nn.Module, global_arrays: StateDict, state: ClientState) -> None:
-        w = {k[len(SHARED) :]: v for k, v in global_arrays.items() if k.startswith(SHARED)}
+        w = sub(global_arrays, SHARED)
         model.load_state_dict(mix(sub(state.extra, LOCAL), w, state.extra[ALPHA]))
 
     def fit(

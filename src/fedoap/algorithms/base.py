@@ -32,7 +32,7 @@ from fedoap.data.dataset import ClientData, Split
 from fedoap.losses import SegLoss
 from fedoap.models import FedOAPNet, Partition, StateDict
 from fedoap.models.net import AttentionKind
-from fedoap.models.partition import keys_of_children
+from fedoap.models.partition import keys_of_children, sub
 from fedoap.training import make_generator, train_epochs
 from fedoap.training.engine import LossFn
 
@@ -169,7 +169,7 @@ class Algorithm:
 
     def load(self, model: nn.Module, global_arrays: StateDict, state: ClientState) -> None:
         """Put global shared weights and the client's personal weights into ``model``."""
-        shared = {k[len(SHARED) :]: v for k, v in global_arrays.items() if k.startswith(SHARED)}
+        shared = sub(global_arrays, SHARED)
         missing = set(self.partition(model).shared) - set(shared) - set(state.personal)
         if missing:
             raise ValueError(f"global payload lacks shared keys, e.g. {sorted(missing)[:3]}")

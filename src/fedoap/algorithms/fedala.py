@@ -85,7 +85,7 @@ class FedALA(Algorithm):
         return out
 
     def personalize(self, model: nn.Module, global_arrays: StateDict, state: ClientState) -> None:
-        g = {k[len(SHARED) :]: v for k, v in global_arrays.items() if k.startswith(SHARED)}
+        g = sub(global_arrays, SHARED)
         model.load_state_dict(self.combine(g, state, self.ala_keys(model)))
 
     def learn_weights(
@@ -133,7 +133,7 @@ class FedALA(Algorithm):
         data: ClientData,
         ctx: FitContext,
     ) -> tuple[Update, ClientState]:
-        g = {k[len(SHARED) :]: v for k, v in global_arrays.items() if k.startswith(SHARED)}
+        g = sub(global_arrays, SHARED)
         if sub(state.extra, LOCAL):
             model.load_state_dict(g)
             weights = self.learn_weights(model, g, state, data, ctx)

@@ -36,6 +36,7 @@ from torch import nn
 from fedoap.algorithms.base import SHARED, Algorithm, ClientState
 from fedoap.algorithms.registry import ALGORITHMS
 from fedoap.models import StateDict
+from fedoap.models.partition import sub
 from fedoap.training import autocast
 from fedoap.training.engine import LossFn
 
@@ -66,7 +67,7 @@ class FedDP(Algorithm):
 
     def site_models(self, model: nn.Module, payload: StateDict) -> list[nn.Module]:
         """Every site's model: final shared weights + that site's query projection, frozen."""
-        shared = {k[len(SHARED) :]: v for k, v in payload.items() if k.startswith(SHARED)}
+        shared = sub(payload, SHARED)
         per_site: dict[str, StateDict] = {}
         for key, v in payload.items():
             if key.startswith(SITES):

@@ -268,5 +268,36 @@ def report(
     console.print(f"wrote {path} and {results / 'figures'}")
 
 
+#: Options that take several values. Click options take one value each, so ``--seeds 0 1 2`` (the
+#: form users type, and the one the docs show) is rewritten to ``--seeds 0 --seeds 1 --seeds 2``.
+MULTI_VALUE_OPTIONS = ("--methods", "--seeds", "--only")
+
+
+def expand_multi_value(argv: list[str]) -> list[str]:
+    """``--seeds 0 1 2`` or ``--seeds 0,1,2`` -> ``--seeds 0 --seeds 1 --seeds 2``."""
+    out: list[str] = []
+    opt: str | None = None  # the multi-value option whose values are being read
+    given = False  # whether ``opt`` has received a value yet
+    for tok in argv:
+        if opt is not None and not tok.startswith("-"):
+            for value in filter(None, tok.split(",")):
+                out += [opt, value]
+                given = True
+            continue
+        if opt is not None and not given:
+            out.append(opt)  # no value followed: leave it for click to report
+        opt, given = (tok, False) if tok in MULTI_VALUE_OPTIONS else (None, False)
+        if opt is None:
+            out.append(tok)
+    if opt is not None and not given:
+        out.append(opt)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    app(args=expand_multi_value(sys.argv[1:] if argv is None else argv), prog_name="fedoap")
+
+
 if __name__ == "__main__":
-    app()
+    main()

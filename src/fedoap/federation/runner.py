@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from fedoap.algorithms import KV, Algorithm, ClientState, FitContext, Update, nbytes
@@ -40,10 +39,11 @@ from fedoap.federation.checkpoint import (
     sub,
     unflatten_optimizer,
 )
+from fedoap.federation.summary import make_summary
 from fedoap.models import FedOAPNet, StateDict
 from fedoap.plots import plot_curves
 from fedoap.runs import RunDir
-from fedoap.training import evaluate
+from fedoap.training import evaluate, threads
 
 CHECKPOINT_VERSION = 1
 POOLED = "__pooled__"  # the single trainer of ``centralized`` (not a client name: has '_' x2)
@@ -93,8 +93,6 @@ class Runner:
         self.run_dir = run_dir
         self.progress = progress
         self.log = log
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
         self.model: FedOAPNet = algorithm.build_model()
         self.partition = algorithm.partition(self.model)
         self.global_arrays: StateDict = algorithm.init_global(self.model)
@@ -125,6 +123,10 @@ class Runner:
         return self.cfg.finetune.epochs if self.alg.has_finetune else 0
 
     def run(self) -> dict[str, Any]:
+        with threads(self.cfg.train.num_threads):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         start = time.perf_counter() - self.elapsed
         total = self.cfg.federation.rounds + self.finetune_epochs
         done = self._steps_done()
@@ -292,42 +294,18 @@ class Runner:
                 "test": test,
                 "notes": rec.data.notes,
             }
-        mean_test = {
-            k: _mean([c["test"][k] for c in clients.values()])
-            for k in ("dice", "iou", "hd95_px", "case_dice")
-        }
-        counts = self.partition.count(self.model)
-        k = len(self.names)
-        rounds = self.cfg.federation.rounds
-        summary = {
-            "method": self.alg.name,
-            "breaks_privacy": self.alg.breaks_privacy,
-            "seed": self.cfg.seed,
-            "config_digest": self.cfg.digest(),
-            "clients": clients,
-            "mean": {"test": mean_test},
-            "worst": {"test": {"dice": min(c["test"]["dice"] for c in clients.values())}},
-            "params": {**counts, "total": counts["shared"] + counts["personal"]},
-            "flops_per_image": self.model.flops_per_image(self.cfg.data.image_size),
-            "comm": {
-                # Per client per round, of what actually travels (raw tensor bytes).
-                "bytes_up_per_round": int(np.mean(self.bytes_up)) if self.bytes_up else 0,
-                "bytes_down_per_round": int(np.mean(self.bytes_down)) if self.bytes_down else 0,
-                "bytes_total": int(sum(self.bytes_up) + sum(self.bytes_down)),
-                "kv_bank_bytes": int(
-                    nbytes({k: v for k, v in self.global_arrays.items() if k.startswith(KV)})
-                ),
-            },
-            "time": {
-                "seconds_total": round(self.elapsed, 2),
-                "seconds_per_round": round(float(np.mean(self.round_seconds)), 3)
-                if self.round_seconds
-                else None,
-                "rounds": rounds,
-                "finetune_epochs": self.finetune_epochs,
-                "clients": k,
-            },
-        }
+        summary = make_summary(
+            self.cfg,
+            self.alg,
+            self.model,
+            clients,
+            self.bytes_up,
+            self.bytes_down,
+            nbytes({k: v for k, v in self.global_arrays.items() if k.startswith(KV)}),
+            self.elapsed,
+            self.round_seconds,
+            self.finetune_epochs,
+        )
         self.run_dir.write_json(self.run_dir.summary, summary)
         self.run_dir.write_metrics(self.rows)
         plot_curves(self.rows, self.run_dir.plots, f"{self.alg.name} (seed {self.cfg.seed})")
@@ -409,8 +387,3 @@ class Runner:
         self.round_seconds = meta["round_seconds"]
         self.bytes_up = meta["bytes_up"]
         self.bytes_down = meta["bytes_down"]
-
-
-def _mean(values: list[Any]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(np.mean(vals)) if vals else None

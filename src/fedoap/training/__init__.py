@@ -5,7 +5,8 @@ from fedoap.training.engine import (
     evaluate,
     make_generator,
     predict_logits,
+    threads,
     train_epochs,
 )
 
-__all__ = ["autocast", "evaluate", "make_generator", "predict_logits", "train_epochs"]
+__all__ = ["autocast", "evaluate", "make_generator", "predict_logits", "threads", "train_epochs"]

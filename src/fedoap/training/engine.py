@@ -38,6 +38,22 @@ def make_generator(seed: int, *keys: Any) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads (0 keeps torch's default), then restore the old count.
+
+    The count is process-global in torch, and float reductions depend on it, so a run must not
+    leak its setting into whatever the process does next (a resumed run, a test).
+    """
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CPU, or a no-op for fp32."""
     if precision == "bf16":
