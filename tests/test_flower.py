@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +33,9 @@ def quiet(cfg, path):
 
 
 @pytest.mark.parametrize("mode", ["weights", "bank"])
-def test_simulation_equals_in_process(tmp_path, mode):
+def test_simulation_equals_in_process(tmp_path, mode, monkeypatch):
     """One round of FedOAP: same aggregated shared weights (1e-6) and the same client metrics."""
+    monkeypatch.chdir(tmp_path)  # the Flower run folder is given relative, as users type it
     args = (
         "train.num_threads=1",
         "federation.rounds=1",
@@ -41,7 +43,7 @@ def test_simulation_equals_in_process(tmp_path, mode):
         f"model.kv.mode={mode}",
     )
     ref = quiet(tiny_config(*args), tmp_path / "inprocess")
-    sim = quiet(tiny_config(*args, "federation.runtime=flower-sim"), tmp_path / "flower")
+    sim = quiet(tiny_config(*args, "federation.runtime=flower-sim"), Path("flower"))
     assert sim["flower"]["status"] == "finished:completed"
 
     g_ref = sub(

@@ -96,12 +96,21 @@ class Table:
     def cell(self, variant: str, client: str, key: str = "test_dice") -> Stat:
         return stat(r[key] for r in self.by[(variant, client)])
 
-    def mean(self, variant: str, key: str = "test_dice") -> Stat:
+    def per_seed(self, variant: str, key: str = "test_dice") -> dict[int, float]:
+        """Seed -> mean over clients, for the seeds where every client has a value."""
         per_seed: dict[int, list[float]] = defaultdict(list)
         for r in self.rows:
             if r["variant"] == variant and not math.isnan(r[key]):
                 per_seed[r["seed"]].append(r[key])
-        return stat(float(np.mean(v)) for v in per_seed.values() if len(v) == len(self.clients))
+        return {s: float(np.mean(v)) for s, v in per_seed.items() if len(v) == len(self.clients)}
+
+    def mean(self, variant: str, key: str = "test_dice") -> Stat:
+        return stat(self.per_seed(variant, key).values())
+
+    def paired(self, a: str, b: str, key: str = "test_dice") -> Stat:
+        """``a - b`` of the client-mean, paired by seed (same splits and initial weights)."""
+        pa, pb = self.per_seed(a, key), self.per_seed(b, key)
+        return stat(pa[s] - pb[s] for s in sorted(set(pa) & set(pb)))
 
     def seeds(self, variant: str) -> list[int]:
         return sorted({r["seed"] for r in self.rows if r["variant"] == variant})
@@ -190,24 +199,30 @@ def fig_curves(t: Table, path: Path) -> None:
 
 
 def fig_cost(t: Table, path: Path, private: set[str]) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    # Most federated methods send about the same bytes, so labels next to the points would pile
+    # up: each method gets a marker and a legend entry (sorted by Dice) that states its cost.
+    fig, ax = plt.subplots(figsize=(9, 5))
     colors = _colors(t.variants)
-    for v in t.variants:
-        cost = t.first(v, "bytes_up_per_round") + t.first(v, "bytes_down_per_round")
+    markers = "osD^vP*Xh<>p"
+    order = sorted(t.variants, key=lambda v: t.mean(v).mean, reverse=True)
+    for i, v in enumerate(order):
+        mb = (t.first(v, "bytes_up_per_round") + t.first(v, "bytes_down_per_round")) / 1e6
         m = t.mean(v)
-        x = max(cost / 1e6, 1e-3)
-        ax.errorbar(x, m.mean, yerr=m.ci, fmt="o", color=colors[v], ms=5, capsize=2)
-        ax.annotate(
-            v + (" (pools data)" if v in private else ""),
-            (x, m.mean),
-            fontsize=7,
-            xytext=(4, 2),
-            textcoords="offset points",
+        label = f"{v} ({mb:.2f} MB)" + (" — pools data" if v in private else "")
+        ax.errorbar(
+            mb,
+            m.mean,
+            yerr=m.ci,
+            fmt=markers[i % len(markers)],
+            color=colors[v],
+            ms=8 if v == FEDOAP else 6,
+            capsize=2,
+            label=label,
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("MB per client per round (up + down); 0-byte methods at 1e-3")
-    ax.set_ylabel("mean test Dice over clients")
-    ax.grid(alpha=0.3, which="both")
+    ax.set_xlabel("MB per client per round (up + down; 0 = nothing travels)")
+    ax.set_ylabel("mean test Dice over clients (± 95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -306,6 +321,19 @@ def make_report(results: Path) -> Path:
         f"({len(rows)} rows). Test Dice is per image; mean ± 95% CI over seeds "
         "(t-interval); the mean column averages the clients within each seed first. Models are "
         "selected per client on validation; the test split is read once per run.",
+        "",
+    ]
+    # One row per (cell, client) carries the cell's wall time: count each cell once.
+    cell_seconds = {
+        (r["kind"], r["method"], r["config_digest"], r["seed"]): r["seconds_total"]
+        for r in rows
+        if not math.isnan(r["seconds_total"])
+    }
+    lines += [
+        f"Compute: {len(cell_seconds)} cells, {sum(cell_seconds.values()) / 3600:.1f} h of cell "
+        "wall time in total (each cell's federated run, training and validation; leave-one-out "
+        "adaptation time not included; cells ran two at a time, one thread each, on a 2-core "
+        "machine).",
         "",
     ]
     if main.rows:
@@ -436,7 +464,7 @@ def goals(t: Table, private: set[str]) -> list[str]:
         margin = 100 * (f - t.mean("feddp").mean)
         out.append(
             f"- Margin over FedDP at least +2.5 points: **{'yes' if margin >= 2.5 else 'no'}** "
-            f"({margin:+.1f} points)."
+            f"({margin:+.1f} points of mean Dice; see the paired interval below)."
         )
     hd_f = t.mean(FEDOAP, "test_hd95_px").mean
     # Methods that predicted nothing on some client's test set have no defined mean HD95.
@@ -449,6 +477,16 @@ def goals(t: Table, private: set[str]) -> list[str]:
             f"(FedOAP {hd_f:.2f} px; best {hd_best} {hd_b:.2f} px; methods with an undefined "
             "mean HD95 on some client are left out)."
         )
+    out += [
+        "",
+        "Paired by seed (every method sees the same splits), FedOAP minus each reference, in "
+        "points of mean test Dice (mean ± 95% CI over seeds; an interval that contains 0 is no "
+        "evidence either way):",
+        "",
+    ]
+    for ref in dict.fromkeys(v for v in ("local", best, "feddp", "fedavg") if v in t.variants):
+        d = t.paired(FEDOAP, ref)
+        out.append(f"- FedOAP − {ref}: {100 * d.mean:+.1f} ± {100 * d.ci:.1f} (n = {d.n})")
     out.append("")
     return out
 

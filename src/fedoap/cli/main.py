@@ -17,6 +17,8 @@ from fedoap.runs import RunExistsError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # A traceback with locals would print whole image tensors and configs.
+    pretty_exceptions_show_locals=False,
     help="Personalised federated tumour segmentation (FedOAP and baselines).",
 )
 # Wide enough for the per-client table when output goes to a file or CI log.

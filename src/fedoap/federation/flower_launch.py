@@ -135,9 +135,10 @@ class FlowerSession:
     manager: every process it started is stopped on exit, by PID (its whole process group)."""
 
     def __init__(self, workdir: Path, connection: str = "fedoap") -> None:
-        self.workdir = workdir
-        self.home = workdir / "flwr-home"
-        self.logs = workdir / "logs"
+        # Absolute: flwr resolves FLWR_HOME from its own working directory.
+        self.workdir = workdir.resolve()
+        self.home = self.workdir / "flwr-home"
+        self.logs = self.workdir / "logs"
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.connection = connection

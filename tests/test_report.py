@@ -1,0 +1,36 @@
+"""Report statistics on hand-made rows with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fedoap.report import Table
+
+
+def rows(variant, seed_values, kind="main"):
+    # seed_values: {seed: {client: dice}}
+    return [
+        {"kind": kind, "variant": variant, "seed": s, "client": c, "test_dice": d}
+        for s, per_client in seed_values.items()
+        for c, d in per_client.items()
+    ]
+
+
+def test_paired_difference_is_over_common_seeds_of_client_means():
+    a = rows("a", {0: {"x": 0.6, "y": 0.4}, 1: {"x": 0.7, "y": 0.5}, 2: {"x": 0.9, "y": 0.9}})
+    b = rows("b", {0: {"x": 0.5, "y": 0.3}, 1: {"x": 0.5, "y": 0.5}})  # no seed 2
+    t = Table(a + b, "main")
+    d = t.paired("a", "b")
+    # Seed 0: 0.5 - 0.4 = 0.1; seed 1: 0.6 - 0.5 = 0.1. Seed 2 has no partner.
+    assert d.n == 2 and d.mean == pytest.approx(0.1) and d.ci == pytest.approx(0.0, abs=1e-12)
+    assert t.mean("a").n == 3 and t.mean("a").mean == pytest.approx((0.5 + 0.6 + 0.9) / 3)
+
+
+def test_seed_missing_a_client_is_left_out_of_the_mean_and_seed_filter_applies():
+    a = rows("a", {0: {"x": 0.2, "y": 0.4}, 1: {"x": 1.0}})
+    t = Table(a, "main")
+    assert t.per_seed("a") == {0: pytest.approx(0.3)}
+    only1 = Table(a, "main", seeds=[1])
+    assert only1.seeds("a") == [1] and math.isnan(only1.cell("a", "y").mean)
