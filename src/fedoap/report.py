@@ -527,7 +527,10 @@ def ablation_table(main: Table, ab: Table, figs: Path) -> list[str]:
 
 
 def _loo_cell(t: Table, variant: str, client: str) -> str:
-    return f"{t.cell(variant, client).fmt()} / {t.cell(variant, client, 'test_hd95_px').mean:.1f}"
+    dice = t.cell(variant, client)
+    if dice.n == 0:
+        return "not run"
+    return f"{dice.fmt()} / {t.cell(variant, client, 'test_hd95_px').fmt(1)}"
 
 
 def loo_table(t: Table, figs: Path) -> list[str]:
