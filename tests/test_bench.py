@@ -39,21 +39,41 @@ def tiny_npz_config(root, *overrides):
     return cfg
 
 
-def test_adapt_to_an_unseen_client(npz_clients, tmp_path):
+@pytest.fixture(scope="module")
+def federation_without_ct(npz_clients, tmp_path_factory):
+    """FedOAP federated on mri + us; ct is held out. Returns (run folder, config)."""
     from fedoap.config import Config, from_dict, validate
 
     data = tiny_npz_config(npz_clients)
-    data["data"]["clients"] = data["data"]["clients"][:2]  # federate mri + us, hold out ct
+    data["data"]["clients"] = data["data"]["clients"][:2]
     cfg = from_dict(Config, data)
     validate(cfg)
-    run_experiment(cfg, tmp_path / "run", progress=False, log=lambda s: None)
-    s = adapt(tmp_path / "run", npz_clients / "ct.npz", "ct", epochs=2, log=lambda s: None)
+    run = tmp_path_factory.mktemp("fed") / "run"
+    run_experiment(cfg, run, progress=False, log=lambda s: None)
+    return run, cfg
+
+
+def test_adapt_to_an_unseen_client(npz_clients, federation_without_ct):
+    run, cfg = federation_without_ct
+    s = adapt(run, npz_clients / "ct.npz", "ct", epochs=2, log=lambda s: None)
     for key in ("zero_shot", "adapted", "local_only", "local_full"):
         assert 0 <= s[key]["test"]["dice"] <= 1
     assert s["init"] == "averaged" and 0 <= s["adapted"]["best_epoch"] <= 2
     assert s["local_full"]["epochs"] == cfg.federation.rounds * cfg.train.local_epochs + 2
     with pytest.raises(ValueError, match="was part of the federation"):
-        adapt(tmp_path / "run", npz_clients / "us.npz", "us", log=lambda s: None)
+        adapt(run, npz_clients / "us.npz", "us", log=lambda s: None)
+    with pytest.raises(ValueError, match="--init must be one of"):
+        adapt(run, npz_clients / "ct.npz", "ct", init="best", log=lambda s: None)
+
+
+def test_adapt_nearest_starts_from_the_best_donor_on_validation(npz_clients, federation_without_ct):
+    run, _ = federation_without_ct
+    s = adapt(run, npz_clients / "ct.npz", "ct", epochs=1, init="nearest", log=lambda s: None)
+    assert set(s["init_val"]) == {"mri", "us"}
+    donor = max(s["init_val"], key=s["init_val"].get)
+    assert s["init_from"] == donor
+    # Zero-shot *is* the donor's personal parts: its validation score is the donor's score.
+    assert s["zero_shot"]["val"]["dice"] == pytest.approx(s["init_val"][donor], abs=1e-6)
 
 
 def test_bench_runs_caches_and_writes_results(npz_clients, tmp_path):

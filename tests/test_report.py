@@ -34,3 +34,29 @@ def test_seed_missing_a_client_is_left_out_of_the_mean_and_seed_filter_applies()
     assert t.per_seed("a") == {0: pytest.approx(0.3)}
     only1 = Table(a, "main", seeds=[1])
     assert only1.seeds("a") == [1] and math.isnan(only1.cell("a", "y").mean)
+
+
+def _goal_line(lines, prefix):
+    return next(line for line in lines if line.startswith(prefix))
+
+
+def test_feddp_margin_is_established_only_by_the_paired_interval():
+    from fedoap.report import goals
+
+    def table(fedoap_by_seed):
+        base = {s: {"x": 0.5, "y": 0.5} for s in (0, 1, 2)}
+        r = rows("feddp", base) + rows("local", base)
+        r += rows("fedoap", {s: {"x": v, "y": v} for s, v in fedoap_by_seed.items()})
+        for row in r:
+            row["test_hd95_px"] = 10.0
+        return Table(r, "main")
+
+    margin = "- Margin over FedDP"
+    # +3 points on every seed: the interval is tight and clears 2.5.
+    steady = goals(table({0: 0.53, 1: 0.53, 2: 0.53}), set())
+    assert "**yes**" in _goal_line(steady, margin)
+    # +3 points on the mean, but one seed loses: the mean passes, the interval does not.
+    noisy = goals(table({0: 0.60, 1: 0.55, 2: 0.44}), set())
+    assert "**on the mean only, not established**" in _goal_line(noisy, margin)
+    # Below 2.5 on the mean.
+    assert "**no**" in _goal_line(goals(table({0: 0.51, 1: 0.51, 2: 0.51}), set()), margin)

@@ -1,11 +1,14 @@
 """Adapting a finished federation to a hospital that was never part of it.
 
 ``fedoap adapt RUN_DIR --data NEW --name NAME [--epochs F] [--parts personal|all] [--init
-averaged|fresh] -o OUT``:
+averaged|fresh|nearest] -o OUT``:
 
 1. splits the new client's data by case, with the run's data settings;
 2. **zero-shot**: the federation's final shared weights (and K/V bank), with personal parts
-   either *averaged* over the federation's clients' selected models or *freshly* initialised;
+   *averaged* over the federation's clients' selected models, *freshly* initialised, or taken
+   from the *nearest* federation client: the one whose personal parts score best on the new
+   client's validation split (no training; it does use the new site's validation labels, as
+   any model selection there must);
 3. **adapted**: fine-tunes the chosen parts for F epochs with the method's fine-tuning loss
    (PBL for FedOAP), selecting the epoch (0 = zero-shot) on the new client's validation split;
 4. **local_only**: a model trained from scratch on the same split for the same F epochs;
@@ -34,6 +37,8 @@ from fedoap.models import StateDict
 from fedoap.models.partition import sub
 from fedoap.runs import RunDir
 from fedoap.training import evaluate
+
+INITS = ("averaged", "fresh", "nearest")
 
 
 def new_client_data(cfg: Config, path: Path, name: str) -> ClientData:
@@ -87,8 +92,8 @@ def adapt(
 ) -> dict[str, Any]:
     if parts not in ("all", "personal"):
         raise ConfigError(f"--parts must be 'all' or 'personal', got {parts!r}")
-    if init not in ("averaged", "fresh"):
-        raise ConfigError(f"--init must be 'averaged' or 'fresh', got {init!r}")
+    if init not in INITS:
+        raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     rd = RunDir(run_dir)
     if not rd.summary.is_file():
         raise FileNotFoundError(f"{rd.summary} not found: adapt needs a finished run")
@@ -106,19 +111,34 @@ def adapt(
     global_arrays = sub(tensors, "global/")
     payload = {**global_arrays, **sub(tensors, "ft_extra/")}
     personal_keys = set(alg.partition(model).personal)
-    if init == "averaged" and personal_keys:
-        bests = [sub(tensors, f"client/{c.name}/best/") for c in cfg.data.clients]
-        personal = _mean_states([{k: b[k] for k in personal_keys} for b in bests])
-    else:
-        personal = {k: fresh[k] for k in personal_keys}
     shared = sub(global_arrays, SHARED)
-    start = {**fresh, **shared, **personal}
     metric = cfg.train.select_metric
     precision = cfg.train.precision
 
     def load(weights: StateDict) -> None:
         model.load_state_dict(weights)
         model.set_kv_bank(payload.get(KV + "bank"))
+
+    # Each federation client's validation-selected personal parts, by client name.
+    donors = {
+        c.name: {
+            k: v for k, v in sub(tensors, f"client/{c.name}/best/").items() if k in personal_keys
+        }
+        for c in cfg.data.clients
+    }
+    donor_val: dict[str, float] = {}
+    if init == "averaged" and personal_keys:
+        personal = _mean_states(list(donors.values()))
+    elif init == "nearest" and personal_keys:
+        for c, parts_c in donors.items():
+            load({**fresh, **shared, **parts_c})
+            donor_val[c] = float(evaluate(model, data.val, precision)[metric])
+        nearest = max(donor_val, key=lambda c: donor_val[c])
+        log(f"nearest federation client on {name}'s validation split: {nearest} ({donor_val})")
+        personal = donors[nearest]
+    else:
+        personal = {k: fresh[k] for k in personal_keys}
+    start = {**fresh, **shared, **personal}
 
     # 1-2. zero-shot and adapted (epoch 0 = zero-shot is a candidate for selection)
     load(start)
@@ -181,6 +201,14 @@ def adapt(
         "client": name,
         "data": str(data_path),
         "init": init,
+        # init=nearest: each federation client's personal parts scored on the new client's
+        # validation split, and the one used.
+        "init_val": donor_val,
+        "init_from": (
+            max(donor_val, key=lambda c: donor_val[c])
+            if donor_val
+            else (init if personal_keys else "no personal parts")
+        ),
         "parts": parts,
         "epochs": epochs,
         "n": data.sizes(),

@@ -187,7 +187,11 @@ def adapt(
     name: str = typer.Option(..., "--name", help="a name for the new client"),
     epochs: int = typer.Option(2, "--epochs", help="fine-tuning epochs F"),
     parts: str = typer.Option("all", "--parts", help="personal | all"),
-    init: str = typer.Option("averaged", "--init", help="personal parts: averaged | fresh"),
+    init: str = typer.Option(
+        "averaged",
+        "--init",
+        help="personal parts: averaged | fresh | nearest (best federation client on validation)",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     force: bool = typer.Option(False, "--force", help="move an existing output folder aside"),
 ) -> None:
