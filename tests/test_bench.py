@@ -6,6 +6,7 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from fedoap.adapt import adapt
@@ -44,7 +45,7 @@ def federation_without_ct(npz_clients, tmp_path_factory):
     """FedOAP federated on mri + us; ct is held out. Returns (run folder, config)."""
     from fedoap.config import Config, from_dict, validate
 
-    data = tiny_npz_config(npz_clients)
+    data = tiny_npz_config(npz_clients, "train.num_threads=1")
     data["data"]["clients"] = data["data"]["clients"][:2]
     cfg = from_dict(Config, data)
     validate(cfg)
@@ -55,7 +56,17 @@ def federation_without_ct(npz_clients, tmp_path_factory):
 
 def test_adapt_to_an_unseen_client(npz_clients, federation_without_ct):
     run, cfg = federation_without_ct
-    s = adapt(run, npz_clients / "ct.npz", "ct", epochs=2, log=lambda s: None)
+    torch.set_num_threads(2)
+    seen_threads = []
+    s = adapt(
+        run,
+        npz_clients / "ct.npz",
+        "ct",
+        epochs=2,
+        log=lambda _: seen_threads.append(torch.get_num_threads()),
+    )
+    # The federation's train.num_threads applies inside, and the process's count is restored.
+    assert seen_threads and set(seen_threads) == {1} and torch.get_num_threads() == 2
     for key in ("zero_shot", "adapted", "local_only", "local_full"):
         assert 0 <= s[key]["test"]["dice"] <= 1
     assert s["init"] == "averaged" and 0 <= s["adapted"]["best_epoch"] <= 2

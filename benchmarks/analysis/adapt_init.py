@@ -2,9 +2,12 @@
 
 The benchmark's leave-one-client-out cells adapt with ``--init averaged`` (personal parts
 averaged over the federation's clients). This re-adapts the same finished federations (their
-checkpoints must be present locally; they are not committed) with ``--init fresh`` and
-``--init nearest`` (the federation client whose personal parts score best on the new client's
-validation split), on the same split, seed and epochs, and prints one table:
+checkpoints must be present locally; they are not committed) with each of ``averaged``,
+``fresh`` and ``nearest`` (the federation client whose personal parts score best on the new
+client's validation split), on the same split, seed, epochs and thread count (the federation's
+``train.num_threads``), and prints one table. ``averaged`` is rerun rather than read from the
+cell: the cells adapted before ``fedoap adapt`` honoured ``train.num_threads``, and a different
+thread count trains a slightly different model.
 
     python benchmarks/analysis/adapt_init.py benchmarks/results/federation4 \
         -o benchmarks/results/federation4-adapt-init [--method fedoap] [--only CLIENT ...]
@@ -18,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-import torch
 
 from fedoap.adapt import adapt, write_adapt
 
@@ -42,19 +43,18 @@ def loo_cells(root: Path, method: str) -> dict[str, Path]:
 def summaries(cells: dict[str, Path], out: Path, only: list[str]) -> dict[tuple[str, str], dict]:
     result = {}
     for client, cell in cells.items():
-        averaged = json.loads((cell / "adapt" / "summary.json").read_text())
-        result[(client, "averaged")] = averaged
-        for init in ("fresh", "nearest"):
+        cell_summary = json.loads((cell / "adapt" / "summary.json").read_text())
+        for init in INITS:
             path = out / f"{client}-{init}" / "summary.json"
             if not path.is_file():
                 if only and client not in only:
                     continue
                 s = adapt(
                     cell / "run",
-                    Path(averaged["data"]),
+                    Path(cell_summary["data"]),
                     client,
-                    epochs=averaged["epochs"],
-                    parts=averaged["parts"],
+                    epochs=cell_summary["epochs"],
+                    parts=cell_summary["parts"],
                     init=init,
                 )
                 write_adapt(s, path.parent, force=False)
@@ -86,9 +86,7 @@ def main() -> None:
     p.add_argument("-o", "--out", type=Path, required=True)
     p.add_argument("--method", default="fedoap")
     p.add_argument("--only", nargs="*", default=[], help="held-out clients to run now")
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     result = summaries(loo_cells(args.results, args.method), args.out, args.only)
     print(table(result))
 

@@ -36,7 +36,7 @@ from fedoap.federation.checkpoint import load_tensors
 from fedoap.models import StateDict
 from fedoap.models.partition import sub
 from fedoap.runs import RunDir
-from fedoap.training import evaluate
+from fedoap.training import evaluate, threads
 
 INITS = ("averaged", "fresh", "nearest")
 
@@ -90,13 +90,33 @@ def adapt(
     init: str = "averaged",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring; returns what ``OUT/summary.json`` holds.
+
+    Runs with the federation's ``train.num_threads`` (then restores the process's count): float
+    reductions depend on the thread count, so the same adaptation on another count trains a
+    slightly different model.
+    """
+    rd = RunDir(run_dir)
+    if not rd.summary.is_file():
+        raise FileNotFoundError(f"{rd.summary} not found: adapt needs a finished run")
+    with threads(load_config(rd.config).train.num_threads):
+        return _adapt(run_dir, data_path, name, epochs, parts, init, log)
+
+
+def _adapt(
+    run_dir: Path,
+    data_path: Path,
+    name: str,
+    epochs: int,
+    parts: str,
+    init: str,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     if parts not in ("all", "personal"):
         raise ConfigError(f"--parts must be 'all' or 'personal', got {parts!r}")
     if init not in INITS:
         raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     rd = RunDir(run_dir)
-    if not rd.summary.is_file():
-        raise FileNotFoundError(f"{rd.summary} not found: adapt needs a finished run")
     cfg = load_config(rd.config)
     cfg = dataclasses.replace(
         cfg, finetune=dataclasses.replace(cfg.finetune, epochs=epochs, parts=parts)
