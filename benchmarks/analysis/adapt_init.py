@@ -10,7 +10,8 @@ cell: the cells adapted before ``fedoap adapt`` honoured ``train.num_threads``, 
 thread count trains a slightly different model.
 
     python benchmarks/analysis/adapt_init.py benchmarks/results/federation4 \
-        -o benchmarks/results/federation4-adapt-init [--method fedoap] [--only CLIENT ...]
+        -o benchmarks/results/federation4-adapt-init [--method fedoap] [--only CLIENT ...] \
+        [--inits averaged fresh nearest]
 
 Each (client, init) writes ``OUT/<client>-<init>/summary.json`` and is skipped when present, so
 several invocations (``--only``) can run side by side and the table is rebuilt from the files.
@@ -40,11 +41,13 @@ def loo_cells(root: Path, method: str) -> dict[str, Path]:
     return out
 
 
-def summaries(cells: dict[str, Path], out: Path, only: list[str]) -> dict[tuple[str, str], dict]:
+def summaries(
+    cells: dict[str, Path], out: Path, only: list[str], inits: list[str]
+) -> dict[tuple[str, str], dict]:
     result = {}
     for client, cell in cells.items():
         cell_summary = json.loads((cell / "adapt" / "summary.json").read_text())
-        for init in INITS:
+        for init in inits:
             path = out / f"{client}-{init}" / "summary.json"
             if not path.is_file():
                 if only and client not in only:
@@ -86,8 +89,9 @@ def main() -> None:
     p.add_argument("-o", "--out", type=Path, required=True)
     p.add_argument("--method", default="fedoap")
     p.add_argument("--only", nargs="*", default=[], help="held-out clients to run now")
+    p.add_argument("--inits", nargs="*", default=list(INITS), choices=INITS)
     args = p.parse_args()
-    result = summaries(loo_cells(args.results, args.method), args.out, args.only)
+    result = summaries(loo_cells(args.results, args.method), args.out, args.only, args.inits)
     print(table(result))
 
 

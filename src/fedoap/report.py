@@ -545,17 +545,22 @@ def ablation_table(main: Table, ab: Table, figs: Path) -> list[str]:
     # FedOAP's row uses the ablations' seeds only, so every row averages the same seeds.
     seeds = sorted({r["seed"] for r in ab.rows})
     ref = Table(main.rows, "main", seeds)
-    header = ["variant", "seeds", *ab.clients, "mean", "HD95 px (mean)"]
+    header = ["variant", "seeds", *ab.clients, "mean", "Δ vs fedoap (paired)", "HD95 px (mean)"]
     body = []
     srcs = [(ref, FEDOAP)] if FEDOAP in ref.variants else []
     srcs += [(ab, v) for v in ab.variants]
+    base = ref.per_seed(FEDOAP) if FEDOAP in ref.variants else {}
     for t, v in srcs:
+        # Variant minus FedOAP in points of client-mean Dice, paired by seed (same splits).
+        mine = t.per_seed(v)
+        d = stat(100 * (mine[k] - base[k]) for k in sorted(set(mine) & set(base)))
         body.append(
             [
                 v,
                 ",".join(map(str, t.seeds(v))),
                 *[t.cell(v, c).fmt() for c in ab.clients],
                 t.mean(v).fmt(),
+                "–" if v == FEDOAP else d.fmt(1),
                 t.mean(v, "test_hd95_px").fmt(1),
             ]
         )
@@ -565,7 +570,8 @@ def ablation_table(main: Table, ab: Table, figs: Path) -> list[str]:
         "",
         f"Each variant changes one thing in FedOAP's config. Seeds run: {seeds}; the `fedoap` "
         "row is the main matrix's FedOAP on those seeds only. With one seed a cell shows the "
-        "value alone (no CI).",
+        "value alone (no CI). Δ: the variant minus FedOAP in points of mean Dice, paired by "
+        "seed; an interval containing 0 means the component's effect is not measurable here.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
