@@ -60,3 +60,10 @@ def test_feddp_margin_is_established_only_by_the_paired_interval():
     assert "**on the mean only, not established**" in _goal_line(noisy, margin)
     # Below 2.5 on the mean.
     assert "**no**" in _goal_line(goals(table({0: 0.51, 1: 0.51, 2: 0.51}), set()), margin)
+
+
+def test_a_single_seed_difference_claims_no_interval():
+    from fedoap.report import points, stat
+
+    assert points(stat([0.05])) == "+5.0 (n = 1: one seed, no interval)"
+    assert points(stat([0.04, 0.06])).startswith("+5.0 ± ")

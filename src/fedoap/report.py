@@ -53,6 +53,13 @@ def stat(values: Iterable[float]) -> Stat:
     return Stat(float(v.mean()), float(half), len(v))
 
 
+def points(d: Stat) -> str:
+    """A paired difference in points of Dice; one seed gives no interval, and says so."""
+    if d.n < 2:
+        return f"{100 * d.mean:+.1f} (n = {d.n}: one seed, no interval)"
+    return f"{100 * d.mean:+.1f} ± {100 * d.ci:.1f} (n = {d.n})"
+
+
 def _num(x: str) -> float:
     return float(x) if x not in ("", None) else float("nan")
 
@@ -472,8 +479,7 @@ def case_table(t: Table, private: set[str]) -> list[str]:
     if FEDOAP in t.variants and "local" in t.variants:
         d = t.paired(FEDOAP, "local", key)
         out += [
-            f"Paired by seed, FedOAP − local in case Dice: {100 * d.mean:+.1f} ± "
-            f"{100 * d.ci:.1f} points (n = {d.n}).",
+            f"Paired by seed, FedOAP − local in case Dice: {points(d)} points.",
             "",
         ]
     return out
@@ -536,7 +542,7 @@ def goals(t: Table, private: set[str]) -> list[str]:
     ]
     for ref in dict.fromkeys(v for v in ("local", best, "feddp", "fedavg") if v in t.variants):
         d = t.paired(FEDOAP, ref)
-        out.append(f"- FedOAP − {ref}: {100 * d.mean:+.1f} ± {100 * d.ci:.1f} (n = {d.n})")
+        out.append(f"- FedOAP − {ref}: {points(d)}")
     out.append("")
     return out
 
