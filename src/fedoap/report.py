@@ -339,8 +339,8 @@ def make_report(results: Path) -> Path:
     lines += [
         f"Compute: {len(cell_seconds)} cells, {sum(cell_seconds.values()) / 3600:.1f} h of cell "
         "wall time in total (each cell's federated run, training and validation; leave-one-out "
-        "adaptation time not included; cells ran two at a time, one thread each, on a 2-core "
-        "machine).",
+        "adaptation time not included; with `--jobs 2` the bench runs two cells at a time, one "
+        "thread each; wall time includes any contention with other work on the machine).",
         "",
     ]
     if main.rows:
