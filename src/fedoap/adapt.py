@@ -99,12 +99,14 @@ def adapt(
     rd = RunDir(run_dir)
     if not rd.summary.is_file():
         raise FileNotFoundError(f"{rd.summary} not found: adapt needs a finished run")
-    with threads(load_config(rd.config).train.num_threads):
-        return _adapt(run_dir, data_path, name, epochs, parts, init, log)
+    cfg = load_config(rd.config)
+    with threads(cfg.train.num_threads):
+        return _adapt(rd, cfg, data_path, name, epochs, parts, init, log)
 
 
 def _adapt(
-    run_dir: Path,
+    rd: RunDir,
+    cfg: Config,
     data_path: Path,
     name: str,
     epochs: int,
@@ -116,8 +118,6 @@ def _adapt(
         raise ConfigError(f"--parts must be 'all' or 'personal', got {parts!r}")
     if init not in INITS:
         raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
-    rd = RunDir(run_dir)
-    cfg = load_config(rd.config)
     cfg = dataclasses.replace(
         cfg, finetune=dataclasses.replace(cfg.finetune, epochs=epochs, parts=parts)
     )
@@ -216,7 +216,7 @@ def _adapt(
 
     scratch = local_alg.build_model()
     summary = {
-        "run": str(run_dir),
+        "run": str(rd.root),
         "method": cfg.method,
         "client": name,
         "data": str(data_path),

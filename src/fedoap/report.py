@@ -53,6 +53,12 @@ def stat(values: Iterable[float]) -> Stat:
     return Stat(float(v.mean()), float(half), len(v))
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A GitHub-flavoured markdown table, one line per row."""
+    lines = ["| " + " | ".join(cells) + " |" for cells in (header, *rows)]
+    return [lines[0], "|" + "---|" * len(header), *lines[1:]]
+
+
 def points(d: Stat) -> str:
     """A paired difference in points of Dice; one seed gives no interval, and says so."""
     if d.n < 2:
@@ -400,7 +406,7 @@ def main_table(t: Table, private: set[str]) -> list[str]:
         "MB/round",
         "s/round",
     ]
-    out = ["## All methods", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     order = sorted(t.variants, key=lambda v: t.mean(v).mean, reverse=True)
     for v in order:
         name = (
@@ -410,23 +416,19 @@ def main_table(t: Table, private: set[str]) -> list[str]:
         )
         wc, ws = t.worst(v)
         mb = (t.first(v, "bytes_up_per_round") + t.first(v, "bytes_down_per_round")) / 1e6
-        out.append(
-            "| "
-            + " | ".join(
-                [
-                    name,
-                    str(len(t.seeds(v))),
-                    *[t.cell(v, c).fmt() for c in t.clients],
-                    t.mean(v).fmt(),
-                    f"{wc} {ws.mean:.3f}",
-                    t.mean(v, "test_hd95_px").fmt(1),
-                    f"{mb:.2f}",
-                    f"{t.first(v, 'seconds_per_round'):.1f}",
-                ]
-            )
-            + " |"
+        body.append(
+            [
+                name,
+                str(len(t.seeds(v))),
+                *[t.cell(v, c).fmt() for c in t.clients],
+                t.mean(v).fmt(),
+                f"{wc} {ws.mean:.3f}",
+                t.mean(v, "test_hd95_px").fmt(1),
+                f"{mb:.2f}",
+                f"{t.first(v, 'seconds_per_round'):.1f}",
+            ]
         )
-    out.append("")
+    out = ["## All methods", "", *markdown_table(header, body), ""]
     if FEDOAP in t.variants:
         out += [
             "### FedOAP's margin over the best baseline on each client",
@@ -468,14 +470,13 @@ def case_table(t: Table, private: set[str]) -> list[str]:
         "case Dice measures the tumour outline. Where every image is its own case (breast US, "
         "Kvasir) the two are equal.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
     ]
+    body = []
     for v in sorted(t.variants, key=lambda v: t.mean(v, key).mean, reverse=True):
         name = f"**{v}**" if v == FEDOAP else v + (" (not private)" if v in private else "")
         cells = [t.cell(v, c, key).fmt() for c in t.clients]
-        out.append("| " + " | ".join([name, *cells, t.mean(v, key).fmt()]) + " |")
-    out.append("")
+        body.append([name, *cells, t.mean(v, key).fmt()])
+    out += [*markdown_table(header, body), ""]
     if FEDOAP in t.variants and "local" in t.variants:
         d = t.paired(FEDOAP, "local", key)
         out += [
@@ -579,9 +580,7 @@ def ablation_table(main: Table, ab: Table, figs: Path) -> list[str]:
         "value alone (no CI). Δ: the variant minus FedOAP in points of mean Dice, paired by "
         "seed; an interval containing 0 means the component's effect is not measurable here.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *["| " + " | ".join(r) + " |" for r in body],
+        *markdown_table(header, body),
         "",
         "![ablations](figures/ablations.png)",
         "",
@@ -620,9 +619,7 @@ def loo_table(t: Table, figs: Path) -> list[str]:
         "the adaptation's epochs (`local_only`) and with a federation client's whole budget "
         "(`local_full`). Cells: test Dice / HD95 px.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *["| " + " | ".join(r) + " |" for r in body],
+        *markdown_table(header, body),
         "",
         "![leave-one-out](figures/leave_one_out.png)",
         "",
