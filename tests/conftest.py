@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,13 @@ def shared_data() -> Path:
             "(or FEDOAP_SHARED_DATA pointing at it)"
         )
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point the data cache (fedoap.data.cache) at a session temp folder: the suite never writes
+    into ~/.cache or a user's $FEDOAP_CACHE_DIR, and subprocesses inherit the setting."""
+    path = tmp_path_factory.mktemp("fedoap-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDOAP_CACHE_DIR", str(path))
+        yield path

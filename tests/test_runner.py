@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -80,9 +81,9 @@ def test_test_split_is_read_once_at_the_end(tmp_path, monkeypatch):
     seen = []
     real = runner_mod.evaluate
 
-    def spy(model, data, precision, full=False):
+    def spy(model, data, precision, full=False, batch_size=256):
         seen.append("test" if full else "val")
-        return real(model, data, precision, full)
+        return real(model, data, precision, full, batch_size)
 
     monkeypatch.setattr(runner_mod, "evaluate", spy)
     quiet_run(tiny_config(), tmp_path / "r")
@@ -165,12 +166,33 @@ def _strip_time(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k != "time"}
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
-    """Kill a real ``fedoap run`` process after its second round, resume, compare summaries."""
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(
+                    not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"
+                ),
+            ],
+        ),
+    ],
+)
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, device):
+    """Kill a real ``fedoap run`` process after its second round, resume, compare summaries.
+    On CUDA with ``train.deterministic`` (cuDNN autotuning would pick other kernels)."""
     # Float reductions depend on the intra-op thread count, so pin it: the killed process and
     # this one must agree even if an earlier test changed this process's torch setting.
     cfg = tiny_config(
-        "federation.rounds=4", "finetune.epochs=2", "model.kv.mode=bank", "train.num_threads=1"
+        "federation.rounds=4",
+        "finetune.epochs=2",
+        "model.kv.mode=bank",
+        "train.num_threads=1",
+        f"train.device={device}",
+        f"train.deterministic={str(device == 'cuda').lower()}",
     )
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))

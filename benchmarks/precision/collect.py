@@ -13,7 +13,13 @@ for s in sorted(root.glob("*/summary.json")):
     prec = "bf16" if "-bf16-" in s.parent.name else "fp32"
     c = next(iter(d["clients"].values()))
     rows.setdefault(prec, []).append(
-        (d["seed"], c["val"]["dice"], c["test"]["dice"], c["test"]["hd95_px"], d["time"]["seconds_total"])
+        (
+            d["seed"],
+            c["val"]["dice"],
+            c["test"]["dice"],
+            c["test"]["hd95_px"],
+            d["time"]["seconds_total"],
+        )
     )
 print("| precision | seeds | val Dice | test Dice | test HD95 px | seconds per run |")
 print("|---|---|---|---|---|---|")

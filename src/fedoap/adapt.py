@@ -36,7 +36,8 @@ from fedoap.federation.checkpoint import load_tensors
 from fedoap.models import StateDict
 from fedoap.models.partition import sub
 from fedoap.runs import RunDir
-from fedoap.training import evaluate, threads
+from fedoap.training import evaluate
+from fedoap.training.device import oom_guard, place, session
 
 INITS = ("averaged", "fresh", "nearest")
 
@@ -100,8 +101,8 @@ def adapt(
     if not rd.summary.is_file():
         raise FileNotFoundError(f"{rd.summary} not found: adapt needs a finished run")
     cfg = load_config(rd.config)
-    with threads(cfg.train.num_threads):
-        return _adapt(rd, cfg, data_path, name, epochs, parts, init, log)
+    with session(cfg.train) as device, oom_guard(cfg.train, cfg.data.image_size, device):
+        return _adapt(rd, cfg, data_path, name, epochs, parts, init, log, device)
 
 
 def _adapt(
@@ -113,6 +114,7 @@ def _adapt(
     parts: str,
     init: str,
     log: Callable[[str], None],
+    device: torch.device,
 ) -> dict[str, Any]:
     if parts not in ("all", "personal"):
         raise ConfigError(f"--parts must be 'all' or 'personal', got {parts!r}")
@@ -123,10 +125,11 @@ def _adapt(
     )
     if name in [c.name for c in cfg.data.clients]:
         raise ConfigError(f"client {name!r} was part of the federation in {rd.config}")
-    data = new_client_data(cfg, data_path, name)
+    data = new_client_data(cfg, data_path, name).to(device)
     alg = build_algorithm(cfg)
     model = alg.build_model()
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    place(model, cfg.train, device)
     tensors, _ = load_tensors(rd.last)
     global_arrays = sub(tensors, "global/")
     payload = {**global_arrays, **sub(tensors, "ft_extra/")}
@@ -134,6 +137,7 @@ def _adapt(
     shared = sub(global_arrays, SHARED)
     metric = cfg.train.select_metric
     precision = cfg.train.precision
+    eval_bs = cfg.train.eval_batch_size
 
     def load(weights: StateDict) -> None:
         model.load_state_dict(weights)
@@ -152,7 +156,7 @@ def _adapt(
     elif init == "nearest" and personal_keys:
         for c, parts_c in donors.items():
             load({**fresh, **shared, **parts_c})
-            donor_val[c] = float(evaluate(model, data.val, precision)[metric])
+            donor_val[c] = float(evaluate(model, data.val, precision, batch_size=eval_bs)[metric])
         nearest = max(donor_val, key=lambda c: donor_val[c])
         log(f"nearest federation client on {name}'s validation split: {nearest} ({donor_val})")
         personal = donors[nearest]
@@ -162,13 +166,13 @@ def _adapt(
 
     # 1-2. zero-shot and adapted (epoch 0 = zero-shot is a candidate for selection)
     load(start)
-    zero_val = evaluate(model, data.val, precision)
+    zero_val = evaluate(model, data.val, precision, batch_size=eval_bs)
     state = ClientState(personal=dict(start))
     holder = {"state": state}
 
     def ft_epoch(e: int) -> None:
         ctx = FitContext(name, e, cfg.seed)
-        _, holder["state"] = alg.finetune_epoch(
+        _, holder["state"] = alg.run_finetune_epoch(
             model, payload, holder["state"], data, ctx, first=e == 1
         )
 
@@ -177,7 +181,12 @@ def _adapt(
 
     load(start)
     best_e, best_val, best_w = _select(
-        ft_epoch, lambda: evaluate(model, data.val, precision), snap, epochs, metric, True
+        ft_epoch,
+        lambda: evaluate(model, data.val, precision, batch_size=eval_bs),
+        snap,
+        epochs,
+        metric,
+        True,
     )
     log(f"adapted: best epoch {best_e} of {epochs} (val {metric} {best_val[metric]:.3f})")
 
@@ -186,17 +195,24 @@ def _adapt(
         cfg, method="local", train=dataclasses.replace(cfg.train, local_epochs=1)
     )
     local_alg = build_algorithm(local_cfg)
+    # One local model (compiled once), reset to its initial weights for each baseline.
+    scratch = local_alg.build_model()
+    scratch_init = local_alg.init_client(scratch)
+    place(scratch, cfg.train, device)
 
     def from_scratch(n_epochs: int) -> tuple[int, dict[str, Any], StateDict]:
-        m = local_alg.build_model()
-        st = {"state": local_alg.init_client(m)}
+        m = scratch
+        st = {"state": scratch_init}
 
         def epoch(e: int) -> None:
-            _, st["state"] = local_alg.fit(m, {}, st["state"], data, FitContext(name, e, cfg.seed))
+            _, st["state"] = local_alg.run_fit(
+                m, {}, st["state"], data, FitContext(name, e, cfg.seed)
+            )
 
+        m.load_state_dict(scratch_init.personal)
         return _select(
             epoch,
-            lambda: evaluate(m, data.val, precision),
+            lambda: evaluate(m, data.val, precision, batch_size=eval_bs),
             lambda: {k: v.clone() for k, v in m.state_dict().items()},
             n_epochs,
             metric,
@@ -212,9 +228,8 @@ def _adapt(
         m.load_state_dict(weights)
         if bank:
             model.set_kv_bank(payload.get(KV + "bank"))
-        return evaluate(m, data.test, precision, full=True)
+        return evaluate(m, data.test, precision, full=True, batch_size=eval_bs)
 
-    scratch = local_alg.build_model()
     summary = {
         "run": str(rd.root),
         "method": cfg.method,

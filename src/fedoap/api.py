@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from fedoap.federation.checkpoint import load_tensors
 from fedoap.models import FedOAPNet
 from fedoap.runs import RunDir
 from fedoap.training import evaluate, predict_logits
+from fedoap.training.device import oom_guard, place, session, setup
 
 
 def run_experiment(
@@ -34,10 +36,13 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Validate everything, then train a new run in ``run_dir``; returns ``summary.json``."""
     algorithm = build_algorithm(cfg)  # unknown method / options fail here, before data is read
+    setup(cfg.train)  # so does a device that is not there
     if cfg.federation.runtime == "flower-sim":
         check_flower(cfg, algorithm)
+    t0 = time.perf_counter()
     if clients is None:
         clients = prepare_clients(cfg.data)  # bad data fails here, before the folder is touched
+    data_seconds = time.perf_counter() - t0
     rd = RunDir(run_dir)
     if rd.is_started() and not force:
         rd.prepare(force=False)  # raises RunExistsError with the standard message
@@ -54,7 +59,9 @@ def run_experiment(
     )
     if cfg.federation.runtime == "flower-sim":
         return run_on_flower_simulation(cfg, rd, log)
-    runner = Runner(cfg, algorithm, clients, rd, progress=progress, log=log)
+    runner = Runner(
+        cfg, algorithm, clients, rd, progress=progress, log=log, data_seconds=data_seconds
+    )
     return runner.run()
 
 
@@ -102,8 +109,13 @@ def resume_experiment(
         log(f"{run_dir} is already complete; nothing to resume")
         return dict(json.loads(rd.summary.read_text()))
     algorithm = build_algorithm(cfg)
+    setup(cfg.train)
+    t0 = time.perf_counter()
     clients = prepare_clients(cfg.data)
-    runner = Runner(cfg, algorithm, clients, rd, progress=progress, log=log)
+    data_seconds = time.perf_counter() - t0
+    runner = Runner(
+        cfg, algorithm, clients, rd, progress=progress, log=log, data_seconds=data_seconds
+    )
     if rd.last.is_file():
         runner.restore()
         log(f"resuming {run_dir} after {runner.position.stage} step {runner.position.done}")
@@ -112,16 +124,21 @@ def resume_experiment(
     return runner.run()
 
 
-def load_client_model(run_dir: Path, client: str) -> tuple[Config, FedOAPNet]:
-    """Rebuild a client's selected model from a run folder (weights and K/V bank)."""
+def load_client_model(
+    run_dir: Path, client: str, device: torch.device | None = None
+) -> tuple[Config, FedOAPNet]:
+    """Rebuild a client's selected model from a run folder (weights and K/V bank), on
+    ``device`` (default: the run config's ``train.device``, resolved on this machine)."""
     rd = RunDir(run_dir)
     cfg = load_config(rd.config)
     names = [c.name for c in cfg.data.clients]
     if client not in names:
         raise ConfigError(f"client {client!r} is not in {rd.config}; clients: {', '.join(names)}")
+    device = device if device is not None else setup(cfg.train)
     model = build_algorithm(cfg).build_model()
     tensors, _ = load_tensors(rd.best(client))
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(KV)})
+    place(model, cfg.train, device, compile=False)  # scoring only: not worth compiling
     model.set_kv_bank(tensors.get(KV + "bank"))
     return cfg, model
 
@@ -130,11 +147,20 @@ def evaluate_run(run_dir: Path, split: str = "test") -> dict[str, Any]:
     """Re-score every client's saved model on a split; writes ``evaluation.json``."""
     rd = RunDir(run_dir)
     cfg = load_config(rd.config)
+    with session(cfg.train) as device, oom_guard(cfg.train, cfg.data.image_size, device):
+        return _evaluate_run(rd, cfg, split, device)
+
+
+def _evaluate_run(rd: RunDir, cfg: Config, split: str, device: torch.device) -> dict[str, Any]:
     clients = prepare_clients(cfg.data)
+    t = cfg.train
     out: dict[str, Any] = {"split": split, "clients": {}}
     for c in clients:
-        _, model = load_client_model(run_dir, c.name)
-        out["clients"][c.name] = evaluate(model, c.split(split), cfg.train.precision, full=True)
+        _, model = load_client_model(rd.root, c.name, device)
+        data = c.split(split).to(device)
+        out["clients"][c.name] = evaluate(
+            model, data, t.precision, full=True, batch_size=t.eval_batch_size
+        )
     dice = [v["dice"] for v in out["clients"].values()]
     out["mean"] = {"dice": float(np.mean(dice))}
     rd.write_json(rd.root / f"evaluation_{split}.json", out)
@@ -163,7 +189,15 @@ def predict_images(
     run_dir: Path, client: str, images: Sequence[Path], out_dir: Path
 ) -> list[tuple[Path, Path]]:
     """Write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` for each image."""
-    cfg, model = load_client_model(run_dir, client)
+    cfg = load_config(RunDir(run_dir).config)
+    with session(cfg.train) as device, oom_guard(cfg.train, cfg.data.image_size, device):
+        return _predict_images(run_dir, client, images, out_dir, device)
+
+
+def _predict_images(
+    run_dir: Path, client: str, images: Sequence[Path], out_dir: Path, device: torch.device
+) -> list[tuple[Path, Path]]:
+    cfg, model = load_client_model(run_dir, client, device)
     spec = next(c for c in cfg.data.clients if c.name == client)
     arrays = [read_image(Path(p), cfg.data.channels, spec.channel) for p in images]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,8 +205,9 @@ def predict_images(
     for path, arr in zip(images, arrays, strict=True):
         h, w = arr.shape[:2]
         boxed = letterbox(arr, cfg.data.image_size, is_mask=False)
-        x = normalize(boxed[None], cfg.data.normalize)
-        pred = (predict_logits(model, x, cfg.train.precision)[0, 0] > 0).numpy().astype(np.uint8)
+        x = normalize(boxed[None], cfg.data.normalize).to(device)
+        logits = predict_logits(model, x, cfg.train.precision)
+        pred = (logits[0, 0] > 0).cpu().numpy().astype(np.uint8)
         mask = unletterbox(pred, h, w, is_mask=True)
         stem = Path(path).stem
         mpath, opath = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"

@@ -382,7 +382,8 @@ def save_examples(run_dir: Path, path: Path, per_client: int) -> None:
     for client in prepare_clients(cfg.data):
         idx = example_indices(client.test.y.numpy(), client.test.names, per_client)
         _, model = load_client_model(run_dir, client.name)
-        pred = predict_logits(model, client.test.x[idx], cfg.train.precision) > 0
+        x = client.test.x[idx].to(model.head.weight.device)
+        pred = (predict_logits(model, x, cfg.train.precision) > 0).cpu()
         out[f"{client.name}/pred"] = pred[:, 0].numpy()
         out[f"{client.name}/names"] = client.test.names[idx].astype(str)
     tmp = path.with_name(path.name + ".tmp.npz")

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,12 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type. The message names the key."""
+
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+#: Accepted spellings of ``train.device`` (whether the device exists is checked at run time).
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +107,12 @@ class DataConfig:
     max_val_images: int | None = None
     max_test_images: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Preprocessed cache: each client's images letterboxed to image_size once and stored on disk,
+    # keyed by the source files and these settings (fedoap.data.cache). An execution setting:
+    # it never changes a result, so it is not part of a run's identity (Config.digest).
+    cache: bool = True
+    # None: $FEDOAP_CACHE_DIR, else ~/.cache/fedoap.
+    cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,12 +154,34 @@ class TrainConfig:
     weight_decay: float = 1e-5
     batch_size: int = 16
     local_epochs: int = 1
-    # bf16 autocast is about 2x faster on CPUs with AVX-512 BF16; see README for the Dice check.
-    precision: Literal["fp32", "bf16"] = "bf16"
+    # Autocast dtype for convolutions and matmuls; weights, optimiser state, losses and uploads
+    # stay fp32. bf16: CPUs and CUDA GPUs that support it (1.4-2x faster than fp32 on our CPUs;
+    # see README for the Dice check). fp16: autocast with a GradScaler (GPUs without bf16).
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     # Validation metric used to select each client's model.
     select_metric: Literal["dice", "case_dice"] = "dice"
     # 0: use every core torch sees.
     num_threads: int = 0
+    # --- Execution settings: where and how the same experiment runs. They are not part of a
+    # run's identity (Config.digest), so a run, a resume or a benchmark cell is the same
+    # experiment on a CPU or a GPU (fedoap.training.device).
+    # auto: CUDA if there is one, else the CPU. Or cpu, cuda, cuda:N, mps.
+    device: str = "auto"
+    # torch.compile the model once per process (every client's weights load into that one
+    # compiled module). compile_mode "reduce-overhead" adds CUDA graphs (small, launch-bound
+    # models on a GPU); it is ignored on the CPU.
+    compile: bool = False
+    compile_mode: CompileMode = "default"
+    # channels_last memory format for convolutions. None: on for CUDA, off elsewhere.
+    channels_last: bool | None = None
+    # Allow TF32 tensor cores for fp32 matmuls and convolutions on CUDA (faster, ~1e-3 relative
+    # error); off keeps fp32 exact.
+    tf32: bool = False
+    # Bit-for-bit repeatable CUDA runs: deterministic kernels only, no cuDNN autotuning
+    # (cudnn.benchmark is on otherwise). Costs speed; the CPU path is deterministic anyway.
+    deterministic: bool = False
+    # Images per forward pass in validation and test (no gradients, so large batches fit).
+    eval_batch_size: int = 256
 
 
 @dataclass(frozen=True)
@@ -199,9 +234,30 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def digest(self) -> str:
-        """Short stable hash of the resolved config (cache key for benchmarks)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Short stable hash of the experiment: the resolved config without its execution
+        settings (:data:`EXECUTION_KEYS`), so the same run on a CPU or a GPU has one identity."""
+        plain = self.to_dict()
+        for dotted in EXECUTION_KEYS:
+            section, key = dotted.split(".")
+            plain[section].pop(key, None)
+        blob = json.dumps(plain, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+#: Settings that decide where and how fast a run executes, not what it computes (up to float
+#: rounding): left out of :meth:`Config.digest`. ``train.num_threads`` predates this list and
+#: stays in the digest; benchmark cells zero it (fedoap.bench.digest).
+EXECUTION_KEYS = (
+    "train.device",
+    "train.compile",
+    "train.compile_mode",
+    "train.channels_last",
+    "train.tf32",
+    "train.deterministic",
+    "train.eval_batch_size",
+    "data.cache",
+    "data.cache_dir",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,6 +460,11 @@ def validate(cfg: Config) -> None:
     need(t.batch_size >= 1, "train.batch_size: must be >= 1")
     need(t.local_epochs >= 1, "train.local_epochs: must be >= 1")
     need(t.num_threads >= 0, "train.num_threads: must be >= 0")
+    need(t.eval_batch_size >= 1, "train.eval_batch_size: must be >= 1")
+    need(
+        bool(DEVICE_PATTERN.fullmatch(t.device)),
+        f"train.device: must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}",
+    )
     f = cfg.federation
     need(f.rounds >= 1, "federation.rounds: must be >= 1")
     need(0 < f.fraction <= 1, "federation.fraction: must be in (0, 1]")

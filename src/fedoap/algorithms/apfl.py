@@ -36,8 +36,8 @@ from fedoap.data.augment import augment_batch
 from fedoap.data.dataset import ClientData
 from fedoap.models import StateDict
 from fedoap.models.partition import prefixed, sub
-from fedoap.training import autocast
-from fedoap.training.engine import batches
+from fedoap.training.device import GradStep, autocast
+from fedoap.training.engine import batches, step_begin
 
 LOCAL = "local/"
 ALPHA = "alpha"
@@ -93,7 +93,10 @@ class APFL(Algorithm):
         opt_w = self.make_optimizer(list(w_params.values()), state.optimizers.get("fit"))
         opt_v = self.make_optimizer(list(v_params.values()), state.optimizers.get("local"))
         gen = ctx.generator("fit")
-        total, count = 0.0, 0
+        dev = ctx.device
+        step = GradStep(t.precision, dev)
+        total = torch.zeros((), dtype=torch.float64, device=dev)  # read back once, at the end
+        count = 0
         model.train()
         for _ in range(t.local_epochs):
             for idx in batches(len(data.train), t.batch_size, gen):
@@ -101,27 +104,30 @@ class APFL(Algorithm):
                 if self.cfg.data.augment.enabled:
                     x, y = augment_batch(x, y, self.cfg.data.augment, gen)
                 # 1. the global model's step
-                with autocast(t.precision):
+                step_begin(x)
+                with autocast(t.precision, dev.type):
                     z = model(x)
                 loss_w = self.seg_loss(z.float(), y)
                 opt_w.zero_grad(set_to_none=True)
-                loss_w.backward()
-                opt_w.step()
+                step.backward(loss_w)
+                step.step(opt_w)
                 # 2. the local model and alpha, through the mixture (w held fixed)
                 mixed = {
                     k: alpha * v_params[k] + (1 - alpha) * w_params[k].detach() for k in v_params
                 }
-                with autocast(t.precision):
+                with autocast(t.precision, dev.type):
                     zm = functional_call(model, {**mixed, **buffers}, (x,))
                 loss_v = self.seg_loss(zm.float(), y)
                 opt_v.zero_grad(set_to_none=True)
                 alpha.grad = None
-                loss_v.backward()
-                opt_v.step()
+                step.backward(loss_v)
+                step.step(opt_v)
                 with torch.no_grad():
-                    alpha -= self.options.alpha_lr * alpha.grad
+                    assert alpha.grad is not None
+                    alpha -= self.options.alpha_lr * step.unscale(alpha.grad)
                     alpha.clamp_(0.0, 1.0)
-                total += float(loss_v.detach()) * len(idx)
+                step.update()
+                total += loss_v.detach().double() * len(idx)
                 count += len(idx)
                 if ctx.progress is not None:
                     ctx.progress(2 * len(idx))
@@ -132,4 +138,5 @@ class APFL(Algorithm):
             extra={**prefixed(v_new, LOCAL), ALPHA: alpha.detach().clone()},
             optimizers={"fit": opt_w.state_dict(), "local": opt_v.state_dict()},
         )
-        return Update(upload, len(data.train), {"train_loss": total / max(count, 1)}), new_state
+        loss = float(total) / max(count, 1)
+        return Update(upload, len(data.train), {"train_loss": loss}), new_state

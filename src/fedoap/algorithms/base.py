@@ -72,9 +72,11 @@ class FitContext:
     round: int  # 1-based federated round, or R + e in the fine-tuning stage
     seed: int
     progress: Callable[[int], None] | None = None
+    # Where the client trains; set by the device boundary (Algorithm.run_fit) from the model.
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def generator(self, stage: str) -> torch.Generator:
-        return make_generator(self.seed, stage, self.round, self.client)
+        return make_generator(self.seed, stage, self.round, self.client, device=self.device)
 
 
 def nbytes(arrays: StateDict) -> int:
@@ -111,18 +113,21 @@ class Algorithm:
     # ------------------------------------------------------------------ structure
 
     def build_model(self) -> FedOAPNet:
-        """The shared backbone for this method, initialised from the run seed."""
+        """The shared backbone for this method, on the CPU, initialised from the run seed (the
+        process's global RNG is left as it was). :func:`fedoap.training.device.place` puts it
+        on the run's device."""
         m = self.cfg.model
-        torch.manual_seed(self.cfg.seed)
-        return FedOAPNet(
-            in_channels=self.cfg.data.channels,
-            width=m.width,
-            depth=m.depth,
-            heads=m.heads,
-            norm=m.norm,
-            attention=self.attention_kind(),
-            use_adapter=self.uses_adapter and m.use_adapter,
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            return FedOAPNet(
+                in_channels=self.cfg.data.channels,
+                width=m.width,
+                depth=m.depth,
+                heads=m.heads,
+                norm=m.norm,
+                attention=self.attention_kind(),
+                use_adapter=self.uses_adapter and m.use_adapter,
+            )
 
     def attention_kind(self) -> AttentionKind:
         return self.attention
@@ -189,10 +194,16 @@ class Algorithm:
     def make_optimizer(
         self, params: list[nn.Parameter], state: dict[str, Any] | None, lr: float | None = None
     ) -> torch.optim.Optimizer:
+        """AdamW over ``params``, resuming ``state`` (a CPU state dict) where given.
+
+        On CUDA it is the fused implementation: one kernel for all parameters instead of a
+        few per tensor (small models are launch-bound), with the same update rule."""
         t = self.cfg.train
-        opt = torch.optim.AdamW(params, lr=lr or t.lr, weight_decay=t.weight_decay)
+        fused = bool(params) and params[0].is_cuda
+        opt = torch.optim.AdamW(params, lr=lr or t.lr, weight_decay=t.weight_decay, fused=fused)
         if state is not None:
             opt.load_state_dict(state)
+            match_layout(opt)
         return opt
 
     def loss(self, stage: str) -> LossFn:
@@ -278,6 +289,57 @@ class Algorithm:
         update = Update(arrays, len(data.train), {"train_loss": loss})
         return update, self.save_state(model, {"fit": opt}, state)
 
+    # ------------------------------------------------------------------ device boundary
+
+    def run_fit(
+        self,
+        model: nn.Module,
+        global_arrays: StateDict,
+        state: ClientState,
+        data: ClientData,
+        ctx: FitContext,
+    ) -> tuple[Update, ClientState]:
+        """:meth:`fit` on the model's device: what the runtimes call.
+
+        What the client receives (global arrays, its own state) goes to the model's device; what
+        it sends (the upload) and keeps between rounds (its state) comes back as contiguous CPU
+        fp32 tensors. Uploads are therefore the same tensors and bytes whatever device a site
+        trains on, and aggregation never sees a device.
+        """
+        dev = check_same_device(model, data)
+        update, new = self.fit(
+            model,
+            to_device(global_arrays, dev),
+            state_to(state, dev),
+            data,
+            dataclasses.replace(ctx, device=dev),
+        )
+        cpu = torch.device("cpu")
+        return Update(to_device(update.arrays, cpu), update.num_examples, update.metrics), state_to(
+            new, cpu
+        )
+
+    def run_finetune_epoch(
+        self,
+        model: nn.Module,
+        global_arrays: StateDict,
+        state: ClientState,
+        data: ClientData,
+        ctx: FitContext,
+        first: bool,
+    ) -> tuple[float, ClientState]:
+        """:meth:`finetune_epoch` on the model's device (see :meth:`run_fit`)."""
+        dev = check_same_device(model, data)
+        loss, new = self.finetune_epoch(
+            model,
+            to_device(global_arrays, dev),
+            state_to(state, dev),
+            data,
+            dataclasses.replace(ctx, device=dev),
+            first,
+        )
+        return loss, state_to(new, torch.device("cpu"))
+
     # ------------------------------------------------------------------ fine-tuning
 
     def finetune_payload(
@@ -334,6 +396,60 @@ class Algorithm:
 
 def clone(state: StateDict) -> StateDict:
     return {k: v.detach().clone() for k, v in state.items()}
+
+
+def to_device(arrays: StateDict, device: torch.device, copy: bool = False) -> StateDict:
+    """``arrays`` on ``device``; on the CPU as contiguous tensors (what is saved and sent).
+    Tensors already there are not copied unless ``copy``."""
+    if device.type == "cpu":
+        return {k: v.detach().to(device, copy=copy).contiguous() for k, v in arrays.items()}
+    return {k: v.detach().to(device, copy=copy) for k, v in arrays.items()}
+
+
+def _tree_to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu").contiguous()
+    if isinstance(obj, dict):
+        return {k: _tree_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_tree_to_cpu(v) for v in obj]
+    return obj
+
+
+def state_to(state: ClientState, device: torch.device) -> ClientState:
+    """A client's state with its tensors on ``device``. Optimiser states go to the device only
+    through ``load_state_dict`` (which puts AdamW's step counters where each implementation
+    wants them), and come back to the CPU whole."""
+    optimizers = _tree_to_cpu(state.optimizers) if device.type == "cpu" else state.optimizers
+    return ClientState(
+        personal=to_device(state.personal, device),
+        optimizers=optimizers,
+        extra=to_device(state.extra, device),
+    )
+
+
+def check_same_device(model: nn.Module, data: ClientData) -> torch.device:
+    """The model's device, after checking that the client's data is there too (the runtimes
+    move each client's splits once, never per batch)."""
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    if data.train.x.device != dev:
+        raise ValueError(
+            f"client {data.name!r}: data on {data.train.x.device} but the model on {dev}; "
+            "move the client's splits once with ClientData.to(device)"
+        )
+    return dev
+
+
+def match_layout(opt: torch.optim.Optimizer) -> None:
+    """Give loaded optimiser moments their parameter's memory format (channels_last weights get
+    channels_last moments), as a fresh optimiser would have them."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 @contextlib.contextmanager

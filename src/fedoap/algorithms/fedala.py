@@ -103,7 +103,8 @@ class FedALA(Algorithm):
         }
         gen = ctx.generator("ala")
         n = len(data.train)
-        subset = torch.randperm(n, generator=gen)[: max(1, int(o.rand_percent * n))]
+        n_sub = max(1, int(o.rand_percent * n))
+        subset = torch.randperm(n, generator=gen, device=gen.device)[:n_sub]
         base = {k: v for k, v in g.items() if k not in keys}
         losses: list[float] = []
         model.train()
@@ -111,7 +112,7 @@ class FedALA(Algorithm):
             for idx in batches(len(subset), t.batch_size, gen):
                 sel = subset[idx]
                 top = {k: local[k] + (g[k] - local[k]) * weights[k] for k in keys}
-                with autocast(t.precision):
+                with autocast(t.precision, ctx.device.type):
                     z = functional_call(model, {**base, **top}, (data.train.x[sel],))
                 loss = self.seg_loss(z.float(), data.train.y[sel])
                 grads = torch.autograd.grad(loss, [weights[k] for k in keys])

@@ -26,7 +26,6 @@ Config keys: ``algorithm.lam`` (lambda, default 1.0), ``finetune.*``.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -73,11 +72,14 @@ class FedDP(Algorithm):
             if key.startswith(SITES):
                 site, k = key[len(SITES) :].split("/", 1)
                 per_site.setdefault(site, {})[k] = v
+        device = next(model.parameters()).device
         models = []
         for site in sorted(per_site):
-            m = copy.deepcopy(model)
+            # A fresh eager module, not a copy of ``model``: a deep copy of a compiled module
+            # would still call the original's compiled forward.
+            m = self.build_model()
             m.load_state_dict({**shared, **per_site[site]})
-            m.eval().requires_grad_(False)
+            m.to(device).eval().requires_grad_(False)
             models.append(m)
         return models
 
@@ -88,11 +90,11 @@ class FedDP(Algorithm):
         def loss(
             z: torch.Tensor, y: torch.Tensor, gen: torch.Generator, x: torch.Tensor
         ) -> torch.Tensor:
-            with torch.no_grad(), autocast(precision):
+            with torch.no_grad(), autocast(precision, x.device.type):
                 preds = torch.stack([torch.sigmoid(m(x).float()) for m in sites])  # (K, B, 1, H, W)
             u = preds.float().std(0)  # per-pixel disagreement between sites
-            if u.max() > 0:
-                u = u / u.max()
+            top = u.max()
+            u = torch.where(top > 0, u / top.clamp_min(1e-12), u)  # no host read-back per batch
             bce = F.binary_cross_entropy_with_logits(z, y, reduction="none")
             return seg(z, y) + lam * (u * bce).mean()
 

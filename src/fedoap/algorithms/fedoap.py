@@ -119,10 +119,10 @@ def kv_summary(
     """
     model.eval()
     n = x.shape[0]
-    idx = torch.randperm(n, generator=gen)[: cfg.summary_images]
+    idx = torch.randperm(n, generator=gen, device=gen.device)[: cfg.summary_images]
     tokens = []
     for s in range(0, len(idx), 64):
-        with autocast(precision):
+        with autocast(precision, x.device.type):
             tokens.append(model.kv_tokens(x[idx[s : s + 64]]).float())
     t = torch.cat(tokens)  # (n_img, N, C)
     if cfg.summary == "token_mean":
@@ -133,7 +133,7 @@ def kv_summary(
 def kmeans(points: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.Tensor:
     """Lloyd's k-means with k-means++ seeding; returns (k, C) centroids (repeats if n < k)."""
     n = points.shape[0]
-    first = int(torch.randint(n, (1,), generator=gen))
+    first = int(torch.randint(n, (1,), generator=gen, device=gen.device))
     centroids = [points[first]]
     d2 = ((points - centroids[0]) ** 2).sum(1)
     for _ in range(1, k):

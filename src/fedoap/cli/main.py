@@ -13,6 +13,7 @@ from rich.table import Table
 from fedoap.config import ConfigError, load_config
 from fedoap.data import DataError
 from fedoap.runs import RunExistsError
+from fedoap.training.device import DeviceOutOfMemory
 
 app = typer.Typer(
     add_completion=False,
@@ -25,7 +26,15 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
-USER_ERRORS = (ConfigError, DataError, RunExistsError, FileNotFoundError, ValueError, KeyError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    RunExistsError,
+    FileNotFoundError,
+    ValueError,
+    KeyError,
+    DeviceOutOfMemory,
+)
 
 
 def fail(err: Exception) -> None:
@@ -82,6 +91,11 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
         f"{comm['bytes_down_per_round'] / 1e6:.2f} MB   "
         f"time: {t['seconds_total']:.0f} s ({t['seconds_per_round'] or 0:.1f} s/round)"
     )
+    ex = summary.get("execution")
+    if ex:
+        where = ex.get("name", ex["device"])
+        compiled = f", compiled ({ex['compile_mode']})" if ex.get("compile") else ""
+        console.print(f"on {where}, {ex['precision']}{compiled}")
 
 
 @app.command()
@@ -272,6 +286,43 @@ def report(
         fail(err)
         return
     console.print(f"wrote {path} and {results / 'figures'}")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Client data: preprocess and package it.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    overrides: list[str] = typer.Argument(
+        None, help="dotted.key=value overrides, e.g. data.image_size=96"
+    ),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config file"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (new or empty)"),
+    force: bool = typer.Option(
+        False, "--force", help="write into a non-empty folder, replacing files of the same name"
+    ),
+) -> None:
+    """Write each client's letterboxed data to OUT/<client>.npz, and OUT/clients.yaml.
+
+    A compact copy of the preprocessed data to carry to another machine.
+    """
+    from fedoap.data.prepare import CLIENTS_FILE, prepare_data
+
+    try:
+        cfg = load_config(config, overrides or [])
+        written = prepare_data(cfg.data, out, force=force, config_path=config)
+    except (*USER_ERRORS, OSError) as err:
+        fail(err)
+        return
+    for c in written:
+        rgb = " (RGB)" if c.use_rgb else ""
+        console.print(f"wrote {c.path}: {c.images} images{rgb}, {c.nbytes / 2**20:.1f} MiB")
+    total = sum(c.nbytes for c in written) + (out / CLIENTS_FILE).stat().st_size
+    console.print(
+        f"wrote {out / CLIENTS_FILE}; total {total / 2**20:.1f} MiB ({total:,} bytes) at "
+        f"{cfg.data.image_size}x{cfg.data.image_size}"
+    )
 
 
 #: Options that take several values. Click options take one value each, so ``--seeds 0 1 2`` (the

@@ -17,16 +17,18 @@ from fedoap.config import AugmentConfig
 def augment_batch(
     x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x``: (B, C, H, W) normalised images, ``y``: (B, 1, H, W) masks; returns new tensors."""
-    b = x.shape[0]
+    """``x``: (B, C, H, W) normalised images, ``y``: (B, 1, H, W) masks; returns new tensors.
+
+    ``gen`` lives on the batch's device, so every draw is made there."""
+    b, dev = x.shape[0], gen.device
     if cfg.flip:
         for dim in (2, 3):
-            flip = torch.rand(b, generator=gen) < 0.5
-            if flip.any():
-                x = torch.where(flip[:, None, None, None], x.flip(dim), x)
-                y = torch.where(flip[:, None, None, None], y.flip(dim), y)
+            flip = torch.rand(b, generator=gen, device=dev) < 0.5
+            # No ``if flip.any()``: reading it back would stall a GPU's queue every batch.
+            x = torch.where(flip[:, None, None, None], x.flip(dim), x)
+            y = torch.where(flip[:, None, None, None], y.flip(dim), y)
     if cfg.rotate_deg > 0:
-        angle = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotate_deg)
+        angle = (torch.rand(b, generator=gen, device=dev) * 2 - 1) * math.radians(cfg.rotate_deg)
         cos, sin = torch.cos(angle), torch.sin(angle)
         zero = torch.zeros_like(cos)
         theta = torch.stack(
@@ -42,7 +44,7 @@ def augment_batch(
         )
         y = (F.grid_sample(y, grid, mode="bilinear", align_corners=False) >= 0.5).to(y.dtype)
     if cfg.intensity > 0:
-        scale = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * cfg.intensity
-        shift = (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * cfg.intensity
+        scale = 1 + (torch.rand(b, 1, 1, 1, generator=gen, device=dev) * 2 - 1) * cfg.intensity
+        shift = (torch.rand(b, 1, 1, 1, generator=gen, device=dev) * 2 - 1) * cfg.intensity
         x = x * scale + shift
     return x, y

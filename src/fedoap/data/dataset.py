@@ -32,6 +32,18 @@ class Split:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def to(self, device: torch.device | str) -> Split:
+        """This split with ``x`` and ``y`` on ``device`` (one copy each); ``self`` if already there.
+
+        ``case_ids`` and ``names`` are host arrays and are shared, not copied.
+        """
+        device = torch.device(device)
+        if _is_on(self.x, device) and _is_on(self.y, device):
+            return self
+        return Split(
+            x=self.x.to(device), y=self.y.to(device), case_ids=self.case_ids, names=self.names
+        )
+
 
 @dataclass
 class ClientData:
@@ -49,6 +61,23 @@ class ClientData:
     def sizes(self) -> dict[str, int]:
         return {s: len(self.split(s)) for s in SPLITS}
 
+    def to(self, device: torch.device | str) -> ClientData:
+        """This client with its three splits on ``device``; ``self`` if they are already there."""
+        moved = {s: self.split(s).to(device) for s in SPLITS}
+        if all(moved[s] is self.split(s) for s in SPLITS):
+            return self
+        return ClientData(name=self.name, notes=self.notes, **moved)
+
+
+def _is_on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t.to(device)`` would be a no-op. A tensor always reports an index (``cuda:0``)
+    while ``cuda`` means the current device, so ``t.device == device`` alone is not enough."""
+    if t.device.type != device.type:
+        return False
+    if device.index is None:
+        return device.type != "cuda" or t.device.index == torch.cuda.current_device()
+    return t.device.index == device.index
+
 
 def resolve_path(root: str, path: str) -> Path:
     p = Path(path).expanduser()
@@ -56,7 +85,18 @@ def resolve_path(root: str, path: str) -> Path:
 
 
 def load_raw(spec: ClientSpec, cfg: DataConfig) -> RawClient:
-    """Read one client's data as arrays at ``cfg.image_size``; errors name the client and file."""
+    """Read one client's data as arrays at ``cfg.image_size``; errors name the client and file.
+
+    Served from the on-disk cache (:mod:`fedoap.data.cache`) while the source, these settings and
+    the loading code are unchanged, unless ``cfg.cache`` is off.
+    """
+    from fedoap.data.cache import cached_raw  # local: the cache module imports this one
+
+    return cached_raw(spec, cfg, lambda: _load_raw_uncached(spec, cfg))
+
+
+def _load_raw_uncached(spec: ClientSpec, cfg: DataConfig) -> RawClient:
+    """:func:`load_raw` without the cache: read, validate, letterbox."""
     if spec.source == "synthetic":
         assert spec.style is not None
         return generate_client(spec.style, spec.num_images, cfg.image_size, spec.name, spec.seed)

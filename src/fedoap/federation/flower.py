@@ -28,6 +28,7 @@ needs every site's personal query projection, i.e. each client's individual mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -61,6 +62,7 @@ from fedoap.algorithms import (
     build_algorithm,
     nbytes,
 )
+from fedoap.algorithms.base import to_device
 from fedoap.config import ClientSpec, Config, ConfigError, from_dict, validate
 from fedoap.data.dataset import ClientData, make_client
 from fedoap.federation.checkpoint import flatten_optimizer, save_tensors, unflatten_optimizer
@@ -70,6 +72,7 @@ from fedoap.models import StateDict
 from fedoap.models.partition import prefixed
 from fedoap.runs import RunDir
 from fedoap.training import evaluate
+from fedoap.training.device import place, session, setup
 
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
 
@@ -115,11 +118,12 @@ class _Site:
     cfg: Config
     alg: Algorithm
     model: torch.nn.Module
-    data: ClientData
+    data: ClientData  # on ``device``
     index: int
+    device: torch.device
 
 
-_SITES: dict[tuple[str, str, str], _Site] = {}
+_SITES: dict[tuple[str, str, str, str], _Site] = {}
 
 
 def _site(context: Context, cfg_yaml: str) -> _Site:
@@ -135,7 +139,10 @@ def _site(context: Context, cfg_yaml: str) -> _Site:
         name = names[_i(nc, "partition-id")]
     else:
         raise ConfigError("node-config needs client-name (deployment) or partition-id (simulation)")
-    key = (cfg.digest(), name, str(nc.get("data-path", "")))
+    if "device" in nc:  # the site's own choice; otherwise train.device ("auto": CUDA if present)
+        device_spec = _s(nc, "device")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device_spec))
+    key = (cfg.digest(), name, str(nc.get("data-path", "")), str(cfg.train.device))
     if key not in _SITES:
         spec = next(c for c in cfg.data.clients if c.name == name)
         if "data-path" in nc:  # the site's own copy of its data
@@ -147,12 +154,12 @@ def _site(context: Context, cfg_yaml: str) -> _Site:
                     "source": "folder" if Path(path).is_dir() else "npz",
                 }
             )
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
+        device = setup(cfg.train)
         alg = build_algorithm(cfg)
-        _SITES[key] = _Site(
-            cfg, alg, alg.build_model(), make_client(spec, cfg.data), names.index(name)
-        )
+        # Built and compiled once per process; every message of this site reuses it.
+        model = place(alg.build_model(), cfg.train, device)
+        data = make_client(spec, cfg.data).to(device)  # from the preprocessed cache
+        _SITES[key] = _Site(cfg, alg, model, data, names.index(name), device)
     return _SITES[key]
 
 
@@ -242,7 +249,8 @@ def train(msg: Message, context: Context) -> Message:
     bytes_in = sum(r.count_bytes() for r in msg.content.values())
     if config["stage"] == "fit":
         global_arrays = msg.content.array_records[ARRAYS].to_torch_state_dict()
-        update, state = site.alg.fit(site.model, global_arrays, state, site.data, ctx)
+        with session(site.cfg.train, site.device):
+            update, state = site.alg.run_fit(site.model, global_arrays, state, site.data, ctx)
         _save_state(context, state, meta, best, best_kv)
         arrays = ArrayRecord(update.arrays)
         metrics = MetricRecord(
@@ -262,12 +270,13 @@ def train(msg: Message, context: Context) -> Message:
             state = site.alg.start_finetune(best, state)
         # The K/V bank the best model was selected with; shared weights come from the state.
         payload = dict(best_kv)
-        loss, state = site.alg.finetune_epoch(
-            site.model, payload, state, site.data, ctx, first=epoch == 1
-        )
-        row = _validate(site, payload, state, meta, rnd)
+        with session(site.cfg.train, site.device):
+            loss, state = site.alg.run_finetune_epoch(
+                site.model, payload, state, site.data, ctx, first=epoch == 1
+            )
+            row = _validate(site, payload, state, meta, rnd)
         if row["improved"]:
-            best = {k: v.clone() for k, v in site.model.state_dict().items()}
+            best = to_device(site.model.state_dict(), torch.device("cpu"), copy=True)
             best_kv = {k: v.clone() for k, v in payload.items() if k.startswith(KV)}
         _save_state(context, state, meta, best, best_kv)
         return _reply(msg, {METRICS: MetricRecord({**_row_metrics(row, site), "train-loss": loss})})
@@ -277,8 +286,9 @@ def train(msg: Message, context: Context) -> Message:
 def _validate(
     site: _Site, payload: StateDict, state: ClientState, meta: dict[str, Any], rnd: int
 ) -> dict[str, Any]:
+    t = site.cfg.train
     site.alg.personalize(site.model, payload, state)
-    val = evaluate(site.model, site.data.val, site.cfg.train.precision)
+    val = evaluate(site.model, site.data.val, t.precision, batch_size=t.eval_batch_size)
     score = val[site.cfg.train.select_metric]
     best_score = meta["best_score"]
     improved = score is not None and (best_score is None or score > best_score)
@@ -305,16 +315,21 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     if config["stage"] == "val":
         global_arrays = msg.content.array_records[ARRAYS].to_torch_state_dict()
         rnd = _i(config, "server-round")
-        row = _validate(site, global_arrays, state, meta, rnd)
+        with session(site.cfg.train, site.device):
+            row = _validate(site, global_arrays, state, meta, rnd)
         if row["improved"]:
-            best = {k: v.clone() for k, v in site.model.state_dict().items()}
+            best = to_device(site.model.state_dict(), torch.device("cpu"), copy=True)
             best_kv = {k: v.clone() for k, v in global_arrays.items() if k.startswith(KV)}
         _save_state(context, state, meta, best, best_kv)
         return _reply(msg, {METRICS: MetricRecord(_row_metrics(row, site))})
     if config["stage"] == "test":
         site.model.load_state_dict(best)
         cast(Any, site.model).set_kv_bank(best_kv.get(KV + "bank"))
-        test = evaluate(site.model, site.data.test, site.cfg.train.precision, full=True)
+        t = site.cfg.train
+        with session(t, site.device):
+            test = evaluate(
+                site.model, site.data.test, t.precision, full=True, batch_size=t.eval_batch_size
+            )
         out = Path(str(context.node_config.get("output-dir", config["run-dir"])))
         save_tensors(
             RunDir(out).best(site.data.name),

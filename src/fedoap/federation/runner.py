@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from fedoap.algorithms import KV, Algorithm, ClientState, FitContext, Update, nbytes
+from fedoap.algorithms.base import to_device
 from fedoap.config import Config
 from fedoap.data.dataset import ClientData, pool_training_sets
 from fedoap.federation.checkpoint import (
@@ -43,7 +45,18 @@ from fedoap.federation.summary import make_summary
 from fedoap.models import FedOAPNet, StateDict
 from fedoap.plots import plot_curves
 from fedoap.runs import RunDir
-from fedoap.training import evaluate, threads
+from fedoap.training import evaluate
+from fedoap.training.device import (
+    Timer,
+    autocast,
+    describe,
+    oom_guard,
+    place,
+    session,
+    setup,
+    uses_channels_last,
+)
+from fedoap.training.engine import predict_logits
 
 CHECKPOINT_VERSION = 1
 POOLED = "__pooled__"  # the single trainer of ``centralized`` (not a client name: has '_' x2)
@@ -87,22 +100,32 @@ class Runner:
         run_dir: RunDir,
         progress: bool = True,
         log: Callable[[str], None] = print,
+        data_seconds: float = 0.0,
     ) -> None:
         self.cfg = cfg
         self.alg = algorithm
         self.run_dir = run_dir
         self.progress = progress
         self.log = log
-        self.model: FedOAPNet = algorithm.build_model()
-        self.partition = algorithm.partition(self.model)
-        self.global_arrays: StateDict = algorithm.init_global(self.model)
+        self.device = setup(cfg.train)  # a missing device fails here, before any work
+        self.timer = Timer(self.device, {"data": data_seconds})
+        model = algorithm.build_model()  # on the CPU: initial state is the same on any device
+        self.partition = algorithm.partition(model)
+        self.global_arrays: StateDict = algorithm.init_global(model)
+        init_states = {c.name: algorithm.init_client(model) for c in clients}
+        pooled_state = algorithm.init_client(model) if algorithm.pooled else None
+        # One model for every client: each client's weights are loaded into it in turn, so it
+        # is moved and compiled once per process.
+        self.model: FedOAPNet = place(model, cfg.train, self.device)  # type: ignore[assignment]
+        with self.timer("data"):
+            clients = [c.to(self.device) for c in clients]  # each split crosses to the device once
         self.server: StateDict = {}
         self.ft_extra: StateDict = {}  # algorithm's extra payload for the fine-tuning stage
-        self.records = {c.name: ClientRecord(c, algorithm.init_client(self.model)) for c in clients}
+        self.records = {c.name: ClientRecord(c, init_states[c.name]) for c in clients}
         # ``centralized``: one trainer on the pooled training sets instead of the clients.
         self.pooled = (
-            ClientRecord(pool_training_sets(clients), algorithm.init_client(self.model))
-            if algorithm.pooled
+            ClientRecord(pool_training_sets(clients), pooled_state)
+            if pooled_state is not None
             else None
         )
         self.rows: list[dict[str, Any]] = []
@@ -123,11 +146,18 @@ class Runner:
         return self.cfg.finetune.epochs if self.alg.has_finetune else 0
 
     def run(self) -> dict[str, Any]:
-        with threads(self.cfg.train.num_threads):
+        # Out of memory: the last checkpoint is intact; the message says what to change.
+        with (
+            session(self.cfg.train, self.device),
+            oom_guard(self.cfg.train, self.cfg.data.image_size, self.device),
+        ):
             return self._run()
 
     def _run(self) -> dict[str, Any]:
         start = time.perf_counter() - self.elapsed
+        if self.cfg.train.compile:
+            with self.timer("compile"):
+                self._warm_up()
         total = self.cfg.federation.rounds + self.finetune_epochs
         done = self._steps_done()
         bar = tqdm(
@@ -146,19 +176,22 @@ class Runner:
             self.round_seconds.append(time.perf_counter() - t0)
             self.position.done += 1
             self.elapsed = time.perf_counter() - start
-            self._checkpoint()
+            with self.timer("checkpoint"):
+                self._checkpoint()
             bar.update(1)
             bar.set_postfix(self._postfix())
         if self.position.stage == "federated":
             self.position = Position("finetune", 0)
             if self.finetune_epochs:
                 self._start_finetune()
-            self._checkpoint()
+            with self.timer("checkpoint"):
+                self._checkpoint()
         while self.position.stage == "finetune" and self.position.done < self.finetune_epochs:
             self._finetune_epoch(self.position.done + 1)
             self.position.done += 1
             self.elapsed = time.perf_counter() - start
-            self._checkpoint()
+            with self.timer("checkpoint"):
+                self._checkpoint()
             bar.update(1)
             bar.set_postfix(self._postfix())
         bar.close()
@@ -167,6 +200,27 @@ class Runner:
         return summary
 
     # ------------------------------------------------------------------ stages
+
+    def _warm_up(self) -> None:
+        """Compile before the first round, so that the compile cost is reported on its own.
+
+        One forward/backward in training mode and one forward in evaluation mode, at the
+        shapes training and validation use, on the first client's images; the model's weights
+        and buffers are restored afterwards and nothing else is touched, so the run's results
+        are those of an uncompiled warm-up-free run. Later shapes (a smaller last batch) compile
+        on first use and are charged to the phase that meets them.
+        """
+        rec = next(iter(self._all_records().values()))
+        t = self.cfg.train
+        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        x = rec.data.train.x[: t.batch_size]
+        self.model.train()
+        with autocast(t.precision, self.device.type):
+            out = self.model(x)
+        out.float().mean().backward()
+        self.model.zero_grad(set_to_none=True)
+        predict_logits(self.model, rec.data.val.x[: t.eval_batch_size], t.precision)
+        self.model.load_state_dict(saved)
 
     def _inner_bar(self, desc: str, total: int) -> tqdm:
         return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not self.progress)
@@ -184,17 +238,21 @@ class Runner:
         updates: list[Update] = []
         losses: dict[str, float] = {}
         for name, rec in trainers.items():
-            with self._inner_bar(
-                f"round {rnd} {name}", len(rec.data.train) * self.alg.passes_per_round()
-            ) as ib:
+            with (
+                self.timer("train"),
+                self._inner_bar(
+                    f"round {rnd} {name}", len(rec.data.train) * self.alg.passes_per_round()
+                ) as ib,
+            ):
                 ctx = FitContext(name, rnd, cfg.seed, progress=ib.update)
-                update, rec.state = self.alg.fit(self.model, payload, rec.state, rec.data, ctx)
+                update, rec.state = self.alg.run_fit(self.model, payload, rec.state, rec.data, ctx)
             updates.append(update)
             losses[name] = update.metrics["train_loss"]
             if self.pooled is None:  # pooling moves raw data, not model messages
                 self.bytes_up.append(nbytes(update.arrays))
                 self.bytes_down.append(down)
-        self.global_arrays = self.alg.aggregate(self.global_arrays, updates, self.server)
+        with self.timer("aggregate"):
+            self.global_arrays = self.alg.aggregate(self.global_arrays, updates, self.server)
         for name in self.names:
             loss = losses.get(POOLED, losses.get(name))
             self._validate(name, rnd, "federated", self.global_arrays, loss, name in sampled)
@@ -216,9 +274,12 @@ class Runner:
         rnd = self.cfg.federation.rounds + epoch
         for name, rec in self.records.items():
             payload = self._ft_payload(rec)
-            with self._inner_bar(f"fine-tune {epoch} {name}", len(rec.data.train)) as ib:
+            with (
+                self.timer("train"),
+                self._inner_bar(f"fine-tune {epoch} {name}", len(rec.data.train)) as ib,
+            ):
                 ctx = FitContext(name, rnd, self.cfg.seed, progress=ib.update)
-                loss, rec.state = self.alg.finetune_epoch(
+                loss, rec.state = self.alg.run_finetune_epoch(
                     self.model, payload, rec.state, rec.data, ctx, first=epoch == 1
                 )
             self._validate(name, rnd, "finetune", payload, loss, True)
@@ -234,15 +295,20 @@ class Runner:
     ) -> None:
         rec = self.records[name]
         t0 = time.perf_counter()
-        self.alg.personalize(self.model, payload, rec.state)
-        val = evaluate(self.model, rec.data.val, self.cfg.train.precision)
-        score = val[self.cfg.train.select_metric]
-        improved = score is not None and score > rec.best_score
-        if improved:
-            rec.best_score = score
-            rec.best_round = rnd
-            rec.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            rec.best_kv = {k: v.clone() for k, v in payload.items() if k.startswith(KV)}
+        t = self.cfg.train
+        with self.timer("validate"):
+            self.alg.personalize(self.model, payload, rec.state)
+            val = evaluate(self.model, rec.data.val, t.precision, batch_size=t.eval_batch_size)
+            score = val[t.select_metric]
+            improved = score is not None and score > rec.best_score
+            if improved:
+                rec.best_score = score
+                rec.best_round = rnd
+                # Kept on the CPU, in the layout it is saved in.
+                rec.best_weights = to_device(
+                    self.model.state_dict(), torch.device("cpu"), copy=True
+                )
+                rec.best_kv = {k: v.clone() for k, v in payload.items() if k.startswith(KV)}
         self.rows.append(
             {
                 "round": rnd,
@@ -276,9 +342,13 @@ class Runner:
 
     def _finish(self) -> dict[str, Any]:
         clients: dict[str, Any] = {}
+        t = self.cfg.train
         for name, rec in self.records.items():
             self.load_best(name)
-            test = evaluate(self.model, rec.data.test, self.cfg.train.precision, full=True)
+            with self.timer("test"):
+                test = evaluate(
+                    self.model, rec.data.test, t.precision, full=True, batch_size=t.eval_batch_size
+                )
             save_tensors(
                 self.run_dir.best(name),
                 {**rec.best_weights, **rec.best_kv},
@@ -305,11 +375,27 @@ class Runner:
             self.elapsed,
             self.round_seconds,
             self.finetune_epochs,
+            execution=self.execution(),
+            phases=self.timer.seconds,
         )
         self.run_dir.write_json(self.run_dir.summary, summary)
         self.run_dir.write_metrics(self.rows)
         plot_curves(self.rows, self.run_dir.plots, f"{self.alg.name} (seed {self.cfg.seed})")
         return summary
+
+    def execution(self) -> dict[str, Any]:
+        """Where and how this run executed (``summary.json``'s ``execution``)."""
+        t = self.cfg.train
+        return {
+            **describe(self.device),
+            "precision": t.precision,
+            "compile": t.compile,
+            "compile_mode": t.compile_mode if t.compile else None,
+            "channels_last": uses_channels_last(t, self.device),
+            "deterministic": t.deterministic,
+            "tf32": t.tf32,
+            "num_threads": torch.get_num_threads(),
+        }
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -347,6 +433,7 @@ class Runner:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "clients": clients_meta,
+            "phases": self.timer.seconds,
         }
         save_tensors(self.run_dir.last, tensors, meta)
         self.run_dir.write_metrics(self.rows)
@@ -387,3 +474,6 @@ class Runner:
         self.round_seconds = meta["round_seconds"]
         self.bytes_up = meta["bytes_up"]
         self.bytes_down = meta["bytes_down"]
+        # Time already spent per phase; this process's data loading is added to it.
+        for phase, sec in meta.get("phases", {}).items():
+            self.timer.seconds[phase] = self.timer.seconds.get(phase, 0.0) + sec

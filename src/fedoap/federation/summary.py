@@ -27,9 +27,14 @@ def make_summary(
     elapsed: float,
     round_seconds: list[float],
     finetune_epochs: int,
+    execution: dict[str, Any] | None = None,
+    phases: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """``clients[name]`` holds n, best_round, best_stage, val and test (dice, iou, hd95_px,
-    case_dice, ...). Byte lists have one entry per (round, client that sent/received)."""
+    case_dice, ...). Byte lists have one entry per (round, client that sent/received).
+    ``execution`` describes where the run executed (device, precision, compilation);
+    ``phases`` splits its wall time (data, compile, train, aggregate, validate, checkpoint,
+    test)."""
     counts = alg.partition(model).count(model)
     return {
         "method": alg.name,
@@ -59,5 +64,7 @@ def make_summary(
             "rounds": cfg.federation.rounds,
             "finetune_epochs": finetune_epochs,
             "clients": len(clients),
+            **({"phases": {k: round(v, 3) for k, v in phases.items()}} if phases else {}),
         },
+        **({"execution": execution} if execution else {}),
     }

@@ -92,7 +92,8 @@ class FedOAPNet(nn.Module):
             raise ValueError(
                 f"kv bank must have shape (M, {self.bottleneck_channels}), got {tuple(bank.shape)}"
             )
-        self.kv_bank = None if bank is None else bank.detach().float()
+        # On the model's device once, not copied in every forward pass.
+        self.kv_bank = None if bank is None else bank.detach().float().to(self.head.weight.device)
 
     def kv_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-projection key/value tokens of images ``x``: (B, N, C). What bank summaries use."""
@@ -129,10 +130,11 @@ class FedOAPNet(nn.Module):
     def flops_per_image(self, image_size: int, in_channels: int | None = None) -> int:
         """Forward FLOPs (multiply-add = 2) for one image, counted by torch's FlopCounterMode."""
         c = in_channels if in_channels is not None else self.encoder.stages[0][0].in_channels
-        x = torch.zeros(1, c, image_size, image_size)
+        x = torch.zeros(1, c, image_size, image_size, device=self.head.weight.device)
         was_training = self.training
         self.eval()
+        # ``forward``, not ``__call__``: a compiled module would count its compiled kernels.
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self(x)
+            self.forward(x)
         self.train(was_training)
         return int(counter.get_total_flops())

@@ -11,7 +11,6 @@ resumed run replays exactly the draws of an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +23,7 @@ from fedoap.config import AugmentConfig
 from fedoap.data.augment import augment_batch
 from fedoap.data.dataset import Split
 from fedoap.metrics import case_dice, image_metrics, summarize
+from fedoap.training.device import GradStep, autocast
 
 #: ``loss(logits, y, gen, x)``: logits and masks (B, 1, H, W), the batch's generator (for
 #: stochastic losses such as PBL) and its input images (for losses that consult other models,
@@ -31,46 +31,33 @@ from fedoap.metrics import case_dice, image_metrics, summarize
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator, torch.Tensor], torch.Tensor]
 
 
-def make_generator(seed: int, *keys: Any) -> torch.Generator:
-    """A torch generator seeded from ``seed`` and any mix of ints and strings (order matters)."""
+def make_generator(seed: int, *keys: Any, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` seeded from ``seed`` and any mix of ints and strings (order
+    matters). Draws are made on the device that uses them, so no batch waits for a host copy; a
+    CUDA generator gives other numbers than a CPU one from the same seed, but the same numbers
+    every time (resume is exact on either)."""
     words = [seed] + [zlib.crc32(str(k).encode()) for k in keys]
     state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-@contextlib.contextmanager
-def threads(n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op threads (0 keeps torch's default), then restore the old count.
-
-    The count is process-global in torch, and float reductions depend on it, so a run must not
-    leak its setting into whatever the process does next (a resumed run, a test).
-    """
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CPU, or a no-op for fp32."""
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     """Shuffled index batches covering every example once. A trailing batch of one example is
     merged into the previous one (batch norm cannot train on a single example)."""
-    perm = torch.randperm(n, generator=gen)
+    perm = torch.randperm(n, generator=gen, device=gen.device)
     starts = list(range(0, n, batch_size))
     if len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()
     for i, s in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else n
         yield perm[s:end]
+
+
+def step_begin(x: torch.Tensor) -> None:
+    """Mark a new iteration for CUDA graphs (``train.compile_mode=reduce-overhead``), whose
+    outputs are overwritten by the next replay; a no-op off CUDA."""
+    if x.is_cuda:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def train_epochs(
@@ -88,49 +75,64 @@ def train_epochs(
 ) -> float:
     """Train for ``epochs`` over ``data``; returns the mean training loss (without ``penalty``).
 
-    ``penalty`` adds a regulariser computed from the model alone (FedProx's proximal term,
-    Ditto's pull towards the global model). ``progress`` is called with the batch size after each
-    step (for progress bars).
+    ``data``, ``model`` and ``gen`` are on one device; nothing is copied between host and device
+    inside the loop, and the loss is read back once, at the end (a per-step read would stall the
+    GPU's queue). ``penalty`` adds a regulariser computed from the model alone (FedProx's
+    proximal term, Ditto's pull towards the global model). ``progress`` is called with the batch
+    size after each step (for progress bars).
     """
     model.train()
-    total, count = 0.0, 0
+    device = data.x.device
+    step = GradStep(precision, device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for _ in range(epochs):
         for idx in batches(len(data), batch_size, gen):
             x, y = data.x[idx], data.y[idx]
             if augment is not None and augment.enabled:
                 x, y = augment_batch(x, y, augment, gen)
-            with autocast(precision):
+            step_begin(x)
+            with autocast(precision, device.type):
                 logits = model(x)
             loss = loss_fn(logits.float(), y, gen, x)
             full = loss + penalty() if penalty is not None else loss
             optimizer.zero_grad(set_to_none=True)
-            full.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
+            step.backward(full)
+            step.step(optimizer)
+            step.update()
+            total += loss.detach().double() * len(idx)
             count += len(idx)
             if progress is not None:
                 progress(len(idx))
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, x: torch.Tensor, precision: str, batch_size: int = 64
+    model: nn.Module, x: torch.Tensor, precision: str, batch_size: int = 256
 ) -> torch.Tensor:
-    """Logits (N, 1, H, W) in fp32 for images ``x`` (N, C, H, W)."""
+    """Logits (N, 1, H, W) in fp32, on ``x``'s device, for images ``x`` (N, C, H, W)."""
     model.eval()
     out = []
     for s in range(0, x.shape[0], batch_size):
-        with autocast(precision):
-            out.append(model(x[s : s + batch_size]).float())
-    return torch.cat(out) if out else torch.empty(0, 1, *x.shape[2:])
+        xb = x[s : s + batch_size]
+        step_begin(xb)
+        with autocast(precision, x.device.type):
+            out.append(model(xb).float().clone())  # clone: CUDA graphs reuse their outputs
+    return torch.cat(out) if out else torch.empty(0, 1, *x.shape[2:], device=x.device)
 
 
-def evaluate(model: nn.Module, data: Split, precision: str, full: bool = False) -> dict[str, Any]:
-    """Score ``model`` on a split. ``full`` adds HD95 and case Dice (slower; used for test)."""
-    pred = predict_logits(model, data.x, precision) > 0
-    m = image_metrics(pred, data.y > 0.5, hd95=full)
-    cases = case_dice(pred, data.y > 0.5, data.case_ids)
+def evaluate(
+    model: nn.Module, data: Split, precision: str, full: bool = False, batch_size: int = 256
+) -> dict[str, Any]:
+    """Score ``model`` on a split. ``full`` adds HD95 and case Dice (slower; used for test).
+
+    The forward passes run on the split's device in batches of ``batch_size``; the binary
+    predictions come back to the CPU once, for the metrics."""
+    pred = (predict_logits(model, data.x, precision, batch_size) > 0).cpu()
+    truth = (data.y > 0.5).cpu()
+    m = image_metrics(pred, truth, hd95=full)
+    cases = case_dice(pred, truth, data.case_ids)
     out = summarize(m, cases)
     if not full:
         out.pop("hd95_px", None)
