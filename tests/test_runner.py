@@ -258,3 +258,41 @@ def test_run_restores_the_thread_count(tmp_path):
     target = 1 if before != 1 else 2
     quiet_run(tiny_config("federation.rounds=1", f"train.num_threads={target}"), tmp_path / "r")
     assert torch.get_num_threads() == before
+
+
+def test_checkpoint_every_k_rounds_still_resumes_exactly(tmp_path, monkeypatch):
+    """``federation.checkpoint_every=2``: fewer resume checkpoints (the costly write at paper
+    scale), and a run that dies after a round without one resumes from the one before it and
+    ends exactly as an uninterrupted run."""
+    import fedoap.federation.runner as runner_mod
+
+    over = ("federation.rounds=4", "finetune.epochs=1", "train.num_threads=1")
+    reference = quiet_run(tiny_config(*over), tmp_path / "reference")
+
+    writes: list[str] = []
+    real_save = runner_mod.save_tensors
+
+    def counting(path, tensors, meta=None):
+        if path.name == "last.safetensors":
+            writes.append(f"{meta['position']['stage']}:{meta['position']['done']}")
+        return real_save(path, tensors, meta)
+
+    monkeypatch.setattr(runner_mod, "save_tensors", counting)
+    cfg = tiny_config(*over, "federation.checkpoint_every=2")
+    assert cfg.digest() == tiny_config(*over).digest()  # an execution setting
+    real_round = runner_mod.Runner._federated_round
+
+    def dies_in_round_4(self, rnd):
+        if rnd == 4:
+            raise KeyboardInterrupt("killed")
+        return real_round(self, rnd)
+
+    monkeypatch.setattr(runner_mod.Runner, "_federated_round", dies_in_round_4)
+    with pytest.raises(KeyboardInterrupt):
+        quiet_run(cfg, tmp_path / "killed")
+    assert writes == ["federated:2"]  # round 3 was trained but not saved
+    monkeypatch.setattr(runner_mod.Runner, "_federated_round", real_round)
+    resumed = resume_experiment(tmp_path / "killed", progress=False, log=lambda s: None)
+    # Resumed from round 2: rounds 3 and 4 again, then the stage change and the last epoch.
+    assert writes == ["federated:2", "finetune:0", "finetune:1"]
+    assert _strip_time(resumed) == _strip_time(reference)

@@ -213,6 +213,11 @@ class FederationConfig:
     # inprocess: every client in this process (default). flower-sim: the same algorithm objects
     # through Flower's simulation runtime (needs the [flower] extra).
     runtime: Literal["inprocess", "flower-sim"] = "inprocess"
+    # Write the resume checkpoint after every k-th round and fine-tuning epoch (always at the end
+    # of each stage). A paper-scale checkpoint (4 clients, w=64) is 2.8 GB, 10-13 s to write on
+    # our CPU machine; a killed run resumes exactly from the last one written. An execution
+    # setting (not part of Config.digest).
+    checkpoint_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,7 @@ EXECUTION_KEYS = (
     "train.eval_batch_size",
     "data.cache",
     "data.cache_dir",
+    "federation.checkpoint_every",
 )
 
 
@@ -468,6 +474,7 @@ def validate(cfg: Config) -> None:
     f = cfg.federation
     need(f.rounds >= 1, "federation.rounds: must be >= 1")
     need(0 < f.fraction <= 1, "federation.fraction: must be in (0, 1]")
+    need(f.checkpoint_every >= 1, "federation.checkpoint_every: must be >= 1")
     ft = cfg.finetune
     need(ft.epochs >= 0, "finetune.epochs: must be >= 0")
     need(0 <= ft.pbl.lam <= 1, "finetune.pbl.lam: must be in [0, 1]")

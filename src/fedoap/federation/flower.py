@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -155,6 +156,13 @@ def _site(context: Context, cfg_yaml: str) -> _Site:
                 }
             )
         device = setup(cfg.train)
+        if cfg.train.compile:
+            # Flower 1.42 starts a ClientApp process per message, and compiling is per process.
+            warnings.warn(
+                "train.compile on Flower: each ClientApp process compiles its model, and Flower "
+                "starts one per message (the inductor cache on disk shortens all but the first)",
+                stacklevel=2,
+            )
         alg = build_algorithm(cfg)
         # Built and compiled once per process; every message of this site reuses it.
         model = place(alg.build_model(), cfg.train, device)

@@ -176,8 +176,10 @@ class Runner:
             self.round_seconds.append(time.perf_counter() - t0)
             self.position.done += 1
             self.elapsed = time.perf_counter() - start
+            # The last round's state is saved by the stage change below, a moment later.
+            done, every = self.position.done, self.cfg.federation.checkpoint_every
             with self.timer("checkpoint"):
-                self._checkpoint()
+                self._checkpoint(tensors=done % every == 0 and done < self.cfg.federation.rounds)
             bar.update(1)
             bar.set_postfix(self._postfix())
         if self.position.stage == "federated":
@@ -190,8 +192,9 @@ class Runner:
             self._finetune_epoch(self.position.done + 1)
             self.position.done += 1
             self.elapsed = time.perf_counter() - start
+            done, every = self.position.done, self.cfg.federation.checkpoint_every
             with self.timer("checkpoint"):
-                self._checkpoint()
+                self._checkpoint(tensors=done % every == 0 or done == self.finetune_epochs)
             bar.update(1)
             bar.set_postfix(self._postfix())
         bar.close()
@@ -402,7 +405,15 @@ class Runner:
     def _all_records(self) -> dict[str, ClientRecord]:
         return {**self.records, **({POOLED: self.pooled} if self.pooled is not None else {})}
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, tensors: bool = True) -> None:
+        """Write ``metrics.csv`` and, when ``tensors``, the resume state ``last.safetensors``
+        (``federation.checkpoint_every``: a killed run resumes from the last one written)."""
+        if not tensors:
+            self.run_dir.write_metrics(self.rows)
+            return
+        self._save_last()
+
+    def _save_last(self) -> None:
         tensors: StateDict = {}
         tensors.update(prefixed(self.global_arrays, "global/"))
         tensors.update(prefixed(self.server, "server/"))
