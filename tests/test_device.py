@@ -349,3 +349,26 @@ def test_deterministic_cuda_runs_repeat_bit_for_bit(tmp_path):
     tb, _ = load_tensors(tmp_path / "b" / "checkpoints" / "last.safetensors")
     assert ta.keys() == tb.keys()
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_evaluate_on_another_device_than_the_run_names(tmp_path):
+    """A run whose config says ``train.device=cuda`` (trained on a GPU) is re-scored on this
+    machine with ``--device cpu``; without it, the missing device is named."""
+    import yaml
+
+    from fedoap.api import evaluate_run
+    from fedoap.cli.main import main
+
+    run = tmp_path / "r"
+    summary = quiet(tiny_config("federation.rounds=1", "finetune.epochs=0"), run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["device"] = "cuda:7"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"train\.device=cuda:7"):
+        evaluate_run(run)
+    out = evaluate_run(run, device="cpu")
+    for name, c in summary["clients"].items():
+        assert out["clients"][name]["dice"] == pytest.approx(c["test"]["dice"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(run), "--device", "gpu"])
+    assert exit_info.value.code == 2

@@ -90,6 +90,7 @@ def adapt(
     parts: str = "all",
     init: str = "averaged",
     log: Callable[[str], None] = print,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Steps 1-4 of the module docstring; returns what ``OUT/summary.json`` holds.
 
@@ -100,9 +101,9 @@ def adapt(
     rd = RunDir(run_dir)
     if not rd.summary.is_file():
         raise FileNotFoundError(f"{rd.summary} not found: adapt needs a finished run")
-    cfg = load_config(rd.config)
-    with session(cfg.train) as device, oom_guard(cfg.train, cfg.data.image_size, device):
-        return _adapt(rd, cfg, data_path, name, epochs, parts, init, log, device)
+    cfg = load_config(rd.config, [f"train.device={device}"] if device else [])
+    with session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
+        return _adapt(rd, cfg, data_path, name, epochs, parts, init, log, dev)
 
 
 def _adapt(

@@ -124,6 +124,12 @@ def resume_experiment(
     return runner.run()
 
 
+def run_config(run_dir: Path, device: str | None = None) -> Config:
+    """A run folder's config, with ``train.device`` replaced by ``device`` when given (score a
+    model trained on a GPU on a laptop: ``--device cpu``)."""
+    return load_config(RunDir(run_dir).config, [f"train.device={device}"] if device else [])
+
+
 def load_client_model(
     run_dir: Path, client: str, device: torch.device | None = None
 ) -> tuple[Config, FedOAPNet]:
@@ -143,12 +149,12 @@ def load_client_model(
     return cfg, model
 
 
-def evaluate_run(run_dir: Path, split: str = "test") -> dict[str, Any]:
+def evaluate_run(run_dir: Path, split: str = "test", device: str | None = None) -> dict[str, Any]:
     """Re-score every client's saved model on a split; writes ``evaluation.json``."""
     rd = RunDir(run_dir)
-    cfg = load_config(rd.config)
-    with session(cfg.train) as device, oom_guard(cfg.train, cfg.data.image_size, device):
-        return _evaluate_run(rd, cfg, split, device)
+    cfg = run_config(run_dir, device)
+    with session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
+        return _evaluate_run(rd, cfg, split, dev)
 
 
 def _evaluate_run(rd: RunDir, cfg: Config, split: str, device: torch.device) -> dict[str, Any]:
@@ -186,12 +192,12 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def predict_images(
-    run_dir: Path, client: str, images: Sequence[Path], out_dir: Path
+    run_dir: Path, client: str, images: Sequence[Path], out_dir: Path, device: str | None = None
 ) -> list[tuple[Path, Path]]:
     """Write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` for each image."""
-    cfg = load_config(RunDir(run_dir).config)
-    with session(cfg.train) as device, oom_guard(cfg.train, cfg.data.image_size, device):
-        return _predict_images(run_dir, client, images, out_dir, device)
+    cfg = run_config(run_dir, device)
+    with session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
+        return _predict_images(run_dir, client, images, out_dir, dev)
 
 
 def _predict_images(

@@ -214,7 +214,7 @@ class FederationConfig:
     # through Flower's simulation runtime (needs the [flower] extra).
     runtime: Literal["inprocess", "flower-sim"] = "inprocess"
     # Write the resume checkpoint after every k-th round and fine-tuning epoch (always at the end
-    # of each stage). A paper-scale checkpoint (4 clients, w=64) is 2.8 GB, 10-13 s to write on
+    # of each stage). A paper-scale checkpoint (4 clients, w=64) is 2.8 GB, 8-10 s to write on
     # our CPU machine; a killed run resumes exactly from the last one written. An execution
     # setting (not part of Config.digest).
     checkpoint_every: int = 1

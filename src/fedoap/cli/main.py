@@ -156,12 +156,15 @@ def config_cmd(
 def evaluate_cmd(
     run_dir: Path = typer.Argument(..., help="a finished run folder"),
     split: str = typer.Option("test", help="split to score: test, val or train"),
+    device: str = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:N, mps or auto (default: the run's train.device)"
+    ),
 ) -> None:
     """Re-score each client's saved (validation-selected) model."""
     from fedoap.api import evaluate_run
 
     try:
-        out = evaluate_run(run_dir, split)
+        out = evaluate_run(run_dir, split, device)
     except USER_ERRORS as err:
         fail(err)
         return
@@ -181,12 +184,15 @@ def predict(
     images: list[Path] = typer.Argument(..., help="image files (PNG/JPG/TIF)"),
     client: str = typer.Option(..., "--client", help="whose personalised model to use"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    device: str = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:N, mps or auto (default: the run's train.device)"
+    ),
 ) -> None:
     """Segment images with one client's model: writes <stem>_mask.png and <stem>_overlay.png."""
     from fedoap.api import predict_images
 
     try:
-        written = predict_images(run_dir, client, images, out)
+        written = predict_images(run_dir, client, images, out, device)
     except USER_ERRORS as err:
         fail(err)
         return
@@ -208,6 +214,9 @@ def adapt(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     force: bool = typer.Option(False, "--force", help="move an existing output folder aside"),
+    device: str = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:N, mps or auto (default: the run's train.device)"
+    ),
 ) -> None:
     """Adapt a finished federation to a client that was never part of it (zero-shot, fine-tuned,
     and local-from-scratch references)."""
@@ -218,7 +227,7 @@ def adapt(
     try:
         if RunDir(out).is_started() and not force:
             RunDir(out).prepare(force=False)
-        summary = run_adapt(run_dir, data, name, epochs, parts, init)
+        summary = run_adapt(run_dir, data, name, epochs, parts, init, device=device)
         write_adapt(summary, out, force)
     except USER_ERRORS as err:
         fail(err)
