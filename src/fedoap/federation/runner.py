@@ -50,8 +50,10 @@ from fedoap.training.device import (
     Timer,
     autocast,
     describe,
+    native_low_precision,
     oom_guard,
     place,
+    precision_note,
     session,
     setup,
     uses_channels_last,
@@ -154,6 +156,9 @@ class Runner:
             return self._run()
 
     def _run(self) -> dict[str, Any]:
+        note = precision_note(self.cfg.train.precision, self.device)
+        if note:
+            self.log(f"note: {note}")
         start = time.perf_counter() - self.elapsed
         if self.cfg.train.compile:
             with self.timer("compile"):
@@ -392,6 +397,7 @@ class Runner:
         return {
             **describe(self.device),
             "precision": t.precision,
+            "native_precision": native_low_precision(t.precision, self.device),
             "compile": t.compile,
             "compile_mode": t.compile_mode if t.compile else None,
             "channels_last": uses_channels_last(t, self.device),

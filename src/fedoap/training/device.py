@@ -85,6 +85,28 @@ def check_precision(precision: str, device: torch.device) -> None:
         )
 
 
+def native_low_precision(precision: str, device: torch.device) -> bool:
+    """Whether ``device`` computes ``precision`` natively. A CPU without AVX512-BF16 or AMX
+    emulates bf16: on an AVX2-only AMD EPYC, training the quickstart's model in bf16 ran at
+    one tenth of fp32's speed (benchmarks/precision/cpu_speed.py)."""
+    if precision == "fp32" or device.type != "cpu":
+        return True
+    if precision == "bf16":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return bool(torch.cpu._is_amx_fp16_supported())
+
+
+def precision_note(precision: str, device: torch.device) -> str | None:
+    """A note for runs whose precision the CPU emulates (correct, but several times slower)."""
+    if native_low_precision(precision, device):
+        return None
+    return (
+        f"train.precision={precision}: this CPU has no native {precision} (no AVX512-BF16/AMX), "
+        "so autocast emulates it and training runs several times slower than "
+        "train.precision=fp32 here"
+    )
+
+
 def describe(device: torch.device) -> dict[str, Any]:
     """The device as recorded in ``summary.json``."""
     out: dict[str, Any] = {"device": str(device), "torch": torch.__version__}
