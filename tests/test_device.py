@@ -89,14 +89,18 @@ def test_execution_settings_are_not_part_of_a_runs_identity():
     assert base.digest() != tiny_config("train.precision=fp32").digest()
 
 
-def test_session_sets_and_restores_global_state():
-    before = (
+def _global_state() -> tuple:
+    return (
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),
         torch.backends.cuda.matmul.allow_tf32,
         torch.backends.cudnn.allow_tf32,
         torch.backends.cudnn.deterministic,
     )
+
+
+def test_session_sets_and_restores_global_state():
+    before = _global_state()
     target = 1 if before[0] != 1 else 2
     t = TrainConfig(device="cpu", num_threads=target, deterministic=True, tf32=not before[2])
     with session(t) as device:
@@ -104,14 +108,7 @@ def test_session_sets_and_restores_global_state():
         assert torch.get_num_threads() == target
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cuda.matmul.allow_tf32 == (not before[2])
-    after = (
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cudnn.deterministic,
-    )
-    assert after == before
+    assert _global_state() == before
 
 
 # ------------------------------------------------------------------ data and uploads

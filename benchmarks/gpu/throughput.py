@@ -34,6 +34,7 @@ from fedoap.algorithms.base import FitContext
 from fedoap.config import load_config
 from fedoap.data.dataset import make_client
 from fedoap.training.device import autocast, describe, place, session, setup, sync
+from fedoap.training.engine import step_begin
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,8 +123,7 @@ def measure(s: Setting, data: Path, device: str, epochs: int) -> dict[str, Any]:
         steps = max(1, images // s.batch)
 
         def bare_step() -> None:
-            if dev.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
+            step_begin(x)
             with autocast(s.precision, dev.type):
                 out = model(x)
             loss = out.float().square().mean()

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from fedoap.algorithms import KV, SHARED, ClientState, FitContext, build_algorithm
-from fedoap.config import ClientSpec, Config, ConfigError, load_config
+from fedoap.api import run_config
+from fedoap.config import ClientSpec, Config, ConfigError
 from fedoap.data.dataset import ClientData, make_client
 from fedoap.federation.checkpoint import load_tensors
 from fedoap.models import StateDict
@@ -101,7 +102,7 @@ def adapt(
     rd = RunDir(run_dir)
     if not rd.summary.is_file():
         raise FileNotFoundError(f"{rd.summary} not found: adapt needs a finished run")
-    cfg = load_config(rd.config, [f"train.device={device}"] if device else [])
+    cfg = run_config(run_dir, device)
     with session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
         return _adapt(rd, cfg, data_path, name, epochs, parts, init, log, dev)
 

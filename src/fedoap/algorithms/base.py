@@ -34,6 +34,7 @@ from fedoap.models import FedOAPNet, Partition, StateDict
 from fedoap.models.net import AttentionKind
 from fedoap.models.partition import keys_of_children, sub
 from fedoap.training import make_generator, train_epochs
+from fedoap.training.device import model_device
 from fedoap.training.engine import LossFn
 
 SHARED = "shared."
@@ -306,18 +307,11 @@ class Algorithm:
         fp32 tensors. Uploads are therefore the same tensors and bytes whatever device a site
         trains on, and aggregation never sees a device.
         """
-        dev = check_same_device(model, data)
-        update, new = self.fit(
-            model,
-            to_device(global_arrays, dev),
-            state_to(state, dev),
-            data,
-            dataclasses.replace(ctx, device=dev),
-        )
+        args = on_device(model, global_arrays, state, data, ctx)
+        update, new = self.fit(model, *args)
         cpu = torch.device("cpu")
-        return Update(to_device(update.arrays, cpu), update.num_examples, update.metrics), state_to(
-            new, cpu
-        )
+        upload = Update(to_device(update.arrays, cpu), update.num_examples, update.metrics)
+        return upload, state_to(new, cpu)
 
     def run_finetune_epoch(
         self,
@@ -329,14 +323,8 @@ class Algorithm:
         first: bool,
     ) -> tuple[float, ClientState]:
         """:meth:`finetune_epoch` on the model's device (see :meth:`run_fit`)."""
-        dev = check_same_device(model, data)
         loss, new = self.finetune_epoch(
-            model,
-            to_device(global_arrays, dev),
-            state_to(state, dev),
-            data,
-            dataclasses.replace(ctx, device=dev),
-            first,
+            model, *on_device(model, global_arrays, state, data, ctx), first
         )
         return loss, state_to(new, torch.device("cpu"))
 
@@ -428,17 +416,27 @@ def state_to(state: ClientState, device: torch.device) -> ClientState:
     )
 
 
-def check_same_device(model: nn.Module, data: ClientData) -> torch.device:
-    """The model's device, after checking that the client's data is there too (the runtimes
-    move each client's splits once, never per batch)."""
-    p = next(model.parameters(), None)
-    dev = p.device if p is not None else torch.device("cpu")
+def on_device(
+    model: nn.Module,
+    global_arrays: StateDict,
+    state: ClientState,
+    data: ClientData,
+    ctx: FitContext,
+) -> tuple[StateDict, ClientState, ClientData, FitContext]:
+    """A client step's inputs on the model's device, after checking that the client's data is
+    there already (the runtimes move each client's splits once, never per batch)."""
+    dev = model_device(model)
     if data.train.x.device != dev:
         raise ValueError(
             f"client {data.name!r}: data on {data.train.x.device} but the model on {dev}; "
             "move the client's splits once with ClientData.to(device)"
         )
-    return dev
+    return (
+        to_device(global_arrays, dev),
+        state_to(state, dev),
+        data,
+        dataclasses.replace(ctx, device=dev),
+    )
 
 
 def match_layout(opt: torch.optim.Optimizer) -> None:

@@ -37,6 +37,7 @@ from fedoap.algorithms.registry import ALGORITHMS
 from fedoap.models import StateDict
 from fedoap.models.partition import sub
 from fedoap.training import autocast
+from fedoap.training.device import model_device
 from fedoap.training.engine import LossFn
 
 SITES = "sites/"
@@ -72,7 +73,7 @@ class FedDP(Algorithm):
             if key.startswith(SITES):
                 site, k = key[len(SITES) :].split("/", 1)
                 per_site.setdefault(site, {})[k] = v
-        device = next(model.parameters()).device
+        device = model_device(model)
         models = []
         for site in sorted(per_site):
             # A fresh eager module, not a copy of ``model``: a deep copy of a compiled module
