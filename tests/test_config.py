@@ -53,7 +53,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
         ("train.eval_batch_size=0", "train.eval_batch_size: must be >= 1"),
         ("data.split.train=0.9", "must sum to 1"),
         ("model.heads=3", "model.heads=3 must divide"),
-        ("data.image_size=100", "divisible by 2\\^model.depth"),
+        ("data.image_size=100", "multiple of 2\\^model.depth"),
     ],
 )
 def test_wrong_types_and_values(override, match):

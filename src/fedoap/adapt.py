@@ -33,7 +33,9 @@ from fedoap.algorithms import KV, SHARED, ClientState, FitContext, build_algorit
 from fedoap.api import run_config
 from fedoap.config import ClientSpec, Config, ConfigError
 from fedoap.data.dataset import ClientData, make_client
+from fedoap.errors import NotFoundError
 from fedoap.federation.checkpoint import load_tensors
+from fedoap.fileio import check_output_dir
 from fedoap.models import StateDict
 from fedoap.models.partition import sub
 from fedoap.runs import RunDir
@@ -101,7 +103,7 @@ def adapt(
     """
     rd = RunDir(run_dir)
     if not rd.summary.is_file():
-        raise FileNotFoundError(f"{rd.summary} not found: adapt needs a finished run")
+        raise NotFoundError(f"{rd.summary} not found: adapt needs a finished run")
     cfg = run_config(run_dir, device)
     with session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
         return _adapt(rd, cfg, data_path, name, epochs, parts, init, log, dev)
@@ -268,6 +270,7 @@ def _adapt(
 
 
 def write_adapt(summary: dict[str, Any], out: Path, force: bool) -> None:
+    check_output_dir(out)  # the command checks first too, before any training
     rd = RunDir(out)
     rd.prepare(force=force)
     rd.write_json(rd.summary, summary)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -15,11 +16,13 @@ from PIL import Image
 from fedoap.algorithms import KV, Algorithm, build_algorithm
 from fedoap.config import Config, ConfigError, load_config, save_config
 from fedoap.data import prepare_clients
-from fedoap.data.dataset import ClientData
+from fedoap.data.dataset import SPLITS, ClientData
 from fedoap.data.sources import read_image
 from fedoap.data.transforms import letterbox, normalize, unletterbox
+from fedoap.errors import NotFoundError
 from fedoap.federation import Runner
 from fedoap.federation.checkpoint import load_tensors
+from fedoap.fileio import atomic_write_bytes, check_output_dir, mirrored_outputs
 from fedoap.models import FedOAPNet
 from fedoap.runs import RunDir
 from fedoap.training import evaluate, predict_logits
@@ -98,14 +101,14 @@ def resume_experiment(
     """Continue a killed run from ``checkpoints/last.safetensors``."""
     rd = RunDir(run_dir)
     if not rd.config.is_file():
-        raise FileNotFoundError(f"{rd.config} not found: {run_dir} is not a run folder")
+        raise NotFoundError(f"{rd.config} not found: {run_dir} is not a run folder")
     cfg = load_config(rd.config)
     if overrides_cfg is not None and overrides_cfg.digest() != cfg.digest():
         raise ConfigError(
             f"the config given differs from {rd.config}; resume uses the run's own config "
             "(start a new run folder to change it)"
         )
-    if rd.summary.is_file():
+    if rd.is_complete():
         log(f"{run_dir} is already complete; nothing to resume")
         return dict(json.loads(rd.summary.read_text()))
     algorithm = build_algorithm(cfg)
@@ -152,6 +155,8 @@ def load_client_model(
 def evaluate_run(run_dir: Path, split: str = "test", device: str | None = None) -> dict[str, Any]:
     """Re-score every client's saved model on a split; writes ``evaluation.json``."""
     rd = RunDir(run_dir)
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     cfg = run_config(run_dir, device)
     with session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
         return _evaluate_run(rd, cfg, split, dev)
@@ -192,32 +197,58 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def predict_images(
-    run_dir: Path, client: str, images: Sequence[Path], out_dir: Path, device: str | None = None
+    run_dir: Path,
+    client: str,
+    images: Sequence[Path],
+    out_dir: Path,
+    device: str | None = None,
+    force: bool = False,
 ) -> list[tuple[Path, Path]]:
-    """Write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` for each image."""
+    """Write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` for each image.
+
+    Images in one folder give flat outputs in ``out_dir``; images in several keep their folders
+    relative to the deepest folder holding them all (``s1/x.png``, ``s2/x.png`` ->
+    ``out_dir/s1/x_mask.png``, ``out_dir/s2/x_mask.png``). Raises
+    :class:`~fedoap.errors.OutputError` before reading anything if ``out_dir`` cannot be used,
+    two images would write the same file, an output would replace an input, or an output exists
+    and ``force`` is off. Every image is read and checked before any output is written.
+    """
+    check_output_dir(out_dir)
+    targets = mirrored_outputs(images, out_dir, ("_mask.png", "_overlay.png"), force)
     cfg = run_config(run_dir, device)
     with session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
-        return _predict_images(run_dir, client, images, out_dir, dev)
+        return _predict_images(run_dir, client, images, targets, dev)
 
 
 def _predict_images(
-    run_dir: Path, client: str, images: Sequence[Path], out_dir: Path, device: torch.device
+    run_dir: Path,
+    client: str,
+    images: Sequence[Path],
+    targets: Sequence[tuple[Path, ...]],
+    device: torch.device,
 ) -> list[tuple[Path, Path]]:
     cfg, model = load_client_model(run_dir, client, device)
     spec = next(c for c in cfg.data.clients if c.name == client)
-    arrays = [read_image(Path(p), cfg.data.channels, spec.channel) for p in images]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = [
+        read_image(Path(p), cfg.data.channels, spec.channel, max_pixels=cfg.data.max_image_pixels)
+        for p in images
+    ]
+
+    def save_png(path: Path, arr: np.ndarray) -> None:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue())  # --force: the old file or the new, never torn
+
     written = []
-    for path, arr in zip(images, arrays, strict=True):
+    for arr, (mpath, opath) in zip(arrays, targets, strict=True):
         h, w = arr.shape[:2]
         boxed = letterbox(arr, cfg.data.image_size, is_mask=False)
         x = normalize(boxed[None], cfg.data.normalize).to(device)
         logits = predict_logits(model, x, cfg.train.precision)
         pred = (logits[0, 0] > 0).cpu().numpy().astype(np.uint8)
         mask = unletterbox(pred, h, w, is_mask=True)
-        stem = Path(path).stem
-        mpath, opath = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
-        Image.fromarray(mask * 255).save(mpath)
-        Image.fromarray(overlay(arr, mask)).save(opath)
+        mpath.parent.mkdir(parents=True, exist_ok=True)
+        save_png(mpath, mask * 255)
+        save_png(opath, overlay(arr, mask))
         written.append((mpath, opath))
     return written

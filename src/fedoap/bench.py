@@ -29,10 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from fedoap.config import Config, ConfigError, apply_overrides, from_dict, load_config, validate
-from fedoap.fileio import atomic_write_text
+from fedoap.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    load_yaml,
+    validate,
+)
+from fedoap.errors import FedoapError
+from fedoap.fileio import atomic_write_text, check_output_dir
 from fedoap.runs import read_metrics
 
 RESULT_FIELDS = [
@@ -89,10 +97,16 @@ class BenchSpec:
 def load_spec(path: Path) -> tuple[BenchSpec, Config]:
     if not path.is_file():
         raise ConfigError(f"benchmark spec not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text(), str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
     spec = from_dict(BenchSpec, raw, prefix="")
     base = load_config((path.parent / spec.base).resolve(), spec.overrides)
     return spec, base
+
+
+class BenchError(FedoapError, RuntimeError):
+    """Some cells of a benchmark failed (each cell's log says why); the others are kept."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,13 @@ def digest(cfg: Config) -> str:
 def derive(base: Config, overrides: Sequence[str]) -> Config:
     cfg = from_dict(Config, apply_overrides(base.to_dict(), list(overrides)))
     validate(cfg)
+    if cfg.train.on_divergence != "stop":
+        # A cell whose client was dropped would enter the tables with one client fewer, and
+        # paired comparisons would silently lose it: a diverged cell fails and is reported.
+        raise ConfigError(
+            "train.on_divergence=exclude cannot be used in a benchmark (every cell must report "
+            "every client); leave it at stop"
+        )
     return cfg
 
 
@@ -244,6 +265,7 @@ def run_bench(
     max_cells: int | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
+    check_output_dir(out)  # a file or an unwritable folder fails here, before any cell runs
     todo = [c for c in cells if not is_done(c, out)]
     log(f"{len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run")
     if max_cells is not None:
@@ -267,7 +289,10 @@ def run_bench(
             log(f"[{i}/{len(todo)}] {cell.key}: {status} ({minutes:.1f} min)")
     write_results(out)
     if failures:
-        raise RuntimeError(f"{len(failures)} cell(s) failed: {', '.join(failures)}")
+        raise BenchError(
+            f"{len(failures)} cell(s) failed (their logs are in {out / 'cells'}): "
+            + ", ".join(failures)
+        )
 
 
 # ------------------------------------------------------------------------------ results

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -25,8 +26,10 @@ from typing import Any, Literal
 
 import yaml
 
+from fedoap.errors import FedoapError
 
-class ConfigError(ValueError):
+
+class ConfigError(FedoapError, ValueError):
     """A configuration value is missing, unknown or of the wrong type. The message names the key."""
 
 
@@ -34,6 +37,72 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 
 #: Accepted spellings of ``train.device`` (whether the device exists is checked at run time).
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+#: Largest seed: numpy and torch generators both take any value up to here.
+SEED_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config key accepts (``None`` passes: it means "unset")."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def admits(self, v: float) -> bool:
+        return not (
+            (self.ge is not None and v < self.ge)
+            or (self.gt is not None and v <= self.gt)
+            or (self.le is not None and v > self.le)
+            or (self.lt is not None and v >= self.lt)
+        )
+
+    def describe(self) -> str:
+        def num(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+        parts = []
+        if self.ge is not None:
+            parts.append(f">= {num(self.ge)}")
+        if self.gt is not None:
+            parts.append(f"> {num(self.gt)}")
+        if self.le is not None:
+            parts.append(f"<= {num(self.le)}")
+        if self.lt is not None:
+            parts.append(f"< {num(self.lt)}")
+        return " and ".join(parts)
+
+
+def ranged(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field whose value must lie in a range (checked by :func:`check_ranges`, with
+    the dotted key in the error). Every int and float key of a config or of a method's options
+    declares one (tests/test_config.py checks that none is missing)."""
+    return field(default=default, metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt)})
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Check every ranged field of dataclass ``obj`` (recursively); errors name the dotted key."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        rng: Range | None = f.metadata.get("range")
+        if rng is not None and value is not None and not rng.admits(value):
+            raise ConfigError(f"{key}: must be {rng.describe()}, got {value!r}")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_ranges(value, f"{key}.")
+        elif isinstance(value, tuple):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                    check_ranges(item, f"{key}[{i}].")
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,22 +133,22 @@ class ClientSpec:
     # (patient) id. Without it every image is its own case.
     case_regex: str | None = None
     # folder: for multi-channel images, which channel to read (None: convert to grayscale).
-    channel: int | None = None
+    channel: int | None = ranged(None, ge=0, le=63)
     # synthetic: the "organ/modality" style and number of images (see fedoap.data.synthetic).
     style: str | None = None
-    num_images: int = 240
-    seed: int = 0
+    num_images: int = ranged(240, ge=6, le=1_000_000)
+    seed: int = ranged(0, ge=0, le=SEED_MAX)
 
 
 @dataclass(frozen=True)
 class SplitConfig:
     """Patient-level train/val/test fractions. Cases (``case_ids``) never straddle splits."""
 
-    train: float = 0.7
-    val: float = 0.15
-    test: float = 0.15
+    train: float = ranged(0.7, gt=0, lt=1)
+    val: float = ranged(0.15, gt=0, lt=1)
+    test: float = ranged(0.15, gt=0, lt=1)
     # Fixed separately from the run seed, so every method and seed sees the same split.
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=SEED_MAX)
 
 
 @dataclass(frozen=True)
@@ -88,8 +157,10 @@ class AugmentConfig:
 
     enabled: bool = False
     flip: bool = True
-    rotate_deg: float = 10.0  # uniform in [-rotate_deg, rotate_deg]
-    intensity: float = 0.1  # scale ~ U[1-i, 1+i], shift ~ U[-i, i] on normalised intensities
+    rotate_deg: float = ranged(10.0, ge=0, le=180)  # uniform in [-rotate_deg, rotate_deg]
+    intensity: float = ranged(
+        0.1, ge=0, lt=1
+    )  # scale ~ U[1-i, 1+i], shift ~ U[-i, i] on normalised intensities
 
 
 @dataclass(frozen=True)
@@ -97,15 +168,15 @@ class DataConfig:
     # Folder that relative client paths are resolved against. Users point it at their own data.
     root: str = "../shared/data"
     clients: tuple[ClientSpec, ...] = ()
-    image_size: int = 128
-    channels: int = 1
+    image_size: int = ranged(128, ge=2, le=4096)
+    channels: int = ranged(1, ge=1, le=3)
     # Per-image z-score suits MRI, ultrasound and endoscopy alike (no calibrated intensities).
     normalize: Literal["zscore", "unit"] = "zscore"
     split: SplitConfig = field(default_factory=SplitConfig)
     # Caps keep CPU runs short. Caps subsample within a split, so splits stay patient-level.
-    max_train_images: int | None = None
-    max_val_images: int | None = None
-    max_test_images: int | None = None
+    max_train_images: int | None = ranged(None, ge=1)
+    max_val_images: int | None = ranged(None, ge=1)
+    max_test_images: int | None = ranged(None, ge=1)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Preprocessed cache: each client's images letterboxed to image_size once and stored on disk,
     # keyed by the source files and these settings (fedoap.data.cache). An execution setting:
@@ -113,6 +184,11 @@ class DataConfig:
     cache: bool = True
     # None: $FEDOAP_CACHE_DIR, else ~/.cache/fedoap.
     cache_dir: str | None = None
+    # Largest image (height x width, read from the file's header before decoding) that is
+    # accepted, from a folder, an npz or `fedoap predict`: a 164 KB PNG can declare 13000^2
+    # pixels and cost 2 GB to decode. 50 MP is ~7000^2, far beyond any scan we letterbox to
+    # image_size. A safety limit, not part of a run's identity.
+    max_image_pixels: int = ranged(50_000_000, ge=1)
 
 
 @dataclass(frozen=True)
@@ -129,19 +205,21 @@ class KVConfig:
     # kmeans: ``bank_size`` prototypes per client, concatenated by the server (K*bank_size tokens).
     # token_mean: per-position mean over the training set (h*w tokens), averaged by the server.
     summary: Literal["kmeans", "token_mean"] = "kmeans"
-    bank_size: int = 16
+    bank_size: int = ranged(16, ge=1, le=65536)
     # Images used to compute the summary (bounded cost; a statistic over many images).
-    summary_images: int = 256
-    kmeans_iters: int = 10
+    summary_images: int = ranged(256, ge=1)
+    kmeans_iters: int = ranged(10, ge=1, le=10_000)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    width: int = 16  # w: encoder widths w, 2w, 4w, 8w; bottleneck 16w. The paper uses 64.
+    width: int = ranged(
+        16, ge=2, le=1024
+    )  # w: encoder widths w, 2w, 4w, 8w; bottleneck 16w. The paper uses 64.
     # Encoder levels (widths w..w*2^(depth-1)); the bottleneck pools once more to w*2^depth
     # channels, so the attention sees (size/2^depth)^2 tokens: 8x8 = 64 at 128^2 with depth 4.
-    depth: int = 4
-    heads: int = 4
+    depth: int = ranged(4, ge=1, le=6)
+    heads: int = ranged(4, ge=1, le=1024)
     norm: Literal["instance", "batch", "group"] = "instance"
     use_dca: bool = True
     use_adapter: bool = True
@@ -150,10 +228,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    batch_size: int = 16
-    local_epochs: int = 1
+    lr: float = ranged(1e-3, gt=0)
+    weight_decay: float = ranged(1e-5, ge=0)
+    batch_size: int = ranged(16, ge=1, le=65536)
+    local_epochs: int = ranged(1, ge=1, le=10_000)
     # Autocast dtype for convolutions and matmuls; weights, optimiser state, losses and uploads
     # stay fp32. bf16: CPUs and CUDA GPUs that support it (1.4-2x faster than fp32 on our CPUs;
     # see README for the Dice check). fp16: autocast with a GradScaler (GPUs without bf16).
@@ -161,7 +239,7 @@ class TrainConfig:
     # Validation metric used to select each client's model.
     select_metric: Literal["dice", "case_dice"] = "dice"
     # 0: use every core torch sees.
-    num_threads: int = 0
+    num_threads: int = ranged(0, ge=0, le=4096)
     # --- Execution settings: where and how the same experiment runs. They are not part of a
     # run's identity (Config.digest), so a run, a resume or a benchmark cell is the same
     # experiment on a CPU or a GPU (fedoap.training.device).
@@ -180,8 +258,14 @@ class TrainConfig:
     # Bit-for-bit repeatable CUDA runs: deterministic kernels only, no cuDNN autotuning
     # (cudnn.benchmark is on otherwise). Costs speed; the CPU path is deterministic anyway.
     deterministic: bool = False
+    # A client whose loss or weights become non-finite (NaN/inf: too high a learning rate, or
+    # badly scaled inputs) never reaches the aggregate or the results. stop: the run fails with
+    # exit code 2, naming the client, round and step; the last checkpoint is intact. exclude:
+    # that client is dropped from the rest of the run and reported in summary.json without
+    # test scores; the others go on.
+    on_divergence: Literal["stop", "exclude"] = "stop"
     # Images per forward pass in validation and test (no gradients, so large batches fit).
-    eval_batch_size: int = 256
+    eval_batch_size: int = ranged(256, ge=1, le=65536)
 
 
 @dataclass(frozen=True)
@@ -190,26 +274,28 @@ class PBLConfig:
 
     enabled: bool = True
     region: Literal["error", "band", "error_and_band"] = "error"
-    tau: float = 0.75  # error threshold on |sigma(z) - y|
-    s: float = 0.1  # perturbation scale
-    lam: float = 0.1  # weight of the perturbed term
-    band_width: int = 2  # b, pixels either side of a boundary for region=band
+    tau: float = ranged(0.75, ge=0, le=1)  # error threshold on |sigma(z) - y|
+    s: float = ranged(0.1, ge=0)  # perturbation scale
+    lam: float = ranged(0.1, ge=0, le=1)  # weight of the perturbed term
+    band_width: int = ranged(
+        2, ge=1, le=1024
+    )  # b, pixels either side of a boundary for region=band
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Local personalisation stage after the federated rounds (only for methods that have one)."""
 
-    epochs: int = 2
-    lr: float | None = None  # None: train.lr
+    epochs: int = ranged(2, ge=0, le=100_000)
+    lr: float | None = ranged(None, gt=0)  # None: train.lr
     parts: Literal["all", "personal"] = "all"
     pbl: PBLConfig = field(default_factory=PBLConfig)
 
 
 @dataclass(frozen=True)
 class FederationConfig:
-    rounds: int = 5
-    fraction: float = 1.0  # share of clients sampled each round (at least one)
+    rounds: int = ranged(5, ge=1, le=1_000_000)
+    fraction: float = ranged(1.0, gt=0, le=1)  # share of clients sampled each round (at least one)
     # inprocess: every client in this process (default). flower-sim: the same algorithm objects
     # through Flower's simulation runtime (needs the [flower] extra).
     runtime: Literal["inprocess", "flower-sim"] = "inprocess"
@@ -217,13 +303,13 @@ class FederationConfig:
     # of each stage). A paper-scale checkpoint (4 clients, w=64) is 2.8 GB, 8-10 s to write on
     # our CPU machine; a killed run resumes exactly from the last one written. An execution
     # setting (not part of Config.digest).
-    checkpoint_every: int = 1
+    checkpoint_every: int = ranged(1, ge=1)
 
 
 @dataclass(frozen=True)
 class Config:
     method: str = "fedoap"
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=SEED_MAX)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -245,9 +331,17 @@ class Config:
         for dotted in EXECUTION_KEYS:
             section, key = dotted.split(".")
             plain[section].pop(key, None)
+        for dotted, default in DIGEST_WHEN_SET.items():
+            section, key = dotted.split(".")
+            if plain[section].get(key) == default:
+                plain[section].pop(key, None)
         blob = json.dumps(plain, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
+
+#: Keys added after runs already existed that change a result only when set: left out of
+#: :meth:`Config.digest` at their default, so earlier runs keep their identity (and resume).
+DIGEST_WHEN_SET: dict[str, Any] = {"train.on_divergence": "stop"}
 
 #: Settings that decide where and how fast a run executes, not what it computes (up to float
 #: rounding): left out of :meth:`Config.digest`. ``train.num_threads`` predates this list and
@@ -262,6 +356,7 @@ EXECUTION_KEYS = (
     "train.eval_batch_size",
     "data.cache",
     "data.cache_dir",
+    "data.max_image_pixels",
     "federation.checkpoint_every",
 )
 
@@ -335,7 +430,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            out = float(value)
+        except OverflowError:  # an int beyond the float range
+            out = math.inf
+        if not math.isfinite(out):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return out
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -347,6 +448,9 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"{prefix or '<root>'}: config keys must be names, got {odd[0]!r}")
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
@@ -357,6 +461,65 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+#: Most nodes a YAML document may expand to once its aliases are resolved. A config has a few
+#: hundred; nine levels of nine aliases ("billion laughs") expand to 9^9 and took 23 GB.
+MAX_YAML_NODES = 100_000
+
+
+def load_yaml(text: str, where: str, max_nodes: int = MAX_YAML_NODES) -> Any:
+    """``yaml.safe_load`` that first bounds the document's size with its aliases expanded.
+
+    Aliases are resolved only when Python objects are built; the node graph is composed
+    without expanding them, so its expanded size is counted (each shared node once per use)
+    and a bomb is refused before it costs memory. Errors name ``where``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, where, max_nodes)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = err.problem or err.context or "cannot parse"
+        raise ConfigError(f"{where}: not valid YAML: {what}{at}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node, where: str, limit: int) -> int:
+    sizes: dict[int, int] = {}  # id(node) -> nodes it expands to
+    open_: set[int] = set()  # nodes being counted: meeting one again is a recursive alias
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise ConfigError(f"{where}: a YAML anchor contains an alias to itself")
+        open_.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_.discard(key)
+        if total > limit:
+            raise ConfigError(
+                f"{where}: the YAML expands to more than {limit:,} nodes once its aliases "
+                "(*name) are resolved; a config needs a few hundred (an alias bomb?)"
+            )
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003). Values are parsed as YAML scalars."""
     if "=" not in text:
@@ -365,10 +528,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {text!r} has an empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from err
+    value = load_yaml(raw, f"override {key}") if raw.strip() else ""
     # YAML reads 3e-4 as a string (it wants 3.0e-4); be forgiving for numbers.
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
@@ -378,7 +538,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply dotted overrides to a nested plain dict (in a copy)."""
-    out = json.loads(json.dumps(data))
+    out = _copy_tree(data)
     for text in overrides:
         parts, value = parse_override(text)
         node = out
@@ -393,6 +553,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
+def _copy_tree(node: Any) -> Any:
+    """A copy of the mappings and lists of a loaded YAML document (scalars are shared)."""
+    if isinstance(node, dict):
+        return {k: _copy_tree(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_copy_tree(v) for v in node]
+    return node
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     data: dict[str, Any] = {}
@@ -401,9 +570,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read the config file: {err}") from None
+        loaded = load_yaml(text, str(path))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -416,24 +586,25 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Every key's range (:func:`ranged`), then the cross-field checks that ranges cannot
+    express. Errors name the dotted key."""
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
 
+    check_ranges(cfg)
     d = cfg.data
     need(len(d.clients) >= 1, "data.clients: at least one client is needed")
     names = [c.name for c in d.clients]
     need(len(set(names)) == len(names), f"data.clients: duplicate client names in {names}")
     for i, c in enumerate(d.clients):
         need(
-            bool(c.name) and "/" not in c.name,
+            bool(c.name) and "/" not in c.name and "\\" not in c.name and c.name not in (".", ".."),
             f"data.clients[{i}].name: {c.name!r} is not a usable name",
         )
         if c.source == "synthetic":
             need(c.style is not None, f"data.clients[{i}].style: required for a synthetic client")
-            need(c.num_images >= 6, f"data.clients[{i}].num_images: at least 6 images are needed")
         else:
             need(c.path is not None, f"data.clients[{i}].path: required for source={c.source}")
         need(
@@ -441,46 +612,28 @@ def validate(cfg: Config) -> None:
         )
     need(d.channels in (1, 3), f"data.channels: must be 1 or 3, got {d.channels}")
     s = d.split
-    need(min(s.train, s.val, s.test) > 0, "data.split: train, val and test must all be > 0")
     need(abs(s.train + s.val + s.test - 1.0) < 1e-6, "data.split: train + val + test must sum to 1")
-    for key in ("max_train_images", "max_val_images", "max_test_images"):
-        v = getattr(d, key)
-        need(v is None or v > 0, f"data.{key}: must be positive or null, got {v}")
     m = cfg.model
-    need(m.width >= 2, f"model.width: must be >= 2, got {m.width}")
-    need(1 <= m.depth <= 6, f"model.depth: must be in 1..6, got {m.depth}")
     need(
         d.image_size % (2**m.depth) == 0,
-        f"data.image_size={d.image_size} must be divisible by 2^model.depth={2**m.depth}",
+        f"data.image_size={d.image_size} must be a multiple of 2^model.depth={2**m.depth}",
     )
     c_bottleneck = m.width * 2**m.depth
     need(
-        m.heads >= 1 and c_bottleneck % m.heads == 0,
+        c_bottleneck % m.heads == 0,
         f"model.heads={m.heads} must divide the bottleneck width "
         f"model.width*2^model.depth={c_bottleneck}",
     )
-    need(m.kv.bank_size >= 1, "model.kv.bank_size: must be >= 1")
-    need(m.kv.summary_images >= 1, "model.kv.summary_images: must be >= 1")
     t = cfg.train
-    need(t.lr > 0, "train.lr: must be > 0")
-    need(t.batch_size >= 1, "train.batch_size: must be >= 1")
-    need(t.local_epochs >= 1, "train.local_epochs: must be >= 1")
-    need(t.num_threads >= 0, "train.num_threads: must be >= 0")
-    need(t.eval_batch_size >= 1, "train.eval_batch_size: must be >= 1")
     need(
         bool(DEVICE_PATTERN.fullmatch(t.device)),
         f"train.device: must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}",
     )
-    f = cfg.federation
-    need(f.rounds >= 1, "federation.rounds: must be >= 1")
-    need(0 < f.fraction <= 1, "federation.fraction: must be in (0, 1]")
-    need(f.checkpoint_every >= 1, "federation.checkpoint_every: must be >= 1")
-    ft = cfg.finetune
-    need(ft.epochs >= 0, "finetune.epochs: must be >= 0")
-    need(0 <= ft.pbl.lam <= 1, "finetune.pbl.lam: must be in [0, 1]")
-    need(0 <= ft.pbl.tau <= 1, "finetune.pbl.tau: must be in [0, 1]")
-    need(ft.pbl.s >= 0, "finetune.pbl.s: must be >= 0")
-    need(ft.pbl.band_width >= 1, "finetune.pbl.band_width: must be >= 1")
+    need(
+        not (t.on_divergence == "exclude" and cfg.federation.runtime != "inprocess"),
+        "train.on_divergence=exclude: only the inprocess runtime can drop a client; on Flower a "
+        "diverged client fails the round (use train.on_divergence=stop)",
+    )
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -1,12 +1,17 @@
 """Atomic file writes: write a temporary file, flush it to disk, rename it over the target.
 
-A process killed mid-write leaves the old file or the new one, never a torn one.
+A process killed mid-write leaves the old file or the new one, never a torn one. And
+:func:`check_output_dir`: a command's output folder is checked before any work starts.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+
+from fedoap.errors import OutputError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -20,3 +25,94 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def check_output_dir(path: Path, option: str = "--out") -> None:
+    """Raise :class:`OutputError`, naming ``option`` and ``path``, unless ``path`` is a folder
+    that can be written, or a folder that can be created.
+
+    Refused: ``path`` exists and is not a folder; an existing component above it is a file; the
+    nearest existing folder (``path`` itself, or the ancestor it would be created in) is not
+    writable (``os.access``, then an empty folder created and removed there, since access() says
+    yes to root even where nothing can be created). Leaves nothing behind, so commands call it
+    before loading any data or model.
+    """
+    given = Path(path)
+    here = Path(os.path.abspath(given))
+    for p in (here, *here.parents):
+        if os.path.lexists(p):
+            nearest = p
+            break
+    else:  # pragma: no cover - the root of the file system always exists
+        return
+    if not nearest.exists():  # a symbolic link to nothing
+        raise OutputError(f"{option} {given}: {nearest} is a broken symbolic link")
+    if not nearest.is_dir():
+        if nearest == here:
+            raise OutputError(f"{option} {given}: exists and is not a folder")
+        raise OutputError(f"{option} {given}: {nearest} is a file, not a folder")
+    where = "" if nearest == here else f" ({nearest} is where it would be created)"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {given}: not writable{where}")
+    # access() says yes to root almost everywhere, also where nothing can be created (/proc,
+    # /sys): create and remove an empty folder to be sure.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedoap-write-check-", dir=nearest))
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise OutputError(f"{option} {given}: not writable{where}: {reason}") from None
+
+
+def mirrored_outputs(
+    inputs: Sequence[Path], out_dir: Path, suffixes: Sequence[str], force: bool = False
+) -> list[tuple[Path, ...]]:
+    """For each input, its output files ``out_dir/<rel>/<stem><suffix>``, one per suffix.
+
+    ``<rel>`` is the input's folder relative to the deepest folder holding every input (the
+    common path of the resolved parents): inputs in one folder give flat outputs, ``s1/x.png``
+    and ``s2/x.png`` give ``s1/x_mask.png`` and ``s2/x_mask.png``. Writes nothing; raises
+    :class:`OutputError` naming the files when two inputs would write the same output (the same
+    file given twice, ``x.png`` beside ``x.jpg``; names are compared ignoring case, as some file
+    systems do), when an output would replace one of the inputs, or when an output exists and
+    ``force`` is off. A folder an output needs is checked with :func:`check_output_dir`.
+    """
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        return []
+    parents = [p.parent.resolve() for p in paths]
+    common = Path(os.path.commonpath(parents))
+    base = out_dir.resolve()
+    sources = {str(d / p.name).casefold(): p for p, d in zip(paths, parents, strict=True)}
+    claimed: dict[str, tuple[Path, Path]] = {}  # output (casefolded) -> (input, its folder)
+    result: list[tuple[Path, ...]] = []
+    for p, parent in zip(paths, parents, strict=True):
+        rel = parent.relative_to(common)
+        outs = tuple(out_dir / rel / f"{p.stem}{s}" for s in suffixes)
+        for out in outs:
+            key = str(base / rel / out.name).casefold()
+            if key in claimed:
+                other, other_parent = claimed[key]
+                if (other_parent / other.name) == (parent / p.name):
+                    raise OutputError(f"{other} and {p} are the same file; give it once")
+                raise OutputError(
+                    f"{other} and {p} would both be written to {out}; rename one of them, or "
+                    "give them in separate commands with different --out folders"
+                )
+            if key in sources:
+                raise OutputError(
+                    f"{out} would replace the input {sources[key]}; choose another --out"
+                )
+            claimed[key] = (p, parent)
+        result.append(outs)
+    for folder in sorted({o.parent for outs in result for o in outs}):
+        check_output_dir(folder)
+    existing = [o for outs in result for o in outs if os.path.lexists(o)]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OutputError(
+            f"{existing[0]}{more} already exists; pass --force to replace, or choose another --out"
+        )
+    for o in existing:
+        if o.is_dir():
+            raise OutputError(f"{o} is a folder; --force replaces files only")
+    return result

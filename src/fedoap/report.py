@@ -25,6 +25,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from fedoap.data.errors import DataError
+from fedoap.errors import NotFoundError
+from fedoap.fileio import check_output_dir
+
 FEDOAP = "fedoap"
 MAIN_CURVES = ("fedoap", "feddp", "local", "fedavg", "fedavg_ft", "ditto")
 
@@ -72,23 +76,26 @@ def _num(x: str) -> float:
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run fedoap bench first")
+        raise NotFoundError(f"{path} not found: run fedoap bench first")
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    for r in rows:
-        for k in (
-            "test_dice",
-            "test_iou",
-            "test_hd95_px",
-            "test_case_dice",
-            "val_dice",
-            "bytes_up_per_round",
-            "bytes_down_per_round",
-            "seconds_per_round",
-            "seconds_total",
-        ):
-            r[k] = _num(r.get(k, ""))
-        r["seed"] = int(r["seed"])
+    for i, r in enumerate(rows, start=2):  # line 1 is the header
+        try:
+            for k in (
+                "test_dice",
+                "test_iou",
+                "test_hd95_px",
+                "test_case_dice",
+                "val_dice",
+                "bytes_up_per_round",
+                "bytes_down_per_round",
+                "seconds_per_round",
+                "seconds_total",
+            ):
+                r[k] = _num(r.get(k, ""))
+            r["seed"] = int(r["seed"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{path}, line {i}: not a fedoap results row ({err!r})") from None
     return rows
 
 
@@ -322,8 +329,12 @@ def best_baseline(t: Table, client: str | None, exclude: set[str]) -> str | None
 
 
 def make_report(results: Path) -> Path:
-    rows = load_rows(results / "results.csv")
     figs = results / "figures"
+    # REPORT.md and figures/ go into RESULTS: refuse a file, or a folder that cannot be written,
+    # before reading anything.
+    check_output_dir(results, option="RESULTS")
+    check_output_dir(figs, option="RESULTS")
+    rows = load_rows(results / "results.csv")
     figs.mkdir(exist_ok=True)
     main = Table(rows, "main")
     private = privacy_breaking(rows)

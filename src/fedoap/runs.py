@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedoap.errors import FedoapError
 from fedoap.fileio import atomic_write_text
 
 METRIC_FIELDS = [
@@ -39,7 +40,7 @@ METRIC_FIELDS = [
 ]
 
 
-class RunExistsError(FileExistsError):
+class RunExistsError(FedoapError, FileExistsError):
     pass
 
 
@@ -104,6 +105,18 @@ class RunDir:
         for row in rows:
             w.writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
         atomic_write_text(self.metrics, buf.getvalue())
+
+    def is_complete(self) -> bool:
+        """Whether the run finished: ``summary.json`` is its last output, written after every
+        other one (a run killed before it is completed by ``--resume``)."""
+        return self.summary.is_file()
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete the ``*.tmp`` files an atomic write killed mid-way left behind (the file it
+        was replacing is intact and has been rewritten since)."""
+        for tmp in (self.root, self.checkpoints, self.checkpoints / "best", self.plots):
+            for f in tmp.glob("*.tmp"):
+                f.unlink(missing_ok=True)
 
     def write_json(self, path: Path, data: Any) -> None:
         atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")

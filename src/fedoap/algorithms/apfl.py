@@ -32,6 +32,7 @@ from torch.func import functional_call
 
 from fedoap.algorithms.base import SHARED, Algorithm, ClientState, FitContext, Update, clone
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.config import ranged
 from fedoap.data.augment import augment_batch
 from fedoap.data.dataset import ClientData
 from fedoap.models import StateDict
@@ -45,8 +46,8 @@ ALPHA = "alpha"
 
 @dataclass(frozen=True)
 class APFLOptions:
-    alpha: float = 0.5
-    alpha_lr: float = 0.01
+    alpha: float = ranged(0.5, ge=0, le=1)
+    alpha_lr: float = ranged(0.01, ge=0)
 
 
 def mix(v: StateDict, w: StateDict, alpha: torch.Tensor) -> StateDict:

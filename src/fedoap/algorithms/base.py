@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,8 +28,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fedoap.config import Config, ConfigError, from_dict
+from fedoap.config import Config, ConfigError, check_ranges, from_dict
 from fedoap.data.dataset import ClientData, Split
+from fedoap.errors import DivergedError
 from fedoap.losses import SegLoss
 from fedoap.models import FedOAPNet, Partition, StateDict
 from fedoap.models.net import AttentionKind
@@ -107,6 +109,7 @@ class Algorithm:
         self.cfg = cfg
         try:
             self.options = from_dict(self.Options, dict(cfg.algorithm), prefix="algorithm.")
+            check_ranges(self.options, prefix="algorithm.")
         except ConfigError as err:
             raise ConfigError(f"{err} (method {self.name})") from None
         self.seg_loss = SegLoss()
@@ -308,10 +311,15 @@ class Algorithm:
         trains on, and aggregation never sees a device.
         """
         args = on_device(model, global_arrays, state, data, ctx)
-        update, new = self.fit(model, *args)
+        with self.divergence_guard(ctx, "fit"):
+            update, new = self.fit(model, *args)
         cpu = torch.device("cpu")
         upload = Update(to_device(update.arrays, cpu), update.num_examples, update.metrics)
-        return upload, state_to(new, cpu)
+        new = state_to(new, cpu)
+        # Every method's loop ends in train_epochs' check; this one also covers what a method
+        # computes after it (uploads, KV summaries, personal state) and its own loops.
+        self.check_finite(ctx, "fit", update.metrics.get("train_loss"), upload.arrays, new)
+        return upload, new
 
     def run_finetune_epoch(
         self,
@@ -323,10 +331,69 @@ class Algorithm:
         first: bool,
     ) -> tuple[float, ClientState]:
         """:meth:`finetune_epoch` on the model's device (see :meth:`run_fit`)."""
-        loss, new = self.finetune_epoch(
-            model, *on_device(model, global_arrays, state, data, ctx), first
+        args = on_device(model, global_arrays, state, data, ctx)
+        with self.divergence_guard(ctx, "finetune"):
+            loss, new = self.finetune_epoch(model, *args, first)
+        new = state_to(new, torch.device("cpu"))
+        self.check_finite(ctx, "finetune", loss, {}, new)
+        return loss, new
+
+    # ------------------------------------------------------------------ divergence
+
+    def lr_key(self, stage: str) -> str:
+        """The config key of the learning rate a stage trains with."""
+        if stage == "finetune" and self.cfg.finetune.lr is not None:
+            return "finetune.lr"
+        return "train.lr"
+
+    def diverged(self, ctx: FitContext, stage: str, detail: str, step: int | None) -> DivergedError:
+        """The error for a client whose training stopped being finite: where, and what to try."""
+        key = self.lr_key(stage)
+        lr = self.cfg.finetune.lr if key == "finetune.lr" else self.cfg.train.lr
+        err = DivergedError(
+            f"client '{ctx.client}', round {ctx.round} ({stage}): training diverged: {detail}. "
+            f"Likely causes: a learning rate too high for this model ({key}={lr:g}) or badly "
+            "scaled input images (see the data notes). Lower the learning rate, or set "
+            "train.on_divergence=exclude to drop this client and let the others go on",
+            client=ctx.client,
+            round=ctx.round,
+            stage=stage,
+            step=step,
         )
-        return loss, state_to(new, torch.device("cpu"))
+        err.detail = detail
+        return err
+
+    @contextlib.contextmanager
+    def divergence_guard(self, ctx: FitContext, stage: str) -> Iterator[None]:
+        """Give a :class:`DivergedError` from the training loop its client, round and advice."""
+        try:
+            yield
+        except DivergedError as err:
+            if err.client is not None:
+                raise
+            raise self.diverged(ctx, stage, err.detail, err.step) from None
+
+    def check_finite(
+        self,
+        ctx: FitContext,
+        stage: str,
+        loss: float | None,
+        upload: StateDict,
+        state: ClientState,
+    ) -> None:
+        """Raise :class:`DivergedError` if the loss, the upload or the kept state is not finite."""
+        if loss is not None and not math.isfinite(loss):
+            raise self.diverged(ctx, stage, f"the mean training loss is {loss}", None)
+        parts = {"upload": upload, "personal state": state.personal, "extra state": state.extra}
+        for what, arrays in parts.items():
+            bad = [k for k, v in arrays.items() if v.is_floating_point() and not v.isfinite().all()]
+            if bad:
+                raise self.diverged(
+                    ctx,
+                    stage,
+                    f"{len(bad)} tensor(s) of its {what} are not finite ({bad[0]})",
+                    None,
+                )
 
     # ------------------------------------------------------------------ fine-tuning
 

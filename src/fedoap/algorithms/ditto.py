@@ -25,6 +25,7 @@ from torch import nn
 
 from fedoap.algorithms.base import SHARED, Algorithm, ClientState, FitContext, Update, clone
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.config import ranged
 from fedoap.data.dataset import ClientData
 from fedoap.models import StateDict
 from fedoap.models.partition import prefixed, sub
@@ -34,7 +35,7 @@ PERSONAL = "personal/"
 
 @dataclass(frozen=True)
 class DittoOptions:
-    lam: float = 0.1
+    lam: float = ranged(0.1, ge=0)
 
 
 @ALGORITHMS.register("ditto")

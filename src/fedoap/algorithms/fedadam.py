@@ -18,15 +18,16 @@ import torch
 
 from fedoap.algorithms.fedopt import ServerOptimizer, _buffer
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.config import ranged
 from fedoap.models import StateDict
 
 
 @dataclass(frozen=True)
 class AdaptiveOptions:
-    server_lr: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
+    server_lr: float = ranged(0.01, gt=0)
+    beta1: float = ranged(0.9, ge=0, lt=1)
+    beta2: float = ranged(0.99, ge=0, lt=1)
+    tau: float = ranged(1e-3, gt=0)
 
 
 @ALGORITHMS.register("fedadam")

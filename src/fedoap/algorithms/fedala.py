@@ -36,6 +36,7 @@ from torch.func import functional_call
 
 from fedoap.algorithms.base import SHARED, Algorithm, ClientState, FitContext, Update, clone
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.config import ConfigError, ranged
 from fedoap.data.dataset import ClientData
 from fedoap.models import StateDict
 from fedoap.models.partition import module_state_keys, prefixed, sub
@@ -48,11 +49,11 @@ LOCAL, WEIGHTS = "local/", "ala_w/"
 @dataclass(frozen=True)
 class FedALAOptions:
     ala_modules: tuple[str, ...] = ("head",)
-    rand_percent: float = 0.8
-    eta: float = 1.0
-    threshold: float = 0.1
-    num_pre_loss: int = 10
-    max_ala_epochs: int = 5
+    rand_percent: float = ranged(0.8, gt=0, le=1)
+    eta: float = ranged(1.0, ge=0)
+    threshold: float = ranged(0.1, ge=0)
+    num_pre_loss: int = ranged(10, ge=1, le=10_000)
+    max_ala_epochs: int = ranged(5, ge=0, le=10_000)
 
 
 @ALGORITHMS.register("fedala")
@@ -68,7 +69,7 @@ class FedALA(Algorithm):
             try:
                 module = model.get_submodule(path)
             except AttributeError:
-                raise ValueError(
+                raise ConfigError(
                     f"algorithm.ala_modules: no module {path!r} in the model"
                 ) from None
             keys += [k for k in module_state_keys(model, module) if k in params]

@@ -16,13 +16,14 @@ import torch
 
 from fedoap.algorithms.fedopt import ServerOptimizer, _buffer
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.config import ranged
 from fedoap.models import StateDict
 
 
 @dataclass(frozen=True)
 class FedAvgMOptions:
-    server_lr: float = 1.0
-    momentum: float = 0.9
+    server_lr: float = ranged(1.0, gt=0)
+    momentum: float = ranged(0.9, ge=0, lt=1)
 
 
 @ALGORITHMS.register("fedavgm")

@@ -34,6 +34,7 @@ from torch import nn
 
 from fedoap.algorithms.base import SHARED, Algorithm, ClientState
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.config import ranged
 from fedoap.models import StateDict
 from fedoap.models.partition import sub
 from fedoap.training import autocast
@@ -45,7 +46,7 @@ SITES = "sites/"
 
 @dataclass(frozen=True)
 class FedDPOptions:
-    lam: float = 1.0
+    lam: float = ranged(1.0, ge=0)
 
 
 @ALGORITHMS.register("feddp")

@@ -17,12 +17,13 @@ from torch import nn
 from fedoap.algorithms.base import SHARED, ClientState
 from fedoap.algorithms.fedavg import FedAvg
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.config import ranged
 from fedoap.models import StateDict
 
 
 @dataclass(frozen=True)
 class FedProxOptions:
-    mu: float = 0.01
+    mu: float = ranged(0.01, ge=0)
 
 
 @ALGORITHMS.register("fedprox")

@@ -20,13 +20,14 @@ from torch import nn
 
 from fedoap.algorithms.base import Algorithm, ClientState, FitContext, Update
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.config import ranged
 from fedoap.data.dataset import ClientData
 from fedoap.models import StateDict
 
 
 @dataclass(frozen=True)
 class FedRepOptions:
-    head_epochs: int = 1
+    head_epochs: int = ranged(1, ge=1, le=10_000)
 
 
 @ALGORITHMS.register("fedrep")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedoap.config import ConfigError, load_config
-from fedoap.data import DataError
-from fedoap.runs import RunExistsError
-from fedoap.training.device import DeviceOutOfMemory
+from fedoap.errors import FedoapError
 
 app = typer.Typer(
     add_completion=False,
@@ -26,19 +25,22 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    RunExistsError,
-    FileNotFoundError,
-    ValueError,
-    KeyError,
-    DeviceOutOfMemory,
-)
+#: What the command line reports as a one-line error (exit code 2): the project's own error
+#: types, and the machine's refusals (no space, no permission, read-only file system). Any other
+#: exception is a bug in fedoap and keeps its traceback.
+USER_ERRORS = (FedoapError, OSError)
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 def fail(err: Exception) -> None:
-    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    """Print ``err`` as one line and exit with code 2, or re-raise it when it is not the user's
+    or the machine's doing (a bug: its traceback is what a report needs)."""
+    if not isinstance(err, FedoapError) and not (
+        isinstance(err, OSError) and err.errno in MACHINE_ERRNOS
+    ):
+        raise err
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    msg = "; ".join(lines) or type(err).__name__
     err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
@@ -91,6 +93,12 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
         f"{comm['bytes_down_per_round'] / 1e6:.2f} MB   "
         f"time: {t['seconds_total']:.0f} s ({t['seconds_per_round'] or 0:.1f} s/round)"
     )
+    for name, why in summary.get("excluded", {}).items():
+        console.print(
+            f"[yellow]excluded:[/] {name} diverged in round {why['round']} ({why['stage']}) and "
+            "has no results (train.on_divergence=exclude); the mean is over the others",
+            highlight=False,
+        )
     ex = summary.get("execution")
     if ex:
         where = ex.get("name", ex["device"])
@@ -112,10 +120,12 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Train a federation and write a run folder (config.yaml, metrics.csv, summary.json, ...)."""
-    from fedoap.api import resume_experiment, run_experiment
+    from fedoap.fileio import check_output_dir
 
     try:
         if resume is not None:
+            from fedoap.api import resume_experiment
+
             given = load_config(config, overrides or []) if config is not None else None
             if out is not None and out.resolve() != resume.resolve():
                 raise ConfigError(f"--out {out} and --resume {resume} name different folders")
@@ -124,7 +134,10 @@ def run(
         else:
             if config is None or out is None:
                 raise ConfigError("fedoap run needs -c CONFIG and -o RUN_DIR (or --resume RUN_DIR)")
-            cfg = load_config(config, overrides or [])
+            check_output_dir(out)  # before the config, the data or torch is loaded
+            cfg = load_config(config, overrides or [])  # before torch is imported (seconds)
+            from fedoap.api import run_experiment
+
             summary = run_experiment(cfg, out, force=force, progress=not quiet)
             run_dir = out
     except USER_ERRORS as err:
@@ -184,15 +197,25 @@ def predict(
     images: list[Path] = typer.Argument(..., help="image files (PNG/JPG/TIF)"),
     client: str = typer.Option(..., "--client", help="whose personalised model to use"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    force: bool = typer.Option(
+        False, "--force", help="replace mask and overlay files that already exist in OUT"
+    ),
     device: str = typer.Option(
         None, "--device", help="cpu, cuda, cuda:N, mps or auto (default: the run's train.device)"
     ),
 ) -> None:
-    """Segment images with one client's model: writes <stem>_mask.png and <stem>_overlay.png."""
-    from fedoap.api import predict_images
+    """Segment images with one client's model: writes <stem>_mask.png and <stem>_overlay.png.
+
+    Inputs in several folders keep their paths relative to the folder that holds them all
+    (``s1/x.png`` and ``s2/x.png`` give ``OUT/s1/x_mask.png`` and ``OUT/s2/x_mask.png``).
+    """
+    from fedoap.fileio import check_output_dir
 
     try:
-        written = predict_images(run_dir, client, images, out, device)
+        check_output_dir(out)  # before torch is imported: a bad --out fails at once
+        from fedoap.api import predict_images
+
+        written = predict_images(run_dir, client, images, out, device, force=force)
     except USER_ERRORS as err:
         fail(err)
         return
@@ -220,11 +243,14 @@ def adapt(
 ) -> None:
     """Adapt a finished federation to a client that was never part of it (zero-shot, fine-tuned,
     and local-from-scratch references)."""
-    from fedoap.adapt import adapt as run_adapt
-    from fedoap.adapt import write_adapt
-    from fedoap.runs import RunDir
+    from fedoap.fileio import check_output_dir
 
     try:
+        check_output_dir(out)  # before torch is imported: a bad --out fails at once
+        from fedoap.adapt import adapt as run_adapt
+        from fedoap.adapt import write_adapt
+        from fedoap.runs import RunDir
+
         if RunDir(out).is_started() and not force:
             RunDir(out).prepare(force=False)
         summary = run_adapt(run_dir, data, name, epochs, parts, init, device=device)
@@ -266,8 +292,11 @@ def bench(
 ) -> None:
     """Run the benchmark matrix; finished cells are cached, results.csv is kept current."""
     from fedoap.bench import is_done, load_spec, plan, run_bench
+    from fedoap.fileio import check_output_dir
 
     try:
+        if not dry_run:  # a dry run only reads OUT
+            check_output_dir(out)
         bspec, base = load_spec(spec)
         cells = plan(
             bspec, base, methods or None, seeds or None, only or ("main", "ablation", "loo")
@@ -279,7 +308,10 @@ def bench(
         for c in cells:
             console.print(f"{'cached' if is_done(c, out) else 'todo  '} {c.key}")
         return
-    run_bench(bspec, base, out, cells, jobs=jobs, max_cells=max_cells, log=console.print)
+    try:
+        run_bench(bspec, base, out, cells, jobs=jobs, max_cells=max_cells, log=console.print)
+    except USER_ERRORS as err:
+        fail(err)
 
 
 @app.command()
@@ -316,9 +348,12 @@ def data_prepare(
 
     A compact copy of the preprocessed data to carry to another machine.
     """
-    from fedoap.data.prepare import CLIENTS_FILE, prepare_data
+    from fedoap.fileio import check_output_dir
 
     try:
+        check_output_dir(out)  # before torch is imported: a bad --out fails at once
+        from fedoap.data.prepare import CLIENTS_FILE, prepare_data
+
         cfg = load_config(config, overrides or [])
         written = prepare_data(cfg.data, out, force=force, config_path=config)
     except (*USER_ERRORS, OSError) as err:

@@ -19,6 +19,14 @@ from fedoap.data.splits import SPLITS, cap_cases, cap_images, split_by_case
 from fedoap.data.synthetic import generate_client
 from fedoap.data.transforms import letterbox, normalize
 
+#: Under ``normalize: zscore``, float images with a larger |value| get a note: each image is
+#: divided by its largest |value| before z-scoring (:func:`fedoap.data.transforms.normalize`).
+IMAGE_VALUE_NOTE_LIMIT = 1e6
+
+#: ``normalize: unit`` passes float images to the network unscaled; beyond this |value| they are
+#: no unit-range intensities (and beyond 3.4e38 not even float32), so the run is refused.
+UNIT_VALUE_LIMIT = 1e3
+
 
 @dataclass
 class Split:
@@ -103,7 +111,7 @@ def _load_raw_uncached(spec: ClientSpec, cfg: DataConfig) -> RawClient:
     assert spec.path is not None
     path = resolve_path(cfg.root, spec.path)
     if spec.source == "npz":
-        raw = load_npz(path, use_rgb=spec.use_rgb)
+        raw = load_npz(path, use_rgb=spec.use_rgb, max_pixels=cfg.max_image_pixels)
     else:
         raw = load_folder(
             path,
@@ -114,6 +122,7 @@ def _load_raw_uncached(spec: ClientSpec, cfg: DataConfig) -> RawClient:
             case_regex=spec.case_regex,
             channel=spec.channel,
             resize_to=cfg.image_size,
+            max_pixels=cfg.max_image_pixels,
         )
     has_rgb = raw.images.ndim == 4
     if cfg.channels == 3 and not has_rgb:
@@ -127,9 +136,35 @@ def _load_raw_uncached(spec: ClientSpec, cfg: DataConfig) -> RawClient:
     return raw
 
 
+def check_value_range(raw: RawClient, where: str, mode: str) -> None:
+    """Refuse float images ``normalize: unit`` cannot use; note those z-scoring rescales.
+
+    Depends on ``data.normalize``, which the cache key leaves out, so it runs after the cache, on
+    every load. Appends to ``raw.notes``.
+    """
+    if raw.images.dtype.kind != "f" or raw.images.size == 0:
+        return
+    largest = float(max(raw.images.max(), -raw.images.min()))  # no |images| copy
+    if mode == "unit" and largest > UNIT_VALUE_LIMIT:
+        raise DataError(
+            f"{where}: float image values up to {largest:.2g} lie outside [-1e3, 1e3], and "
+            "normalize: unit passes float images unscaled; use data.normalize=zscore"
+        )
+    if mode == "zscore" and largest > IMAGE_VALUE_NOTE_LIMIT:
+        raw.notes.append(
+            f"{where}: image values up to {largest:.2g} (beyond ±1e6); each image is divided by "
+            "its largest |value| before z-scoring, which leaves z-scores unchanged"
+        )
+
+
 def make_client(spec: ClientSpec, cfg: DataConfig) -> ClientData:
     raw = load_raw(spec, cfg)
-    where = f"client '{spec.name}'"
+    if spec.source == "synthetic":
+        where = f"client '{spec.name}'"
+    else:
+        path = resolve_path(cfg.root, spec.path or "")
+        check_value_range(raw, str(path), cfg.normalize)
+        where = f"client '{spec.name}': {path}"
     idx = split_by_case(raw.case_ids, cfg.split, where)
     seed = cfg.split.seed
     idx["train"] = cap_images(idx["train"], cfg.max_train_images, seed)
@@ -153,7 +188,10 @@ def prepare_clients(cfg: DataConfig) -> list[ClientData]:
         try:
             clients.append(make_client(spec, cfg))
         except DataError as err:
-            raise DataError(f"client '{spec.name}': {err}") from None
+            # make_client already names the client in errors of its own (the split's).
+            prefix = f"client '{spec.name}': "
+            msg = str(err)
+            raise DataError(msg if msg.startswith(prefix) else prefix + msg) from None
     return clients
 
 

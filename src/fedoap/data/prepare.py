@@ -23,13 +23,14 @@ from fedoap.data.cache import save_npz_atomic
 from fedoap.data.dataset import load_raw
 from fedoap.data.errors import DataError
 from fedoap.data.sources import RawClient
-from fedoap.fileio import atomic_write_text
+from fedoap.errors import FedoapError
+from fedoap.fileio import atomic_write_text, check_output_dir
 
 #: The data section written beside the prepared files.
 CLIENTS_FILE = "clients.yaml"
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(FedoapError, FileExistsError):
     """The output folder already holds files and ``force`` was not given."""
 
 
@@ -102,12 +103,12 @@ def prepare_data(
     """Write ``out/<client>.npz`` for every client of ``cfg`` and ``out/clients.yaml``.
 
     Every client is loaded and validated before anything is written, so bad data leaves no
-    half-filled folder. Raises :class:`OutputExistsError` if ``out`` holds files and ``force`` is
+    half-filled folder. Raises :class:`~fedoap.errors.OutputError` if ``out`` is a file or cannot
+    be written, :class:`OutputExistsError` if ``out`` holds files and ``force`` is
     off (with ``force``, files of the same name are replaced and others left alone), and
     :class:`~fedoap.data.errors.DataError` naming the client for bad data.
     """
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a folder")
+    check_output_dir(out)  # a file, or a folder that cannot be written: before any data is read
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputExistsError(
             f"{out} is not empty; choose a new folder or pass --force to write into it "

@@ -7,10 +7,15 @@ merged extra masks). Every check runs here, before any training, and every error
 
 from __future__ import annotations
 
+import math
 import re
+import struct
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,6 +24,38 @@ from fedoap.data.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")
+
+#: Default largest height x width accepted (``DataConfig.max_image_pixels``), for callers that
+#: have no config at hand.
+MAX_IMAGE_PIXELS = 50_000_000
+
+#: What an ``.npz`` starts with: a zip archive, or an empty one (its end-of-directory record).
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+#: Deflate cannot expand more than 1032:1 (a 258-byte match in two bits), so a deflated member
+#: claiming more is corrupt or hostile, whatever its header says.
+DEFLATE_MAX_RATIO = 1032
+
+# Dtype kinds (numpy ``dtype.kind``) an array may have: unsigned/signed integers and floats for
+# images; booleans too for masks, which are checked for {0, 1} values anyway.
+IMAGE_KINDS = "uif"
+MASK_KINDS = "buif"
+
+# Everything reading a damaged zip can raise besides OSError/ValueError (UnicodeDecodeError is
+# one): a flipped flag bit makes zipfile raise RuntimeError ("encrypted") or NotImplementedError
+# (compression method), a torn record KeyError or struct.error, a torn stream EOFError or
+# zlib.error.
+_ZIP_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    KeyError,
+    RuntimeError,
+    NotImplementedError,
+    zipfile.BadZipFile,
+    struct.error,
+    zlib.error,
+)
 
 
 @dataclass
@@ -66,25 +103,137 @@ def _check_images(images: np.ndarray, where: str) -> None:
         raise DataError(f"{where}: images must be uint8 or float, got dtype {images.dtype}")
 
 
-def load_npz(path: Path, use_rgb: bool = False) -> RawClient:
-    """Read an ``.npz`` in the format of ``../shared/data`` (see its README)."""
+def _too_large(what: str, w: int, h: int, max_pixels: int) -> str:
+    return (
+        f"{what} {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
+        "(data.max_image_pixels; raise it if the data is genuine)"
+    )
+
+
+def _read_npy_header(fp: IO[bytes]) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length in bytes) of the ``.npy`` stream ``fp``; reads no data."""
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:  # 3.0 only differs by utf-8 field names of structured dtypes, never valid here
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+    return tuple(shape), dtype, fp.tell()
+
+
+def _read_member(
+    zf: zipfile.ZipFile,
+    member: str,
+    key: str,
+    path: Path,
+    role: str | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> np.ndarray:
+    """One array of an npz, read only after its ``.npy`` header passed every check.
+
+    ``role`` (``"images"`` or ``"masks"``) adds the dtype check and the ``max_pixels`` bound on
+    (N, H, W[, C]) arrays. The declared shape must account for exactly the bytes the zip entry
+    holds, and the entry may not claim more bytes than its compressed data can expand to: a
+    corrupt or hostile header is refused here, before numpy allocates what it declares.
+    """
+    where = f"{path}: '{key}'"
+    info = zf.getinfo(member)
+    with zf.open(info) as fp:
+        shape, dtype, header_size = _read_npy_header(fp)
+    if dtype.hasobject:
+        raise DataError(
+            f"{where} holds pickled (object) arrays, which fedoap never loads (unpickling a file "
+            "can run arbitrary code); store it with a plain dtype (numbers or fixed-width strings)"
+        )
+    if role is not None:
+        kinds = IMAGE_KINDS if role == "images" else MASK_KINDS
+        # float128 would reach torch, which has no such dtype.
+        if dtype.kind not in kinds or (dtype.kind == "f" and dtype.itemsize > 8):
+            raise DataError(
+                f"{where} has dtype {dtype}, which cannot hold {role}; use "
+                + ("uint8 or float32" if role == "images" else "uint8 in {0, 1}")
+            )
+    declared = math.prod(shape) * dtype.itemsize
+    held = info.file_size - header_size
+    if declared != held:
+        raise DataError(
+            f"{where} declares shape {shape} of {dtype} ({declared:,} bytes) but its entry "
+            f"holds {held:,} bytes (corrupt or truncated?)"
+        )
+    stored = info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size
+    deflated = info.compress_type == zipfile.ZIP_DEFLATED and (
+        info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 1024
+    )
+    if stored or deflated:
+        raise DataError(
+            f"{where}: its zip entry claims {info.file_size:,} bytes from "
+            f"{info.compress_size:,} bytes of data, more than they can hold (corrupt?)"
+        )
+    if role is not None and len(shape) >= 3 and shape[1] * shape[2] > max_pixels:
+        what = f"holds {role} of"
+        raise DataError(
+            f"{where} " + _too_large(what, shape[2], shape[1], max_pixels) + "; not loaded"
+        )
+    with zf.open(info) as fp:
+        array: np.ndarray = np.lib.format.read_array(fp, allow_pickle=False)
+    return array
+
+
+def _read_error_detail(err: BaseException) -> str:
+    """``err`` for a message. numpy's advice to pass ``allow_pickle=True`` is never passed on."""
+    text = str(err) or type(err).__name__
+    if "allow_pickle" in text:
+        return "it holds pickled data, which fedoap never loads"
+    return text
+
+
+def load_npz(path: Path, use_rgb: bool = False, *, max_pixels: int = MAX_IMAGE_PIXELS) -> RawClient:
+    """Read an ``.npz`` in the format of ``../shared/data`` (see its README).
+
+    Each array's header is checked before its data is read (see :func:`_read_member`): images
+    larger than ``max_pixels`` (height x width), pickled arrays, dtypes that cannot hold images
+    or masks, and sizes the file does not hold are refused without allocating them.
+    """
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            img_key = "images_rgb" if use_rgb else "images"
-            missing = {img_key, "masks"} - keys
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err}") from err
+    if magic not in ZIP_MAGICS:
+        # np.load would read it as a bare .npy (an array, not an archive) or try it as a pickle,
+        # and advise allow_pickle=True: never, for a data file.
+        raise DataError(f"{path}: not a valid .npz file (not a zip archive of .npy arrays)")
+    img_key = "images_rgb" if use_rgb else "images"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            # Keys as np.load names them: the member name without ".npy".
+            members = {n.removesuffix(".npy"): n for n in zf.namelist()}
+            missing = {img_key, "masks"} - members.keys()
             if missing:
-                raise DataError(f"{path}: missing array(s) {sorted(missing)}; found {sorted(keys)}")
-            images = z[img_key]
-            masks = z["masks"]
-            case_ids = z["case_ids"] if "case_ids" in keys else None
-            names = z["names"] if "names" in keys else None
+                raise DataError(
+                    f"{path}: missing array(s) {sorted(missing)}; found {sorted(members)}"
+                )
+            images = _read_member(zf, members[img_key], img_key, path, "images", max_pixels)
+            masks = _read_member(zf, members["masks"], "masks", path, "masks", max_pixels)
+            case_ids = (
+                _read_member(zf, members["case_ids"], "case_ids", path)
+                if "case_ids" in members
+                else None
+            )
+            names = (
+                _read_member(zf, members["names"], "names", path) if "names" in members else None
+            )
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"{path}: cannot read as .npz (corrupt or truncated?): {err}") from err
+    except MemoryError as err:
+        raise DataError(f"{path}: not enough memory to load its arrays") from err
+    except _ZIP_ERRORS as err:
+        raise DataError(
+            f"{path}: cannot read as .npz (corrupt or truncated?): {_read_error_detail(err)}"
+        ) from err
 
     n = len(images)
     if n == 0:
@@ -117,14 +266,53 @@ def load_npz(path: Path, use_rgb: bool = False) -> RawClient:
     )
 
 
-def read_image(path: Path, channels: int, channel: int | None = None) -> np.ndarray:
-    """Read one image file as (H, W) (channels=1) or (H, W, 3); errors name the file."""
+def _bomb_error(path: Path, err: Exception, max_pixels: int) -> DataError:
+    """PIL's own refusal of a huge image (raised inside ``Image.open``, before our bound can be
+    checked) as a :class:`DataError` naming the file and the bound."""
+    hit = re.search(r"\((\d+) pixels\)", str(err))
+    pixels = int(hit.group(1)) if hit else None
+    if pixels is not None and pixels <= max_pixels:
+        # Only for a bound raised past PIL's hard limit (2 x Image.MAX_IMAGE_PIXELS, 179 MP).
+        return DataError(f"{path}: PIL refuses to decode it: {err}")
+    size = f"{pixels:,}" if pixels is not None else "too many"
+    return DataError(
+        f"{path}: image is {size} pixels, more than the limit of {max_pixels:,} "
+        "(data.max_image_pixels; raise it if the data is genuine); not decoded"
+    )
+
+
+def read_image(
+    path: Path, channels: int, channel: int | None = None, *, max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
+    """Read one image file as (H, W) (channels=1) or (H, W, 3); errors name the file.
+
+    Its size is read from the header and checked against ``max_pixels`` (height x width) before
+    any pixel is decoded: a 164 KB PNG can declare 13000 x 13000 pixels and cost 2 GB to decode.
+    """
+    pil_limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
-            im.load()  # forces decoding: a truncated file fails here, not later
-            arr = np.asarray(im)
+        with warnings.catch_warnings():
+            # PIL warns in Image.open above Image.MAX_IMAGE_PIXELS (89 MP): our own check of the
+            # same size follows at once, with a message that names the file and the bound.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size  # from the header: Image.open decodes no pixel
+                if w * h > max_pixels:
+                    raise DataError(
+                        f"{path}: " + _too_large("image is", w, h, max_pixels) + "; not decoded"
+                    )
+                # A warning while decoding concerns a size not checked above (a plugin's other
+                # frame or resolution): an error, unless the bound was raised past PIL's limit.
+                if pil_limit is None or max_pixels <= pil_limit:
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im.load()  # forces decoding: a truncated file fails here, not later
+                arr = np.asarray(im)
+    except DataError:
+        raise
     except FileNotFoundError as err:
         raise DataError(f"image file not found: {path}") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise _bomb_error(path, err, max_pixels) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot decode image (corrupt or truncated?): {err}") from err
     if arr.ndim == 3 and arr.shape[-1] == 4:  # drop alpha
@@ -151,8 +339,8 @@ def read_image(path: Path, channels: int, channel: int | None = None) -> np.ndar
     return arr
 
 
-def read_mask(path: Path) -> tuple[np.ndarray, str | None]:
-    arr = read_image(path, channels=1)
+def read_mask(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, str | None]:
+    arr = read_image(path, channels=1, max_pixels=max_pixels)
     if arr.dtype != np.uint8:
         arr = np.rint(arr).astype(np.int64)
     return check_mask_values(arr, str(path), lossy=path.suffix.lower() in LOSSY_EXTENSIONS)
@@ -173,12 +361,14 @@ def load_folder(
     case_regex: str | None = None,
     channel: int | None = None,
     resize_to: int | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> RawClient:
     """Read image/mask pairs from a folder, matching each image to its mask **by name**.
 
     The mask of ``<image_dir>/<rel>/<stem>.<ext>`` is ``<mask_dir>/<rel>/<stem><mask_suffix>.<any
     ext>``. Extra masks ``<stem><mask_suffix>_<k>`` (BUSI stores a second lesion that way) are
     merged into the first by union. Images are letterboxed to ``resize_to`` as they are read.
+    A file of more than ``max_pixels`` (height x width) is refused before it is decoded.
     """
     from fedoap.data.transforms import letterbox  # local: avoids a cycle at import time
 
@@ -227,11 +417,11 @@ def load_folder(
             raise DataError(
                 f"{img_path}: no mask named '{img_path.stem}{mask_suffix}.*' in {mask_root / rel}"
             )
-        image = read_image(img_path, channels, channel)
+        image = read_image(img_path, channels, channel, max_pixels=max_pixels)
         found.sort()
         mask = None
         for _, mpath in found:
-            m, note = read_mask(mpath)
+            m, note = read_mask(mpath, max_pixels)
             if note:
                 notes.append(note)
             if m.shape != image.shape[:2]:

@@ -16,17 +16,21 @@ SPLITS = ("train", "val", "test")
 
 
 def split_by_case(case_ids: np.ndarray, cfg: SplitConfig, where: str = "") -> dict[str, np.ndarray]:
-    """Indices of each split; every case lands in exactly one split. Deterministic in cfg.seed."""
+    """Indices of each split; every case lands in exactly one split. Deterministic in cfg.seed.
+
+    ``where`` (the client, its file) starts error messages.
+    """
+    prefix = f"{where}: " if where else ""
     cases = np.unique(case_ids)  # sorted, so the split does not depend on file order
     n = len(cases)
     if n < 3:
-        raise DataError(f"{where}: {n} case(s) cannot be split into train/val/test (need >= 3)")
+        raise DataError(f"{prefix}{n} case(s) cannot be split into train/val/test (need >= 3)")
     perm = np.random.default_rng(cfg.seed).permutation(n)
     n_val = max(1, round(cfg.val * n))
     n_test = max(1, round(cfg.test * n))
     n_train = n - n_val - n_test
     if n_train < 1:
-        raise DataError(f"{where}: {n} cases leave no training case with split {cfg}")
+        raise DataError(f"{prefix}{n} cases leave no training case with split {cfg}")
     groups = {
         "train": cases[perm[:n_train]],
         "val": cases[perm[n_train : n_train + n_val]],

@@ -1,15 +1,23 @@
-"""Atomic safetensors checkpoints with JSON metadata.
+"""Atomic, digest-verified safetensors checkpoints with JSON metadata.
 
 One file holds everything needed to resume: tensors under namespaced keys and a JSON document in
 the safetensors metadata. It is written to a temporary file, flushed to disk, then renamed over
 the old one, so a run killed at any moment leaves either the previous or the new checkpoint,
 never a torn one.
+
+Every file also records a SHA-256 digest of its tensors (names, dtypes, shapes and bytes) and of
+its JSON metadata. :func:`load_tensors` recomputes it and refuses a file that does not match, or
+that has none: flipped bits in one weight, or an edited ``position``, would otherwise resume or
+score silently on the wrong model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +25,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from fedoap.errors import CheckpointError
 from fedoap.models import StateDict
 from fedoap.models.partition import prefixed, sub  # noqa: F401  (re-exported)
 
 META_KEY = "fedoap"
+DIGEST_KEY = "fedoap.sha256"
 
 
 def save_tensors(path: Path, tensors: StateDict, meta: dict[str, Any] | None = None) -> None:
-    """Save tensors (+ JSON metadata) atomically."""
+    """Save tensors (+ JSON metadata and their digest) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     clean = _exclusive(tensors)
-    save_file(clean, str(tmp), metadata={META_KEY: json.dumps(meta or {})})
+    meta_json = json.dumps(meta or {})
+    metadata = {META_KEY: meta_json, DIGEST_KEY: digest(clean, meta_json)}
+    save_file(clean, str(tmp), metadata=metadata)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -57,15 +69,62 @@ def _exclusive(tensors: StateDict) -> StateDict:
     return out
 
 
+def _tensor_sha256(t: torch.Tensor) -> bytes:
+    # The raw bytes of any dtype (bf16 has no numpy view), without a copy. hashlib releases the
+    # GIL on large buffers, so tensors hash in parallel threads.
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(raw.data).digest()
+
+
+def digest(tensors: Mapping[str, torch.Tensor], meta_json: str) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, and the metadata JSON.
+
+    Each tensor is hashed on its own (in a thread pool), then the list is hashed in name order:
+    a paper-scale checkpoint (2.8 GB) hashes at ~1.4 GB/s per core."""
+    names = sorted(tensors)
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        parts = list(pool.map(lambda k: _tensor_sha256(tensors[k]), names))
+    h = hashlib.sha256()
+    for name, part in zip(names, parts, strict=True):
+        t = tensors[name]
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(part)
+    h.update(meta_json.encode())
+    return h.hexdigest()
+
+
 def load_tensors(path: Path) -> tuple[StateDict, dict[str, Any]]:
+    """Tensors and metadata of a checkpoint whose digest matches; :class:`CheckpointError`
+    (naming the file) when it is missing, unreadable, or fails or lacks its digest."""
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {}).get(META_KEY, "{}"))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read checkpoint (corrupt or truncated?): {err}") from err
+            metadata = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (corrupt or truncated?): {err}"
+        ) from None
+    recorded = metadata.get(DIGEST_KEY)
+    meta_json = metadata.get(META_KEY, "{}")
+    if recorded is None:
+        raise CheckpointError(
+            f"{path}: the checkpoint records no digest (written before fedoap recorded "
+            "digests, or the digest was removed), so its integrity cannot be checked; refusing it"
+        )
+    if digest(tensors, meta_json) != recorded:
+        raise CheckpointError(
+            f"{path}: the checkpoint does not match its digest: its tensors or metadata were "
+            "changed or damaged after it was written; refusing it"
+        )
+    try:
+        meta = json.loads(meta_json)
+    except json.JSONDecodeError as err:  # pragma: no cover (the digest covers the JSON)
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata: {err}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata is not a mapping")
     return tensors, meta
 
 

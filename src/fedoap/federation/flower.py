@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +40,6 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-import yaml
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -64,7 +64,7 @@ from fedoap.algorithms import (
     nbytes,
 )
 from fedoap.algorithms.base import to_device
-from fedoap.config import ClientSpec, Config, ConfigError, from_dict, validate
+from fedoap.config import ClientSpec, Config, ConfigError, from_dict, load_yaml, validate
 from fedoap.data.dataset import ClientData, make_client
 from fedoap.federation.checkpoint import flatten_optimizer, save_tensors, unflatten_optimizer
 from fedoap.federation.runner import sample_clients
@@ -104,7 +104,7 @@ def _s(record: Any, key: str) -> str:
 
 
 def config_from_yaml(text: str) -> Config:
-    cfg = from_dict(Config, yaml.safe_load(text))
+    cfg = from_dict(Config, load_yaml(text, "fedoap-config"))
     validate(cfg)
     return cfg
 
@@ -218,6 +218,20 @@ def _state_or_init(
     except KeyError:
         meta: dict[str, Any] = {"best_score": None, "best_round": 0, "optimizers": {}}
         return site.alg.init_client(site.model), meta, {}, {}
+
+
+#: The last line of a traceback that raised one of fedoap's errors: "fedoap.x.YError: message".
+_FEDOAP_ERROR = re.compile(r"^\s*fedoap(?:\.\w+)+Error: (.+)$", re.MULTILINE)
+
+
+def client_error(reason: str) -> str:
+    """A failed ClientApp's message without the Ray and Flower tracebacks around it (a site's
+    DivergedError or DataError reads as it does in-process)."""
+    found = _FEDOAP_ERROR.findall(reason)
+    if found:
+        return str(found[-1]).strip()
+    lines = [ln.strip() for ln in reason.splitlines() if ln.strip()]
+    return lines[-1] if lines else reason
 
 
 def _reply(msg: Message, records: dict[str, Any]) -> Message:
@@ -424,7 +438,7 @@ class FedoapStrategy(FedAvg):
         if errors:
             raise RuntimeError(
                 f"{len(errors)} client(s) failed in round {server_round}: "
-                + "; ".join(str(m.error.reason) for m in errors)
+                + "; ".join(client_error(str(m.error.reason)) for m in errors)
             )
         contents = sorted((m.content for m in valid), key=lambda c: _i(c[METRICS], "client-index"))
         updates: list[Update] = []
@@ -498,7 +512,7 @@ def _send(
     replies = list(grid.send_and_receive(msgs, timeout=3600))
     failed = [m for m in replies if m.has_error()]
     if failed or len(replies) != len(nodes):
-        reasons = "; ".join(str(m.error.reason) for m in failed)
+        reasons = "; ".join(client_error(str(m.error.reason)) for m in failed)
         raise RuntimeError(
             f"{kind}: {len(replies) - len(failed)} of {len(nodes)} replies ({reasons})"
         )
@@ -601,12 +615,14 @@ def server_main(grid: Grid, context: Context) -> None:
     summary["comm"]["flower_bytes_down_per_round"] = (
         int(np.mean(log.flower_bytes_down)) if log.flower_bytes_down else 0
     )
-    rd.write_json(rd.summary, summary)
     rd.write_metrics(log.rows)
     rd.write_json(rd.root / "flower_received_keys.json", [sorted(k) for k in log.received_keys])
     from fedoap.plots import plot_curves
 
     plot_curves(log.rows, rd.plots, f"{alg.name} on Flower (seed {cfg.seed})")
+    # Last: summary.json marks the run complete (RunDir.is_complete).
+    rd.write_json(rd.summary, summary)
+    rd.remove_stale_temporaries()
 
 
 __all__ = ["client_app", "server_app", "unsupported_reason"]

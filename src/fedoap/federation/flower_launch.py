@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedoap.errors import FederationError, NotFoundError
+
 APP_DIR = Path(__file__).with_name("flower_app")
 
 #: Environment every Flower process gets: no dependency installation (offline), no telemetry.
@@ -44,7 +46,7 @@ def _bin(name: str) -> str:
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
     if not found:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{name} not found: install the Flower extra (pip install -e '.[flower]')"
         )
     return found
@@ -344,7 +346,7 @@ def run_simulation(run_dir: Path, num_clients: int, log: Any = print) -> dict[st
         log(f"Flower run {run_id} submitted to {fl.address}")
         run = fl.wait(run_id)
     if run["status"] != "finished:completed":
-        raise RuntimeError(
+        raise FederationError(
             f"Flower run {run_id} ended with status {run['status']} ({run.get('status-details')}); "
             f"logs in {run_dir / 'flower' / 'logs'}"
         )

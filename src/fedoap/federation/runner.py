@@ -13,7 +13,13 @@ Protocol (method.md, "Training protocol"):
 
 A checkpoint is written atomically after every round and every fine-tuning epoch, with the
 global arrays, each client's state and best model, and the metric history, so a killed run
-resumes exactly (all randomness is derived from (seed, stage, round, client)).
+resumes exactly (all randomness is derived from (seed, stage, round, client)). ``summary.json``
+is written last: a run folder without it is unfinished, and ``--resume`` completes it.
+
+A client whose training diverges (non-finite loss or weights) never reaches the aggregate or the
+results: the run stops with a :class:`~fedoap.errors.DivergedError` naming the client, round and
+step, or, with ``train.on_divergence=exclude``, that client is dropped from the rest of the run
+and listed under ``summary.json``'s ``excluded``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from fedoap.algorithms import KV, Algorithm, ClientState, FitContext, Update, nb
 from fedoap.algorithms.base import to_device
 from fedoap.config import Config
 from fedoap.data.dataset import ClientData, pool_training_sets
+from fedoap.errors import CheckpointError, DivergedError
 from fedoap.federation.checkpoint import (
     flatten_optimizer,
     load_tensors,
@@ -60,7 +67,8 @@ from fedoap.training.device import (
 )
 from fedoap.training.engine import predict_logits
 
-CHECKPOINT_VERSION = 1
+#: 2: checkpoints carry a digest (fedoap.federation.checkpoint) and excluded clients.
+CHECKPOINT_VERSION = 2
 POOLED = "__pooled__"  # the single trainer of ``centralized`` (not a client name: has '_' x2)
 
 
@@ -82,6 +90,8 @@ class ClientRecord:
     best_round: int = 0
     best_weights: StateDict = field(default_factory=dict)  # full model state dict
     best_kv: StateDict = field(default_factory=dict)  # kv.* payload at the best round
+    # Set when its training diverged and train.on_divergence=exclude dropped it: where and why.
+    diverged: dict[str, Any] | None = None
 
 
 def sample_clients(names: list[str], fraction: float, seed: int, rnd: int) -> list[str]:
@@ -142,6 +152,11 @@ class Runner:
     @property
     def names(self) -> list[str]:
         return list(self.records)
+
+    @property
+    def active(self) -> dict[str, ClientRecord]:
+        """The clients still in the run (all of them unless one diverged and was excluded)."""
+        return {n: r for n, r in self.records.items() if r.diverged is None}
 
     @property
     def finetune_epochs(self) -> int:
@@ -239,8 +254,9 @@ class Runner:
             trainers = {POOLED: self.pooled}
             sampled = self.names
         else:
+            # Sampled from every client, so excluding one leaves the others' draws unchanged.
             sampled = sample_clients(self.names, cfg.federation.fraction, cfg.seed, rnd)
-            trainers = {name: self.records[name] for name in sampled}
+            trainers = {name: self.records[name] for name in sampled if name in self.active}
         payload = self.global_arrays
         down = nbytes(payload)
         updates: list[Update] = []
@@ -253,23 +269,41 @@ class Runner:
                 ) as ib,
             ):
                 ctx = FitContext(name, rnd, cfg.seed, progress=ib.update)
-                update, rec.state = self.alg.run_fit(self.model, payload, rec.state, rec.data, ctx)
+                try:
+                    update, rec.state = self.alg.run_fit(
+                        self.model, payload, rec.state, rec.data, ctx
+                    )
+                except DivergedError as err:
+                    self._exclude(name, rec, err)
+                    continue
             updates.append(update)
             losses[name] = update.metrics["train_loss"]
             if self.pooled is None:  # pooling moves raw data, not model messages
                 self.bytes_up.append(nbytes(update.arrays))
                 self.bytes_down.append(down)
-        with self.timer("aggregate"):
-            self.global_arrays = self.alg.aggregate(self.global_arrays, updates, self.server)
-        for name in self.names:
+        if updates:  # none when every client sampled this round has just been excluded
+            with self.timer("aggregate"):
+                new = self.alg.aggregate(self.global_arrays, updates, self.server)
+            bad = [k for k, v in new.items() if v.is_floating_point() and not v.isfinite().all()]
+            if bad:
+                raise DivergedError(
+                    f"round {rnd}: the aggregated global model is not finite ({len(bad)} "
+                    f"tensor(s), e.g. {bad[0]}) although every upload was: the server step of "
+                    f"method {self.alg.name} diverged (check its algorithm.server_lr, if it has "
+                    "one)",
+                    round=rnd,
+                    stage="aggregate",
+                )
+            self.global_arrays = new
+        for name in self.active:
             loss = losses.get(POOLED, losses.get(name))
             self._validate(name, rnd, "federated", self.global_arrays, loss, name in sampled)
 
     def _start_finetune(self) -> None:
         """Each client fine-tunes from its best validated federated model."""
-        states = {name: rec.state for name, rec in self.records.items()}
+        states = {name: rec.state for name, rec in self.active.items()}
         self.ft_extra = self.alg.finetune_payload(self.global_arrays, states)
-        for rec in self.records.values():
+        for rec in self.active.values():
             rec.state = self.alg.start_finetune(rec.best_weights, rec.state)
 
     def _ft_payload(self, rec: ClientRecord) -> StateDict:
@@ -280,17 +314,44 @@ class Runner:
 
     def _finetune_epoch(self, epoch: int) -> None:
         rnd = self.cfg.federation.rounds + epoch
-        for name, rec in self.records.items():
+        for name, rec in self.active.items():
             payload = self._ft_payload(rec)
             with (
                 self.timer("train"),
                 self._inner_bar(f"fine-tune {epoch} {name}", len(rec.data.train)) as ib,
             ):
                 ctx = FitContext(name, rnd, self.cfg.seed, progress=ib.update)
-                loss, rec.state = self.alg.run_finetune_epoch(
-                    self.model, payload, rec.state, rec.data, ctx, first=epoch == 1
-                )
+                try:
+                    loss, rec.state = self.alg.run_finetune_epoch(
+                        self.model, payload, rec.state, rec.data, ctx, first=epoch == 1
+                    )
+                except DivergedError as err:
+                    self._exclude(name, rec, err)
+                    continue
             self._validate(name, rnd, "finetune", payload, loss, True)
+
+    def _exclude(self, name: str, rec: ClientRecord, err: DivergedError) -> None:
+        """Drop a diverged client from the rest of the run (train.on_divergence=exclude), or
+        re-raise: its state from before this step is kept, and is never aggregated again."""
+        if self.cfg.train.on_divergence == "stop" or rec is self.pooled:
+            raise err
+        rec.diverged = {
+            "stage": err.stage,
+            "round": err.round,
+            "step": err.step,
+            "reason": str(err),
+        }
+        self.log(
+            f"warning: client '{name}' is excluded from the rest of the run "
+            f"(train.on_divergence=exclude): {err.detail} in round {err.round} ({err.stage})"
+        )
+        if not self.active:
+            raise DivergedError(
+                f"every client diverged (the last: {err}); nothing is left to report",
+                client=name,
+                round=err.round,
+                stage=err.stage,
+            )
 
     def _validate(
         self,
@@ -332,7 +393,7 @@ class Runner:
         )
 
     def _postfix(self) -> dict[str, str]:
-        last = {r["client"]: r["val_dice"] for r in self.rows[-len(self.names) :]}
+        last = {r["client"]: r["val_dice"] for r in self.rows[-len(self.active) :]}
         return {k[:10]: f"{v:.3f}" for k, v in last.items()}
 
     def _steps_done(self) -> int:
@@ -351,7 +412,7 @@ class Runner:
     def _finish(self) -> dict[str, Any]:
         clients: dict[str, Any] = {}
         t = self.cfg.train
-        for name, rec in self.records.items():
+        for name, rec in self.active.items():
             self.load_best(name)
             with self.timer("test"):
                 test = evaluate(
@@ -386,9 +447,14 @@ class Runner:
             execution=self.execution(),
             phases=self.timer.seconds,
         )
-        self.run_dir.write_json(self.run_dir.summary, summary)
+        excluded = {n: r.diverged for n, r in self.records.items() if r.diverged is not None}
+        if excluded:
+            summary["excluded"] = excluded
         self.run_dir.write_metrics(self.rows)
         plot_curves(self.rows, self.run_dir.plots, f"{self.alg.name} (seed {self.cfg.seed})")
+        # Last: summary.json marks the run complete (a kill before it is finished by --resume).
+        self.run_dir.write_json(self.run_dir.summary, summary)
+        self.run_dir.remove_stale_temporaries()
         return summary
 
     def execution(self) -> dict[str, Any]:
@@ -439,6 +505,7 @@ class Runner:
                 "optimizers": opt_rest,
                 "best_score": rec.best_score if math.isfinite(rec.best_score) else None,
                 "best_round": rec.best_round,
+                "diverged": rec.diverged,
             }
         meta = {
             "version": CHECKPOINT_VERSION,
@@ -456,36 +523,69 @@ class Runner:
         self.run_dir.write_metrics(self.rows)
 
     def restore(self) -> None:
-        """Load ``checkpoints/last.safetensors`` (resume)."""
-        tensors, meta = load_tensors(self.run_dir.last)
+        """Load ``checkpoints/last.safetensors`` (resume). The file's digest is verified by
+        :func:`load_tensors`; its metadata is checked here, every error naming the file."""
+        path = self.run_dir.last
+        tensors, meta = load_tensors(path)
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"{path}: checkpoint version {meta.get('version')!r}, this fedoap reads "
+                f"{CHECKPOINT_VERSION}; finish the run with the fedoap that started it"
+            )
         if meta.get("config_digest") != self.cfg.digest():
-            raise ValueError(
-                f"{self.run_dir.last} was written by a different config (digest "
+            raise CheckpointError(
+                f"{path} was written by a different config (digest "
                 f"{meta.get('config_digest')} vs {self.cfg.digest()}); resume with the run's own "
                 "config.yaml"
             )
+        need: dict[str, type | tuple[type, ...]] = {
+            "position": dict,
+            "elapsed": (int, float),
+            "rows": list,
+            "round_seconds": list,
+            "bytes_up": list,
+            "bytes_down": list,
+            "clients": dict,
+        }
+        for key, kind in need.items():
+            if not isinstance(meta.get(key), kind):
+                raise CheckpointError(f"{path}: checkpoint metadata lacks a valid {key!r}")
+        position = meta["position"]
+        if (
+            set(position) != {"stage", "done"}
+            or position["stage"] not in ("federated", "finetune")
+            or not isinstance(position["done"], int)
+            or position["done"] < 0
+        ):
+            raise CheckpointError(f"{path}: checkpoint metadata has an invalid 'position'")
         missing = set(self._all_records()) - set(meta["clients"])
         if missing:
-            raise ValueError(f"{self.run_dir.last}: no state for client(s) {sorted(missing)}")
+            raise CheckpointError(f"{path}: no state for client(s) {sorted(missing)}")
         self.global_arrays = sub(tensors, "global/")
         self.server = sub(tensors, "server/")
         self.ft_extra = sub(tensors, "ft_extra/")
         for name, rec in self._all_records().items():
             p = f"client/{name}/"
             cm = meta["clients"][name]
-            rec.state = ClientState(
-                personal=sub(tensors, p + "personal/"),
-                optimizers={
-                    k: unflatten_optimizer(tensors, rest, f"{p}optim/{k}/")
-                    for k, rest in cm["optimizers"].items()
-                },
-                extra=sub(tensors, p + "extra/"),
-            )
+            try:
+                rec.state = ClientState(
+                    personal=sub(tensors, p + "personal/"),
+                    optimizers={
+                        k: unflatten_optimizer(tensors, rest, f"{p}optim/{k}/")
+                        for k, rest in cm["optimizers"].items()
+                    },
+                    extra=sub(tensors, p + "extra/"),
+                )
+                rec.best_score = -math.inf if cm["best_score"] is None else cm["best_score"]
+                rec.best_round = cm["best_round"]
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                raise CheckpointError(
+                    f"{path}: checkpoint metadata of client '{name}' is invalid ({err!r})"
+                ) from None
             rec.best_weights = sub(tensors, p + "best/")
             rec.best_kv = sub(tensors, p + "best_kv/")
-            rec.best_score = -math.inf if cm["best_score"] is None else cm["best_score"]
-            rec.best_round = cm["best_round"]
-        self.position = Position(**meta["position"])
+            rec.diverged = cm.get("diverged")
+        self.position = Position(position["stage"], position["done"])
         self.elapsed = meta["elapsed"]
         self.rows = meta["rows"]
         self.round_seconds = meta["round_seconds"]

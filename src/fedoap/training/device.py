@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fedoap.config import ConfigError, TrainConfig
+from fedoap.errors import FedoapError
 
 #: cuBLAS needs a fixed workspace for deterministic results (CUDA docs, "Results reproducibility").
 CUBLAS_DETERMINISTIC = ":4096:8"
@@ -279,7 +280,7 @@ class GradStep:
 # ------------------------------------------------------------------ out of memory
 
 
-class DeviceOutOfMemory(RuntimeError):
+class DeviceOutOfMemory(FedoapError, RuntimeError):
     """The device ran out of memory; the message names the sizes to reduce."""
 
 

@@ -12,7 +12,7 @@ resumed run replays exactly the draws of an uninterrupted one.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from torch import nn
 from fedoap.config import AugmentConfig
 from fedoap.data.augment import augment_batch
 from fedoap.data.dataset import Split
+from fedoap.errors import DivergedError
 from fedoap.metrics import case_dice, image_metrics, summarize
 from fedoap.training.device import GradStep, autocast
 
@@ -85,7 +86,10 @@ def train_epochs(
     device = data.x.device
     step = GradStep(precision, device)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    # The first step whose loss was not finite (-1: none), tracked on the device so that the
+    # loop still never waits for a host read.
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    count = steps = 0
     for _ in range(epochs):
         for idx in batches(len(data), batch_size, gen):
             x, y = data.x[idx], data.y[idx]
@@ -101,10 +105,26 @@ def train_epochs(
             step.step(optimizer)
             step.update()
             total += loss.detach().double() * len(idx)
+            steps += 1
+            bad_now = (first_bad < 0) & ~torch.isfinite(loss.detach())
+            first_bad = torch.where(bad_now, steps, first_bad)
             count += len(idx)
             if progress is not None:
                 progress(len(idx))
-    return float(total) / max(count, 1)
+    bad, mean = int(first_bad), float(total) / max(count, 1)
+    if bad >= 0:
+        raise DivergedError(
+            f"the loss was not finite at step {bad} of {steps} (mean loss {mean})", step=bad
+        )
+    if not all_finite(model.parameters()):
+        raise DivergedError(f"the weights are not finite after {steps} steps", step=steps)
+    return mean
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value of every floating-point tensor is finite (one host read in all)."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 @torch.no_grad()
