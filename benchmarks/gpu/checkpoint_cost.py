@@ -2,7 +2,8 @@
 
 Builds the tensors a FedOAP ``last.safetensors`` holds after a round -- the global shared
 weights, and per client its personal weights, its best model and AdamW's two moments -- from a
-freshly initialised model, and times ``save_tensors`` (atomic write + fsync) three times.
+freshly initialised model, and times ``save_tensors`` (digest + atomic write + fsync) three
+times, the SHA-256 digest alone, and ``load_tensors`` (read + digest check) once.
 
     python benchmarks/gpu/checkpoint_cost.py
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from fedoap.algorithms import build_algorithm
 from fedoap.config import load_config
-from fedoap.federation.checkpoint import save_tensors
+from fedoap.federation.checkpoint import digest, load_tensors, save_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,6 +41,13 @@ def main() -> None:
             t0 = time.perf_counter()
             save_tensors(path, tensors, {"round": i})
             print(f"save {i + 1}: {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        digest(tensors, "{}")
+        took = time.perf_counter() - t0
+        print(f"digest alone: {took:.1f} s ({size / 1e9 / took:.2f} GB/s)")
+        t0 = time.perf_counter()
+        load_tensors(path)
+        print(f"load + verify: {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":
