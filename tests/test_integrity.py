@@ -29,7 +29,7 @@ import fedoap.api as api_mod
 import fedoap.federation.runner as runner_mod
 from fedoap.algorithms import ALGORITHMS
 from fedoap.algorithms.base import Algorithm
-from fedoap.api import resume_experiment, run_experiment
+from fedoap.api import evaluate_run, load_client_model, resume_experiment, run_experiment
 from fedoap.cli.main import app
 from fedoap.config import Config, ConfigError, load_config
 from fedoap.data import DataError
@@ -237,6 +237,16 @@ def test_diverged_client_is_excluded_and_reported_when_asked(tmp_path, monkeypat
     _, meta = load_tensors(tmp_path / "run" / "checkpoints" / "last.safetensors")
     assert meta["clients"]["us"]["diverged"]["round"] == 2
     assert meta["clients"]["mri"]["diverged"] is None
+    # Re-scoring skips it (and says so); asking for its model is a clear error.
+    monkeypatch.undo()
+    scored = evaluate_run(tmp_path / "run", "test")
+    assert set(scored["clients"]) == {"mri", "ct"} and scored["excluded"]["us"]["round"] == 2
+    for name in ("mri", "ct"):
+        assert scored["clients"][name]["dice"] == pytest.approx(
+            summary["clients"][name]["test"]["dice"]
+        )
+    with pytest.raises(ConfigError, match="'us' was excluded .* diverged in round 2"):
+        load_client_model(tmp_path / "run", "us")
 
 
 def test_exclude_is_refused_where_it_cannot_work():

@@ -143,6 +143,12 @@ def load_client_model(
     names = [c.name for c in cfg.data.clients]
     if client not in names:
         raise ConfigError(f"client {client!r} is not in {rd.config}; clients: {', '.join(names)}")
+    why = rd.excluded().get(client)
+    if why is not None:
+        raise ConfigError(
+            f"client {client!r} was excluded from {rd.root}: its training diverged in round "
+            f"{why['round']} ({why['stage']}), so it has no model"
+        )
     device = device if device is not None else setup(cfg.train)
     model = build_algorithm(cfg).build_model()
     tensors, _ = load_tensors(rd.best(client))
@@ -165,8 +171,13 @@ def evaluate_run(run_dir: Path, split: str = "test", device: str | None = None) 
 def _evaluate_run(rd: RunDir, cfg: Config, split: str, device: torch.device) -> dict[str, Any]:
     clients = prepare_clients(cfg.data)
     t = cfg.train
+    excluded = rd.excluded()
     out: dict[str, Any] = {"split": split, "clients": {}}
+    if excluded:
+        out["excluded"] = excluded  # diverged during the run: no model to score
     for c in clients:
+        if c.name in excluded:
+            continue
         _, model = load_client_model(rd.root, c.name, device)
         data = c.split(split).to(device)
         out["clients"][c.name] = evaluate(

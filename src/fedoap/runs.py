@@ -111,6 +111,13 @@ class RunDir:
         other one (a run killed before it is completed by ``--resume``)."""
         return self.summary.is_file()
 
+    def excluded(self) -> dict[str, Any]:
+        """Clients dropped from a finished run because their training diverged
+        (``train.on_divergence=exclude``): name -> where and why. They have no model."""
+        if not self.summary.is_file():
+            return {}
+        return dict(json.loads(self.summary.read_text()).get("excluded", {}))
+
     def remove_stale_temporaries(self) -> None:
         """Delete the ``*.tmp`` files an atomic write killed mid-way left behind (the file it
         was replacing is intact and has been rewritten since)."""
