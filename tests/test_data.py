@@ -278,3 +278,46 @@ def test_synthetic_styles_differ_in_intensity_and_lesion_size():
     assert contrast["mri"] > 0 and contrast["ultrasound"] < 0 and contrast["ct"] < 0
     sizes = {s: v[1] for s, v in stats.items()}
     assert sizes["endoscopy"] > 2 * sizes["ct"]
+
+
+# ---------------------------------------------------------------------------- where: sites
+
+
+def test_where_selects_rows_and_keeps_cases_whole(tmp_path):
+    n = 24
+    site = np.array(["A"] * 10 + ["B"] * 8 + ["C"] * 6)
+    write_npz(tmp_path / "m.npz", n=n, site=site)
+    raw = load_npz(tmp_path / "m.npz", where={"site": ["A", "C"]})
+    assert len(raw.images) == 16 and set(raw.case_ids) == {
+        f"p{i // 2}" for i in [*range(10), *range(18, 24)]
+    }
+    assert "16 of 24 images where site=['A', 'C']" in raw.notes[0]
+    only_b = load_npz(tmp_path / "m.npz", where={"site": "B"})
+    assert list(only_b.names) == [f"{i:06d}" for i in range(10, 18)]
+
+
+def test_where_errors_name_the_file_and_what_is_there(tmp_path):
+    write_npz(tmp_path / "m.npz", n=12, site=np.array(["A"] * 12), year=np.arange(12))
+    with pytest.raises(DataError, match=r"m.npz: where \{'site': 'Z'\} selects no image.*'A'"):
+        load_npz(tmp_path / "m.npz", where={"site": "Z"})
+    with pytest.raises(DataError, match=r"m.npz: where.hospital: the file has no array"):
+        load_npz(tmp_path / "m.npz", where={"hospital": "A"})
+    assert len(load_npz(tmp_path / "m.npz", where={"year": [3, 4]}).images) == 2  # ints as text
+
+
+def test_where_is_refused_where_it_means_nothing():
+    from fedoap.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.clients\[0\].where: selects rows of an npz"):
+        load_config(
+            None, ["data.clients=[{name: a, source: synthetic, style: mri, where: {s: 1}}]"]
+        )
+    with pytest.raises(ConfigError, match=r"where.site: must be a value or a list"):
+        load_config(None, ["data.clients=[{name: a, path: x.npz, where: {site: {a: 1}}}]"])
+
+
+def test_lgg_sites_match_the_tcga_institutions(shared_data):
+    expected = {"CS": (358, 16), "DU": (1878, 45), "FG": (640, 14), "HT": (1029, 34), "EZ": (24, 1)}
+    for site, (slices, patients) in expected.items():
+        raw = load_npz(shared_data / "lgg_brain_mri.npz", where={"site": site})
+        assert (len(raw.images), len(set(raw.case_ids))) == (slices, patients), site

@@ -124,6 +124,9 @@ class ClientSpec:
     path: str | None = None
     # npz: use the ``images_rgb`` array instead of ``images`` (needs ``data.channels=3``).
     use_rgb: bool = False
+    # npz: keep only the rows whose arrays have these values, e.g. ``{site: DU}`` or
+    # ``{site: [DU, HT]}`` (one hospital of a multi-site file). Values compare as strings.
+    where: Mapping[str, Any] = field(default_factory=dict)
     # folder: sub-folders holding the pairs, and the suffix that turns an image stem into its
     # mask stem (``case_1.png`` <-> ``case_1_mask.png``). Pairs are matched by name, never order.
     image_dir: str = "images"
@@ -332,8 +335,12 @@ class Config:
             section, key = dotted.split(".")
             plain[section].pop(key, None)
         for dotted, default in DIGEST_WHEN_SET.items():
-            section, key = dotted.split(".")
-            if plain[section].get(key) == default:
+            section, key = dotted.split(".", 1)
+            if key.startswith("clients[]."):  # a key of every client spec
+                for client in plain[section]["clients"]:
+                    if client.get(key.removeprefix("clients[].")) == default:
+                        client.pop(key.removeprefix("clients[]."), None)
+            elif plain[section].get(key) == default:
                 plain[section].pop(key, None)
         blob = json.dumps(plain, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
@@ -341,7 +348,7 @@ class Config:
 
 #: Keys added after runs already existed that change a result only when set: left out of
 #: :meth:`Config.digest` at their default, so earlier runs keep their identity (and resume).
-DIGEST_WHEN_SET: dict[str, Any] = {"train.on_divergence": "stop"}
+DIGEST_WHEN_SET: dict[str, Any] = {"train.on_divergence": "stop", "data.clients[].where": {}}
 
 #: Settings that decide where and how fast a run executes, not what it computes (up to float
 #: rounding): left out of :meth:`Config.digest`. ``train.num_threads`` predates this list and
@@ -607,6 +614,19 @@ def validate(cfg: Config) -> None:
             need(c.style is not None, f"data.clients[{i}].style: required for a synthetic client")
         else:
             need(c.path is not None, f"data.clients[{i}].path: required for source={c.source}")
+        need(
+            not c.where or c.source == "npz",
+            f"data.clients[{i}].where: selects rows of an npz; source={c.source} has none",
+        )
+        for key, value in c.where.items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            need(
+                isinstance(key, str)
+                and bool(values)
+                and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values),
+                f"data.clients[{i}].where.{key}: must be a value or a list of values (strings "
+                f"or integers), got {value!r}",
+            )
         need(
             not (c.use_rgb and d.channels != 3), f"data.clients[{i}].use_rgb needs data.channels=3"
         )

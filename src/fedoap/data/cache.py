@@ -132,6 +132,9 @@ def cache_key(spec: ClientSpec, cfg: DataConfig) -> tuple[str, dict[str, Any], l
         # a file's arrays do not depend on it, so two clients reading one file share an entry.
         "name": spec.name if spec.source == "synthetic" else None,
         "use_rgb": spec.use_rgb,
+        "where": {
+            k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in spec.where.items()
+        },
         "image_dir": spec.image_dir,
         "mask_dir": spec.mask_dir,
         "mask_suffix": spec.mask_suffix,

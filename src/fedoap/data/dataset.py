@@ -111,7 +111,9 @@ def _load_raw_uncached(spec: ClientSpec, cfg: DataConfig) -> RawClient:
     assert spec.path is not None
     path = resolve_path(cfg.root, spec.path)
     if spec.source == "npz":
-        raw = load_npz(path, use_rgb=spec.use_rgb, max_pixels=cfg.max_image_pixels)
+        raw = load_npz(
+            path, use_rgb=spec.use_rgb, max_pixels=cfg.max_image_pixels, where=spec.where
+        )
     else:
         raw = load_folder(
             path,

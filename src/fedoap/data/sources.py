@@ -13,9 +13,10 @@ import struct
 import warnings
 import zipfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -188,12 +189,21 @@ def _read_error_detail(err: BaseException) -> str:
     return text
 
 
-def load_npz(path: Path, use_rgb: bool = False, *, max_pixels: int = MAX_IMAGE_PIXELS) -> RawClient:
+def load_npz(
+    path: Path,
+    use_rgb: bool = False,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    where: Mapping[str, Any] | None = None,
+) -> RawClient:
     """Read an ``.npz`` in the format of ``../shared/data`` (see its README).
 
     Each array's header is checked before its data is read (see :func:`_read_member`): images
     larger than ``max_pixels`` (height x width), pickled arrays, dtypes that cannot hold images
     or masks, and sizes the file does not hold are refused without allocating them.
+
+    ``where`` keeps the rows whose arrays hold the given values (``{"site": "DU"}``, or a list of
+    values), compared as strings: one hospital of a multi-site file.
     """
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -226,6 +236,14 @@ def load_npz(path: Path, use_rgb: bool = False, *, max_pixels: int = MAX_IMAGE_P
             names = (
                 _read_member(zf, members["names"], "names", path) if "names" in members else None
             )
+            selectors = {}
+            for key in where or {}:
+                if key not in members:
+                    raise DataError(
+                        f"{path}: where.{key}: the file has no array '{key}'; its arrays are "
+                        f"{sorted(members)}"
+                    )
+                selectors[key] = _read_member(zf, members[key], key, path)
     except DataError:
         raise
     except MemoryError as err:
@@ -249,6 +267,21 @@ def load_npz(path: Path, use_rgb: bool = False, *, max_pixels: int = MAX_IMAGE_P
             f"{path}: 'masks' shape {masks.shape} does not match '{img_key}' shape "
             f"{images.shape[:3]} (one (H, W) mask per image)"
         )
+    notes: list[str] = []
+    if where:
+        keep = _select_rows(path, where, selectors, n)
+        images, masks = images[keep], masks[keep]
+        case_ids = None if case_ids is None or len(case_ids) != n else case_ids[keep]
+        # Without names, rows are named by their index in the file (not in the selection).
+        rows = np.flatnonzero(keep)
+        names = (
+            names[keep]
+            if names is not None and len(names) == n
+            else np.char.zfill(rows.astype(str), 6)
+        )
+        shown = ", ".join(f"{k}={v}" for k, v in where.items())
+        notes.append(f"{path}: {int(keep.sum())} of {n} images where {shown}")
+        n = int(keep.sum())
     _check_images(images, str(path))
     masks, note = check_mask_values(masks, str(path))
     if case_ids is None:
@@ -262,8 +295,30 @@ def load_npz(path: Path, use_rgb: bool = False, *, max_pixels: int = MAX_IMAGE_P
         masks=masks,
         case_ids=np.asarray(case_ids).astype(str),
         names=np.asarray(names).astype(str),
-        notes=[note] if note else [],
+        notes=notes + ([note] if note else []),
     )
+
+
+def _select_rows(
+    path: Path, where: Mapping[str, Any], selectors: dict[str, np.ndarray], n: int
+) -> np.ndarray:
+    """Boolean (n,) mask of the rows matching every ``where`` condition; errors name the file."""
+    keep = np.ones(n, bool)
+    for key, value in where.items():
+        column = selectors[key]
+        if column.ndim != 1 or len(column) != n:
+            raise DataError(
+                f"{path}: where.{key}: '{key}' has shape {column.shape}, not one value per image "
+                f"({n})"
+            )
+        wanted = [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        keep &= np.isin(column.astype(str), wanted)
+    if not keep.any():
+        present = {k: sorted(set(selectors[k].astype(str).tolist()))[:20] for k in where}
+        raise DataError(
+            f"{path}: where {dict(where)} selects no image; the values present are {present}"
+        )
+    return keep
 
 
 def _bomb_error(path: Path, err: Exception, max_pixels: int) -> DataError:
