@@ -369,3 +369,14 @@ def test_evaluate_on_another_device_than_the_run_names(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", str(run), "--device", "gpu"])
     assert exit_info.value.code == 2
+
+
+def test_peak_memory_is_recorded_on_cuda_only(tmp_path):
+    """summary.json's execution.peak_memory_gib: None on the CPU; on CUDA, the peak of the run."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = tiny_config(f"train.device={dev}", "federation.rounds=1", "finetune.epochs=0")
+    peak = quiet(cfg, tmp_path / "run")["execution"]["peak_memory_gib"]
+    if dev == "cpu":
+        assert peak is None
+    else:  # at least the model's weights and the data were on the device
+        assert peak > 0

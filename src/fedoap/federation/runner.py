@@ -59,8 +59,10 @@ from fedoap.training.device import (
     describe,
     native_low_precision,
     oom_guard,
+    peak_memory_gib,
     place,
     precision_note,
+    reset_peak_memory,
     session,
     setup,
     uses_channels_last,
@@ -121,6 +123,7 @@ class Runner:
         self.log = log
         self.device = setup(cfg.train)  # a missing device fails here, before any work
         self.timer = Timer(self.device, {"data": data_seconds})
+        reset_peak_memory(self.device)
         model = algorithm.build_model()  # on the CPU: initial state is the same on any device
         self.partition = algorithm.partition(model)
         self.global_arrays: StateDict = algorithm.init_global(model)
@@ -470,6 +473,8 @@ class Runner:
             "deterministic": t.deterministic,
             "tf32": t.tf32,
             "num_threads": torch.get_num_threads(),
+            # Of this process: a resumed run reports the peak since it resumed.
+            "peak_memory_gib": peak_memory_gib(self.device),
         }
 
     # ------------------------------------------------------------------ checkpoints

@@ -117,6 +117,20 @@ def describe(device: torch.device) -> dict[str, Any]:
     return out
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting :func:`peak_memory_gib` from now (CUDA; a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most device memory tensors held since :func:`reset_peak_memory`, in GiB (CUDA's
+    allocator; None on the CPU and MPS, where torch does not track it)."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
 def setup(t: TrainConfig) -> torch.device:
     """Resolve and check the execution settings of ``t``; raises before any work starts."""
     device = resolve_device(t.device)
