@@ -105,17 +105,17 @@ def test_bench_runs_caches_and_writes_results(npz_clients, tmp_path):
             }
         )
     )
-    spec, base = load_spec(spec_path)
-    cells = plan(spec, base)
+    spec, bases = load_spec(spec_path)
+    cells = plan(spec, bases)
     assert [c.kind for c in cells] == ["main", "main", "ablation", "loo", "loo", "loo"]
     out = tmp_path / "out"
-    run_bench(spec, base, out, cells[:2], jobs=2, log=lambda s: None)
+    run_bench(spec, bases, out, cells[:2], jobs=2, log=lambda s: None)
     assert all(is_done(c, out) for c in cells[:2])
     mtimes = {
         c.key: (out / "cells" / c.key / "run" / "summary.json").stat().st_mtime for c in cells[:2]
     }
     run_bench(
-        spec, base, out, cells, jobs=1, log=lambda s: None
+        spec, bases, out, cells, jobs=1, log=lambda s: None
     )  # extends; the first two are cached
     for key, t in mtimes.items():
         assert (out / "cells" / key / "run" / "summary.json").stat().st_mtime == t
@@ -159,3 +159,33 @@ def test_bench_runs_caches_and_writes_results(npz_clients, tmp_path):
         "examples",
     ):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000, fig
+
+
+def test_regimes_plan_the_matrix_once_per_regime(npz_clients, tmp_path):
+    from fedoap.config import ConfigError
+
+    for name, clients in (("three", ("mri", "us", "ct")), ("two", ("mri", "us"))):
+        cfg = tiny_npz_config(npz_clients)
+        cfg["data"]["clients"] = [c for c in cfg["data"]["clients"] if c["name"] in clients]
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    spec_path = tmp_path / "spec.yaml"
+    spec = {
+        "regimes": [{"name": "three", "base": "three.yaml"}, {"name": "two", "base": "two.yaml"}],
+        "overrides": ["federation.rounds=1"],
+        "methods": ["fedoap", "local"],
+        "seeds": [0, 1],
+    }
+    spec_path.write_text(yaml.safe_dump(spec))
+    bspec, bases = load_spec(spec_path)
+    assert {k: len(v.data.clients) for k, v in bases.items()} == {"three": 3, "two": 2}
+    assert all(b.federation.rounds == 1 for b in bases.values())  # shared overrides apply
+    cells = plan(bspec, bases)
+    assert len(cells) == 2 * 2 * 2
+    assert {c.regime for c in cells} == {"three", "two"}
+    assert all(c.key.startswith(f"{c.regime}-{c.variant}-seed") for c in cells)
+    assert len({c.key for c in cells}) == len(cells)
+    # Either base or regimes; regime names are distinct words.
+    for bad in ({**spec, "base": "three.yaml"}, {**spec, "regimes": spec["regimes"][:1] * 2}):
+        spec_path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ConfigError):
+            load_spec(spec_path)

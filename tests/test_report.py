@@ -67,3 +67,90 @@ def test_a_single_seed_difference_claims_no_interval():
 
     assert points(stat([0.05])) == "+5.0 (n = 1: one seed, no interval)"
     assert points(stat([0.04, 0.06])).startswith("+5.0 ± ")
+
+
+def test_cost_per_cell_counts_each_cell_once_and_takes_the_peak():
+    from fedoap.report import cost_lines
+
+    def cell(variant, seed, secs, mem):
+        return [
+            {
+                "kind": "main",
+                "variant": variant,
+                "seed": seed,
+                "client": c,
+                "config_digest": f"{variant}{seed}",
+                "seconds_total": secs,
+                "peak_memory_gib": mem,
+                "device_name": "NVIDIA H100 80GB HBM3",
+            }
+            for c in ("x", "y")  # one row per client, the cell's figures on each
+        ]
+
+    r = (
+        cell("fedoap", 0, 100.0, 9.5)
+        + cell("fedoap", 1, 140.0, 10.25)
+        + cell("local", 0, 60.0, 7.0)
+    )
+    lines = cost_lines(r)
+    assert lines[0] == "Machine: NVIDIA H100 80GB HBM3."
+    row = next(ln for ln in lines if ln.startswith("| main | fedoap"))
+    assert row == "| main | fedoap | 2 | 120 | 10.2 |"  # mean of 100 and 140; max of the peaks
+    # CPU-only results (no device recorded, or no GPU memory): no cost table.
+    cpu = [{**x, "device_name": "cpu", "peak_memory_gib": math.nan} for x in r]
+    assert cost_lines(cpu) == ["Machine: cpu.", ""]
+    assert cost_lines([{**x, "device_name": ""} for x in r]) == []
+
+
+def test_report_has_a_table_per_regime_and_a_regimes_summary(tmp_path):
+    import csv
+
+    from fedoap.bench import RESULT_FIELDS
+    from fedoap.report import make_report
+
+    # fedoap is local + 5 points in regime "sites" and local - 2 points in "organs", on every
+    # seed and client; fedavg is local + 1 point everywhere.
+    shift = {"sites": {"fedoap": 0.05, "fedavg": 0.01}, "organs": {"fedoap": -0.02, "fedavg": 0.01}}
+    out = []
+    for regime, by_method in shift.items():
+        for method in ("local", "fedoap", "fedavg"):
+            for seed in (0, 1, 2):
+                for i, client in enumerate(("a", "b")):
+                    dice = 0.5 + 0.1 * i + 0.02 * seed + by_method.get(method, 0.0)
+                    out.append(
+                        {
+                            "kind": "main",
+                            "variant": method,
+                            "method": method,
+                            "seed": seed,
+                            "client": client,
+                            "test_dice": dice,
+                            "test_iou": dice,
+                            "test_hd95_px": 5.0,
+                            "test_case_dice": dice,
+                            "best_round": 1,
+                            "val_dice": dice,
+                            "seconds_total": 10.0,
+                            "seconds_per_round": 1.0,
+                            "bytes_up_per_round": 1000,
+                            "bytes_down_per_round": 1000,
+                            "breaks_privacy": 0,
+                            "config_digest": f"{regime}{method}{seed}",
+                            "val_curve": f"{dice};{dice}",
+                            "regime": regime,
+                        }
+                    )
+    with open(tmp_path / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(out)
+    text = make_report(tmp_path).read_text()
+    summary = text[text.index("## Regimes") : text.index("# Regime: ")]
+    organs = next(ln for ln in summary.splitlines() if ln.startswith("| organs"))
+    sites = next(ln for ln in summary.splitlines() if ln.startswith("| sites"))
+    assert "| fedoap " in sites and "+5.0 ± 0.0 (n = 3)" in sites and "+1.0 ± 0.0 (n = 3)" in sites
+    assert "| fedavg " in organs and "-2.0 ± 0.0 (n = 3)" in organs
+    assert text.count("# Regime: ") == 2 and text.count("## All methods") == 2
+    for regime in shift:
+        assert (tmp_path / "figures" / regime / "per_client_dice.png").is_file()
+        assert f"figures/{regime}/per_client_dice.png" in text

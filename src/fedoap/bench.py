@@ -19,6 +19,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -62,6 +63,9 @@ RESULT_FIELDS = [
     "breaks_privacy",
     "config_digest",
     "val_curve",
+    "device_name",
+    "peak_memory_gib",
+    "regime",
 ]
 
 
@@ -83,9 +87,22 @@ class LOOSpec:
 
 
 @dataclass(frozen=True)
-class BenchSpec:
-    base: str  # run config, relative to the spec file
+class RegimeSpec:
+    """One setting of the same matrix: a run config (relative to the spec file) and overrides."""
+
+    name: str
+    base: str
     overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    # The run config (relative to the spec file) that every cell derives from; or, instead,
+    # ``regimes``: the whole matrix once per regime (e.g. one organ at four institutions, and
+    # four organs), reported regime by regime.
+    base: str = ""
+    overrides: tuple[str, ...] = ()
+    regimes: tuple[RegimeSpec, ...] = ()
     methods: tuple[str, ...] = ()  # empty: every registered method
     seeds: tuple[int, ...] = (0, 1, 2)
     ablation_method: str = "fedoap"
@@ -94,15 +111,28 @@ class BenchSpec:
     examples_per_client: int = 4  # test images per client kept for the report's grid
 
 
-def load_spec(path: Path) -> tuple[BenchSpec, Config]:
+def load_spec(path: Path) -> tuple[BenchSpec, dict[str, Config]]:
+    """The spec and its base config per regime (one regime named "" without ``regimes``)."""
     if not path.is_file():
         raise ConfigError(f"benchmark spec not found: {path}")
     raw = load_yaml(path.read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     spec = from_dict(BenchSpec, raw, prefix="")
-    base = load_config((path.parent / spec.base).resolve(), spec.overrides)
-    return spec, base
+    if bool(spec.base) == bool(spec.regimes):
+        raise ConfigError(f"{path}: give either base or regimes (a list of name/base)")
+    if not spec.regimes:
+        return spec, {"": load_config((path.parent / spec.base).resolve(), spec.overrides)}
+    names = [r.name for r in spec.regimes]
+    if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names):
+        raise ConfigError(
+            f"{path}: regime names must be distinct words (letters, digits, _, . and -), "
+            f"got {names}"
+        )
+    return spec, {
+        r.name: load_config((path.parent / r.base).resolve(), [*spec.overrides, *r.overrides])
+        for r in spec.regimes
+    }
 
 
 class BenchError(FedoapError, RuntimeError):
@@ -117,10 +147,12 @@ class Cell:
     seed: int
     cfg: Config
     heldout: str | None = None  # loo only
+    regime: str = ""  # the spec's regime ("" for a spec with one base)
 
     @property
     def key(self) -> str:
-        return f"{self.variant}-seed{self.seed}-{digest(self.cfg)}"
+        prefix = f"{self.regime}-" if self.regime else ""
+        return f"{prefix}{self.variant}-seed{self.seed}-{digest(self.cfg)}"
 
 
 def digest(cfg: Config) -> str:
@@ -143,10 +175,25 @@ def derive(base: Config, overrides: Sequence[str]) -> Config:
 
 def plan(
     spec: BenchSpec,
-    base: Config,
+    bases: dict[str, Config],
     methods: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     kinds: Sequence[str] = ("main", "ablation", "loo"),
+) -> list[Cell]:
+    """Every cell of the matrix, regime by regime."""
+    return [
+        dataclasses.replace(cell, regime=regime)
+        for regime, base in bases.items()
+        for cell in _plan_one(spec, base, methods, seeds, kinds)
+    ]
+
+
+def _plan_one(
+    spec: BenchSpec,
+    base: Config,
+    methods: Sequence[str] | None,
+    seeds: Sequence[int] | None,
+    kinds: Sequence[str],
 ) -> list[Cell]:
     from fedoap.algorithms import ALGORITHMS
 
@@ -176,6 +223,13 @@ def plan(
                     )
                 )
     if "loo" in kinds and spec.loo is not None:
+        selected = [c.name for c in base.data.clients if c.where]
+        if selected:
+            # fedoap adapt reads the held-out client's whole file, not its selected rows.
+            raise ConfigError(
+                f"loo: clients {selected} select rows of a file (where), which leave-one-out "
+                "adaptation does not support yet; drop loo from this spec"
+            )
         for seed in spec.loo.seeds:
             for held in [c.name for c in base.data.clients]:
                 for m in spec.loo.methods:
@@ -193,7 +247,9 @@ def _fedoap(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedoap.cli.main", *args]
 
 
-def run_cell(cell: Cell, out: Path, spec: BenchSpec, base: Config, threads: int) -> Path:
+def run_cell(
+    cell: Cell, out: Path, spec: BenchSpec, bases: dict[str, Config], threads: int
+) -> Path:
     """Run (or resume) one cell; returns its folder. Idempotent."""
     folder = out / "cells" / cell.key
     run_dir = folder / "run"
@@ -205,7 +261,7 @@ def run_cell(cell: Cell, out: Path, spec: BenchSpec, base: Config, threads: int)
     if not cfg_path.exists():
         atomic_write_text(cfg_path, cfg.to_yaml())
     with open(folder / "log.txt", "a") as log:
-        _run_cell_steps(cell, folder, run_dir, cfg_path, spec, base, log)
+        _run_cell_steps(cell, folder, run_dir, cfg_path, spec, bases[cell.regime], log)
     return folder
 
 
@@ -258,7 +314,7 @@ def is_done(cell: Cell, out: Path) -> bool:
 
 def run_bench(
     spec: BenchSpec,
-    base: Config,
+    bases: dict[str, Config],
     out: Path,
     cells: list[Cell],
     jobs: int = 1,
@@ -275,7 +331,7 @@ def run_bench(
     t0 = time.perf_counter()
     failures = []
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        futures = {pool.submit(run_cell, c, out, spec, base, threads): c for c in todo}
+        futures = {pool.submit(run_cell, c, out, spec, bases, threads): c for c in todo}
         for i, fut in enumerate(as_completed(futures), 1):
             cell = futures[fut]
             try:
@@ -301,6 +357,7 @@ def run_bench(
 def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
     summary = json.loads((folder / "run" / "summary.json").read_text())
     metrics = read_metrics(folder / "run" / "metrics.csv")
+    execution = summary.get("execution", {})
     rows = []
     base = {
         "variant": cell.variant,
@@ -312,6 +369,10 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
         "seconds_total": summary["time"]["seconds_total"],
         "breaks_privacy": int(summary.get("breaks_privacy", False)),
         "config_digest": digest(cell.cfg),
+        "regime": cell.regime,
+        # Where the cell ran (a GPU's name, or cpu) and its peak GPU memory (empty on the CPU).
+        "device_name": execution.get("name", execution.get("device", "")),
+        "peak_memory_gib": execution.get("peak_memory_gib"),
     }
     if cell.kind != "loo":
         for name, c in summary["clients"].items():
@@ -357,7 +418,13 @@ def collect(out: Path) -> list[dict[str, Any]]:
         meta = json.loads(meta_path.read_text())
         cfg = load_config(folder / "config.yaml")
         cell = Cell(
-            meta["kind"], meta["variant"], meta["method"], meta["seed"], cfg, meta.get("heldout")
+            meta["kind"],
+            meta["variant"],
+            meta["method"],
+            meta["seed"],
+            cfg,
+            meta.get("heldout"),
+            meta.get("regime", ""),
         )
         done = (
             (folder / "adapt" / "summary.json").is_file()
@@ -374,7 +441,8 @@ def write_results(out: Path) -> Path:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
     w.writeheader()
-    for r in sorted(rows, key=lambda r: (r["kind"], r["variant"], r["seed"], r["client"])):
+    order = ("regime", "kind", "variant", "seed", "client")
+    for r in sorted(rows, key=lambda r: tuple(r.get(k, "") for k in order)):
         w.writerow({k: _fmt(r.get(k)) for k in RESULT_FIELDS})
     path = out / "results.csv"
     atomic_write_text(path, buf.getvalue())
@@ -436,6 +504,7 @@ def write_cell_meta(cell: Cell, out: Path) -> None:
         "method": cell.method,
         "seed": cell.seed,
         "heldout": cell.heldout,
+        "regime": cell.regime,
     }
     if not (folder / "cell.json").is_file():
         atomic_write_text(folder / "cell.json", json.dumps(meta, indent=2))

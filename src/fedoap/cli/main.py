@@ -297,9 +297,9 @@ def bench(
     try:
         if not dry_run:  # a dry run only reads OUT
             check_output_dir(out)
-        bspec, base = load_spec(spec)
+        bspec, bases = load_spec(spec)
         cells = plan(
-            bspec, base, methods or None, seeds or None, only or ("main", "ablation", "loo")
+            bspec, bases, methods or None, seeds or None, only or ("main", "ablation", "loo")
         )
     except USER_ERRORS as err:
         fail(err)
@@ -309,7 +309,7 @@ def bench(
             console.print(f"{'cached' if is_done(c, out) else 'todo  '} {c.key}")
         return
     try:
-        run_bench(bspec, base, out, cells, jobs=jobs, max_cells=max_cells, log=console.print)
+        run_bench(bspec, bases, out, cells, jobs=jobs, max_cells=max_cells, log=console.print)
     except USER_ERRORS as err:
         fail(err)
 
