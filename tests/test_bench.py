@@ -136,6 +136,14 @@ def test_bench_runs_caches_and_writes_results(npz_clients, tmp_path):
         )  # 2 rounds incl. FT
     ex = np.load(out / "cells" / cells[0].key / "examples.npz")
     assert ex["mri/pred"].shape == (2, 32, 32)
+    # A cell killed after its run but before its examples is not done; the next call writes
+    # them without running it again.
+    (out / "cells" / cells[0].key / "examples.npz").unlink()
+    assert not is_done(cells[0], out, spec) and is_done(cells[0], out)
+    summary_mtime = (out / "cells" / cells[0].key / "run" / "summary.json").stat().st_mtime
+    run_bench(spec, bases, out, cells[:1], jobs=1, log=lambda s: None)
+    assert is_done(cells[0], out, spec)
+    assert (out / "cells" / cells[0].key / "run" / "summary.json").stat().st_mtime == summary_mtime
 
     # The report regenerates from results.csv (plus the kept masks and the data, for the grid).
     from fedoap.report import make_report

@@ -301,14 +301,25 @@ def _run_cell_steps(
                 "--force",
             )
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-    elif cell.seed == min(spec.seeds) and not (folder / "examples.npz").is_file():
+    elif needs_examples(cell, spec) and not (folder / "examples.npz").is_file():
         save_examples(run_dir, folder / "examples.npz", spec.examples_per_client)
 
 
-def is_done(cell: Cell, out: Path) -> bool:
+def needs_examples(cell: Cell, spec: BenchSpec) -> bool:
+    """Whether the cell keeps test images for the report's grid (the spec's first seed)."""
+    return cell.kind != "loo" and cell.seed == min(spec.seeds)
+
+
+def is_done(cell: Cell, out: Path, spec: BenchSpec | None = None) -> bool:
+    """Whether every output of the cell is written: its run's summary.json, and its adaptation
+    (leave-one-out) or, with ``spec``, its examples. A cell killed between them is not done, so
+    the next bench call finishes it (the run itself is not repeated)."""
     folder = out / "cells" / cell.key
     if cell.kind == "loo":
         return (folder / "adapt" / "summary.json").is_file()
+    examples_missing = not (folder / "examples.npz").is_file()
+    if spec is not None and needs_examples(cell, spec) and examples_missing:
+        return False
     return (folder / "run" / "summary.json").is_file()
 
 
@@ -322,7 +333,7 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> None:
     check_output_dir(out)  # a file or an unwritable folder fails here, before any cell runs
-    todo = [c for c in cells if not is_done(c, out)]
+    todo = [c for c in cells if not is_done(c, out, spec)]
     log(f"{len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run")
     if max_cells is not None:
         todo = todo[:max_cells]

@@ -306,7 +306,7 @@ def bench(
         return
     if dry_run:
         for c in cells:
-            console.print(f"{'cached' if is_done(c, out) else 'todo  '} {c.key}")
+            console.print(f"{'cached' if is_done(c, out, bspec) else 'todo  '} {c.key}")
         return
     try:
         run_bench(bspec, bases, out, cells, jobs=jobs, max_cells=max_cells, log=console.print)
