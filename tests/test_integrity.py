@@ -136,10 +136,10 @@ def test_out_of_range_values_fail_before_the_run_folder(tmp_path, override, key)
 
 
 def test_method_options_are_range_checked():
+    from fedoap.algorithms import build_algorithm
+
     with pytest.raises(ConfigError, match=r"algorithm.mu: must be >= 0"):
-        Algorithm.__new__(ALGORITHMS.get("fedprox")).__init__(
-            tiny_config("method=fedprox", "algorithm.mu=-1")
-        )
+        build_algorithm(tiny_config("method=fedprox", "algorithm.mu=-1"))
 
 
 # ------------------------------------------------------------------ YAML bombs (item 4)
@@ -247,6 +247,21 @@ def test_diverged_client_is_excluded_and_reported_when_asked(tmp_path, monkeypat
         )
     with pytest.raises(ConfigError, match="'us' was excluded .* diverged in round 2"):
         load_client_model(tmp_path / "run", "us")
+
+
+def test_a_non_finite_aggregate_always_stops_the_run(tmp_path, monkeypatch):
+    aggregate = Algorithm.aggregate
+
+    def nan_server_step(alg, global_arrays, updates, server):
+        new = aggregate(alg, global_arrays, updates, server)
+        key = next(k for k, v in new.items() if v.is_floating_point())
+        return {**new, key: torch.full_like(new[key], math.inf)}
+
+    monkeypatch.setattr(Algorithm, "aggregate", nan_server_step)
+    cfg = tiny_config("method=fedavg", "finetune.epochs=0", "train.on_divergence=exclude")
+    with pytest.raises(DivergedError, match="round 1: the aggregated global model is not finite"):
+        quiet(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_exclude_is_refused_where_it_cannot_work():
@@ -429,14 +444,20 @@ def test_run_is_complete_only_when_every_output_is_written(tmp_path, monkeypatch
 # ------------------------------------------------------------------ error types (item 12)
 
 
+def run_raising(tmp_path, monkeypatch, exc: BaseException):
+    """``fedoap run`` (in-process) whose experiment raises ``exc``."""
+
+    def raising(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(api_mod, "run_experiment", raising)
+    cfg = write_cfg(tmp_path / "c.yaml", tiny_config(*ONE))
+    return cli.invoke(app, ["run", "-c", str(cfg), "-o", str(tmp_path / "run"), "-q"])
+
+
 @pytest.mark.parametrize("bug", [ValueError("a bug"), KeyError("a bug"), TypeError("a bug")])
 def test_a_genuine_bug_keeps_its_traceback(tmp_path, monkeypatch, bug):
-    def broken(*args, **kwargs):
-        raise bug
-
-    monkeypatch.setattr(api_mod, "run_experiment", broken)
-    cfg = write_cfg(tmp_path / "c.yaml", tiny_config(*ONE))
-    res = cli.invoke(app, ["run", "-c", str(cfg), "-o", str(tmp_path / "run"), "-q"])
+    res = run_raising(tmp_path, monkeypatch, bug)
     assert res.exception is bug  # not turned into "error: ..." with exit code 2
     assert res.exit_code == 1
 
@@ -450,11 +471,6 @@ def test_a_genuine_bug_keeps_its_traceback(tmp_path, monkeypatch, bug):
     ],
 )
 def test_user_and_machine_errors_are_one_line(tmp_path, monkeypatch, err):
-    def failing(*args, **kwargs):
-        raise err
-
-    monkeypatch.setattr(api_mod, "run_experiment", failing)
-    cfg = write_cfg(tmp_path / "c.yaml", tiny_config(*ONE))
-    res = cli.invoke(app, ["run", "-c", str(cfg), "-o", str(tmp_path / "run"), "-q"])
+    res = run_raising(tmp_path, monkeypatch, err)
     assert res.exit_code == 2 and "error:" in res.output
     assert res.output.count("\n") == 1

@@ -25,7 +25,8 @@ class DivergedError(FedoapError, ArithmeticError):
     """Training produced a non-finite loss or non-finite weights.
 
     ``client``, ``round`` and ``stage`` say where (None where the raiser does not know);
-    ``step`` is the local optimiser step, counted from 1, where the loss first was not finite.
+    ``step`` is the local optimiser step, counted from 1, where the loss first was not finite;
+    ``detail`` is what went wrong without the where and the advice (default: the message).
     """
 
     def __init__(
@@ -36,9 +37,10 @@ class DivergedError(FedoapError, ArithmeticError):
         round: int | None = None,
         stage: str | None = None,
         step: int | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
-        self.detail = message
+        self.detail = message if detail is None else detail
         self.client, self.round, self.stage, self.step = client, round, stage, step
 
 

@@ -121,8 +121,8 @@ class RunDir:
     def remove_stale_temporaries(self) -> None:
         """Delete the ``*.tmp`` files an atomic write killed mid-way left behind (the file it
         was replacing is intact and has been rewritten since)."""
-        for tmp in (self.root, self.checkpoints, self.checkpoints / "best", self.plots):
-            for f in tmp.glob("*.tmp"):
+        for folder in (self.root, self.checkpoints, self.checkpoints / "best", self.plots):
+            for f in folder.glob("*.tmp"):
                 f.unlink(missing_ok=True)
 
     def write_json(self, path: Path, data: Any) -> None:

@@ -37,7 +37,7 @@ from fedoap.models.net import AttentionKind
 from fedoap.models.partition import keys_of_children, sub
 from fedoap.training import make_generator, train_epochs
 from fedoap.training.device import model_device
-from fedoap.training.engine import LossFn
+from fedoap.training.engine import LossFn, nonfinite_keys
 
 SHARED = "shared."
 KV = "kv."
@@ -350,7 +350,7 @@ class Algorithm:
         """The error for a client whose training stopped being finite: where, and what to try."""
         key = self.lr_key(stage)
         lr = self.cfg.finetune.lr if key == "finetune.lr" else self.cfg.train.lr
-        err = DivergedError(
+        return DivergedError(
             f"client '{ctx.client}', round {ctx.round} ({stage}): training diverged: {detail}. "
             f"Likely causes: a learning rate too high for this model ({key}={lr:g}) or badly "
             "scaled input images (see the data notes). Lower the learning rate, or set "
@@ -359,9 +359,8 @@ class Algorithm:
             round=ctx.round,
             stage=stage,
             step=step,
+            detail=detail,
         )
-        err.detail = detail
-        return err
 
     @contextlib.contextmanager
     def divergence_guard(self, ctx: FitContext, stage: str) -> Iterator[None]:
@@ -386,7 +385,7 @@ class Algorithm:
             raise self.diverged(ctx, stage, f"the mean training loss is {loss}", None)
         parts = {"upload": upload, "personal state": state.personal, "extra state": state.extra}
         for what, arrays in parts.items():
-            bad = [k for k, v in arrays.items() if v.is_floating_point() and not v.isfinite().all()]
+            bad = nonfinite_keys(arrays)
             if bad:
                 raise self.diverged(
                     ctx,

@@ -67,7 +67,7 @@ from fedoap.training.device import (
     setup,
     uses_channels_last,
 )
-from fedoap.training.engine import predict_logits
+from fedoap.training.engine import nonfinite_keys, predict_logits
 
 #: 2: checkpoints carry a digest (fedoap.federation.checkpoint) and excluded clients.
 CHECKPOINT_VERSION = 2
@@ -287,7 +287,7 @@ class Runner:
         if updates:  # none when every client sampled this round has just been excluded
             with self.timer("aggregate"):
                 new = self.alg.aggregate(self.global_arrays, updates, self.server)
-            bad = [k for k, v in new.items() if v.is_floating_point() and not v.isfinite().all()]
+            bad = nonfinite_keys(new)
             if bad:
                 raise DivergedError(
                     f"round {rnd}: the aggregated global model is not finite ({len(bad)} "

@@ -12,7 +12,7 @@ resumed run replays exactly the draws of an uninterrupted one.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -119,6 +119,11 @@ def train_epochs(
     if not all_finite(model.parameters()):
         raise DivergedError(f"the weights are not finite after {steps} steps", step=steps)
     return mean
+
+
+def nonfinite_keys(arrays: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of the floating-point tensors in ``arrays`` that hold a NaN or an infinity."""
+    return [k for k, v in arrays.items() if v.is_floating_point() and not bool(v.isfinite().all())]
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
