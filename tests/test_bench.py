@@ -197,3 +197,33 @@ def test_regimes_plan_the_matrix_once_per_regime(npz_clients, tmp_path):
         spec_path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError):
             load_spec(spec_path)
+
+
+def test_a_regime_can_run_a_subset_of_the_methods(npz_clients, tmp_path):
+    from fedoap.config import ConfigError
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_npz_config(npz_clients)))
+    spec_path = tmp_path / "spec.yaml"
+    spec = {
+        "regimes": [
+            {"name": "all", "base": "base.yaml"},
+            {"name": "some", "base": "base.yaml", "methods": ["local"]},
+        ],
+        "methods": ["fedoap", "local", "fedavg"],
+        "seeds": [0, 1],
+    }
+    spec_path.write_text(yaml.safe_dump(spec))
+    bspec, bases = load_spec(spec_path)
+    cells = plan(bspec, bases)
+    by_regime = {r: sorted({c.method for c in cells if c.regime == r}) for r in ("all", "some")}
+    assert by_regime == {"all": ["fedavg", "fedoap", "local"], "some": ["local"]}
+    assert len(cells) == (3 + 1) * 2
+    # --methods narrows both; a regime none of whose methods was asked for is skipped.
+    assert {(c.regime, c.method) for c in plan(bspec, bases, methods=["fedoap"])} == {
+        ("all", "fedoap")
+    }
+    # A regime may only narrow the spec's methods.
+    spec["regimes"][1]["methods"] = ["ditto"]
+    spec_path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="ditto"):
+        load_spec(spec_path)

@@ -93,6 +93,9 @@ class RegimeSpec:
     name: str
     base: str
     overrides: tuple[str, ...] = ()
+    # A subset of the spec's methods for this regime only (empty: all of them), e.g. a variant
+    # measured for the headline methods alone.
+    methods: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,13 @@ def load_spec(path: Path) -> tuple[BenchSpec, dict[str, Config]]:
             f"{path}: regime names must be distinct words (letters, digits, _, . and -), "
             f"got {names}"
         )
+    for r in spec.regimes:
+        extra = [m for m in r.methods if spec.methods and m not in spec.methods]
+        if extra:
+            raise ConfigError(
+                f"{path}: regime {r.name!r} lists methods {extra} that are not in the spec's "
+                f"methods {list(spec.methods)}; a regime can only run a subset of them"
+            )
     return spec, {
         r.name: load_config((path.parent / r.base).resolve(), [*spec.overrides, *r.overrides])
         for r in spec.regimes
@@ -181,11 +191,20 @@ def plan(
     kinds: Sequence[str] = ("main", "ablation", "loo"),
 ) -> list[Cell]:
     """Every cell of the matrix, regime by regime."""
-    return [
-        dataclasses.replace(cell, regime=regime)
-        for regime, base in bases.items()
-        for cell in _plan_one(spec, base, methods, seeds, kinds)
-    ]
+    subsets = {r.name: r.methods for r in spec.regimes}
+    cells = []
+    for regime, base in bases.items():
+        chosen = methods
+        if subsets.get(regime):
+            wanted = list(methods or spec.methods or subsets[regime])
+            chosen = [m for m in wanted if m in subsets[regime]]
+            if not chosen:
+                continue  # none of the asked-for methods runs in this regime
+        cells += [
+            dataclasses.replace(cell, regime=regime)
+            for cell in _plan_one(spec, base, chosen, seeds, kinds)
+        ]
+    return cells
 
 
 def _plan_one(
