@@ -150,6 +150,17 @@ def test_report_has_a_table_per_regime_and_a_regimes_summary(tmp_path):
     sites = next(ln for ln in summary.splitlines() if ln.startswith("| sites"))
     assert "| fedoap " in sites and "+5.0 ± 0.0 (n = 3)" in sites and "+1.0 ± 0.0 (n = 3)" in sites
     assert "| fedavg " in organs and "-2.0 ± 0.0 (n = 3)" in organs
+    # best - local, FedOAP - local, FedAvg - local
+    assert sites.split("|")[5:8] == [
+        " +5.0 ± 0.0 (n = 3) ",
+        " +5.0 ± 0.0 (n = 3) ",
+        " +1.0 ± 0.0 (n = 3) ",
+    ]
+    assert organs.split("|")[5:8] == [
+        " +1.0 ± 0.0 (n = 3) ",
+        " -2.0 ± 0.0 (n = 3) ",
+        " +1.0 ± 0.0 (n = 3) ",
+    ]
     assert text.count("# Regime: ") == 2 and text.count("## All methods") == 2
     for regime in shift:
         assert (tmp_path / "figures" / regime / "per_client_dice.png").is_file()

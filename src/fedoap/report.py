@@ -419,8 +419,8 @@ def _paired_or_dash(t: Table, a: str, b: str) -> str:
 
 
 def regimes_summary(rows: list[dict[str, Any]], regimes: list[str], private: set[str]) -> list[str]:
-    """Per regime: the best method by mean test Dice, and FedOAP - local and FedAvg - local
-    (points of Dice, paired by seed, 95% CI)."""
+    """Per regime: the best method by mean test Dice, and the best method, FedOAP and FedAvg
+    against local (points of Dice, paired by seed, 95% CI)."""
     body = []
     for regime in regimes:
         t = Table([r for r in rows if r["regime"] == regime], "main")
@@ -435,6 +435,8 @@ def regimes_summary(rows: list[dict[str, Any]], regimes: list[str], private: set
                 regime,
                 str(len(t.clients)),
                 f"{best} {t.mean(best).fmt()}",
+                str(len(t.variants)),
+                "local is best" if best == "local" else _paired_or_dash(t, best, "local"),
                 _paired_or_dash(t, FEDOAP, "local"),
                 _paired_or_dash(t, "fedavg", "local"),
             ]
@@ -443,6 +445,8 @@ def regimes_summary(rows: list[dict[str, Any]], regimes: list[str], private: set
         "regime",
         "clients",
         "best method without pooling (mean test Dice)",
+        "methods run",
+        "best − local (points)",
         "FedOAP − local (points)",
         "FedAvg − local (points)",
     ]
