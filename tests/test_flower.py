@@ -153,3 +153,18 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
     assert run["status"] == "finished:completed"
     assert sum(n["status"] == "online" for n in nodes) >= 3
     assert (run_dir / "summary.json").is_file()
+
+
+def test_the_clientapp_import_path_loads_no_monai_matplotlib_or_scipy():
+    """Flower 1.42 starts a ClientApp process per message: every import is paid per message.
+    MONAI (5.5 s here), matplotlib and scipy load only where used (HD95 on the test split,
+    plots at the end of a run, synthetic data)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedoap.federation.flower, fedoap.algorithms, fedoap.training; "
+        "print(sorted(m for m in ('monai', 'matplotlib', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

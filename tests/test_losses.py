@@ -69,3 +69,23 @@ def test_pbl_differs_from_plain_when_active_and_has_gradient():
     assert not torch.allclose(pbl, SegLoss()(z, y))
     pbl.backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_soft_dice_equals_monai_dice_loss_values_and_gradients():
+    """Training imports no MONAI (one Flower ClientApp process per message): our torch soft Dice
+    must stay MONAI's DiceLoss(sigmoid=True, batch=True), value and gradient."""
+    from monai.losses import DiceLoss
+
+    from fedoap.losses.seg import soft_dice_loss
+
+    reference = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    torch.manual_seed(0)
+    for shape, fg in (((4, 1, 16, 16), 0.3), ((3, 2, 8, 12), 0.5), ((2, 1, 8, 8), 0.0)):
+        z = (3 * torch.randn(shape)).requires_grad_()
+        y = (torch.rand(shape) < fg).float()
+        ours = soft_dice_loss(z, y)
+        (g_ours,) = torch.autograd.grad(ours, z)
+        ref = reference(z, y)
+        (g_ref,) = torch.autograd.grad(ref, z)
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-9)

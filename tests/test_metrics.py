@@ -61,3 +61,20 @@ def test_case_dice_pools_pixels_across_images():
     assert math.isclose(cases["p1"], 2 * 16 / (16 + 32))  # per-image mean would be 0.5
     assert math.isclose(cases["p2"], 2 * 16 / (16 + 32))
     assert case_dice(empty[None], empty[None], ["e"]) == {"e": 1.0}
+
+
+def test_dice_and_iou_equal_monai_on_random_and_empty_masks():
+    """Validation imports no MONAI; our Dice/IoU must stay MONAI's (ignore_empty=False)."""
+    from monai.metrics import compute_dice, compute_iou
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.rand(40, 1, 12, 12, generator=gen) < torch.linspace(0, 0.6, 40).view(-1, 1, 1, 1)
+    g = torch.rand(40, 1, 12, 12, generator=gen) < torch.linspace(0.5, 0, 40).view(-1, 1, 1, 1)
+    p[0], g[0] = False, False  # empty on empty
+    p[1], g[2] = False, False  # a miss; a prediction on an empty ground truth
+    m = image_metrics(p[:, 0], g[:, 0], hd95=False)
+    ref_dice = compute_dice(p.float(), g.float(), include_background=True, ignore_empty=False)
+    ref_iou = compute_iou(p.float(), g.float(), include_background=True, ignore_empty=False)
+    np.testing.assert_allclose(m.dice, ref_dice[:, 0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(m.iou, ref_iou[:, 0].numpy(), rtol=1e-6)
+    assert m.dice[0] == 1.0 and m.dice[1] == 0.0 and m.dice[2] == 0.0

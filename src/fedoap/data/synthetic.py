@@ -31,11 +31,18 @@ import zlib
 from collections.abc import Callable
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
 
 from fedoap.data.sources import RawClient
 
 Rng = np.random.Generator
+
+
+def gaussian_filter(x: np.ndarray, sigma: float) -> np.ndarray:
+    """scipy's Gaussian blur, imported on first use: a site that reads its own data (the Flower
+    ClientApp, one process per message) never pays for scipy."""
+    from scipy.ndimage import gaussian_filter as blur
+
+    return np.asarray(blur(x, sigma))
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -50,7 +50,6 @@ from fedoap.federation.checkpoint import (
 )
 from fedoap.federation.summary import make_summary
 from fedoap.models import FedOAPNet, StateDict
-from fedoap.plots import plot_curves
 from fedoap.runs import RunDir
 from fedoap.training import evaluate
 from fedoap.training.device import (
@@ -454,6 +453,8 @@ class Runner:
         if excluded:
             summary["excluded"] = excluded
         self.run_dir.write_metrics(self.rows)
+        from fedoap.plots import plot_curves  # matplotlib: only when a run ends
+
         plot_curves(self.rows, self.run_dir.plots, f"{self.alg.name} (seed {self.cfg.seed})")
         # Last: summary.json marks the run complete (a kill before it is finished by --resume).
         self.run_dir.write_json(self.run_dir.summary, summary)
