@@ -227,3 +227,37 @@ def test_a_regime_can_run_a_subset_of_the_methods(npz_clients, tmp_path):
     spec_path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="ditto"):
         load_spec(spec_path)
+
+
+def test_a_flower_run_is_never_adapted_or_resumed_from_parts_the_server_lacks(
+    npz_clients, federation_without_ct, tmp_path
+):
+    """A Flower server holds only the global weights (personal parts stay at the sites): adapt
+    refuses the inits that need client models instead of silently starting them fresh, and
+    --resume says why it cannot continue instead of blaming the config."""
+    import json
+    import shutil
+
+    from fedoap.api import resume_experiment
+    from fedoap.config import ConfigError
+    from fedoap.federation.checkpoint import load_tensors, save_tensors
+    from fedoap.models.partition import prefixed, sub
+
+    run, cfg = federation_without_ct
+    flower_run = tmp_path / "flower-run"
+    shutil.copytree(run, flower_run)
+    last = flower_run / "checkpoints" / "last.safetensors"
+    tensors, _ = load_tensors(last)
+    # What FedoapStrategy.aggregate_train writes.
+    meta = {"runtime": "flower", "round": cfg.federation.rounds, "config_digest": cfg.digest()}
+    save_tensors(last, prefixed(sub(tensors, "global/"), "global/"), meta)
+    summary = json.loads((flower_run / "summary.json").read_text())
+    (flower_run / "summary.json").write_text(json.dumps({**summary, "runtime": "flower"}))
+    for init in ("averaged", "nearest"):
+        with pytest.raises(ConfigError, match=r"a Flower run.*use --init fresh"):
+            adapt(flower_run, npz_clients / "ct.npz", "ct", epochs=1, init=init, log=print)
+    s = adapt(flower_run, npz_clients / "ct.npz", "ct", epochs=1, init="fresh", log=print)
+    assert s["init"] == s["init_from"] == "fresh"
+    (flower_run / "summary.json").unlink()  # as if the server had been killed
+    with pytest.raises(ConfigError, match="is a Flower run"):
+        resume_experiment(flower_run, progress=False, log=print)

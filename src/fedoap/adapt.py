@@ -23,6 +23,7 @@ Every model's test score is read once, at the end. ``OUT/summary.json`` holds
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,22 @@ def _adapt(
         }
         for c in cfg.data.clients
     }
+    missing = [c for c, parts_c in donors.items() if personal_keys - set(parts_c)]
+    if personal_keys and init in ("averaged", "nearest") and missing:
+        # A Flower run: personal parts never leave the sites, so the server's checkpoint has no
+        # client models to average or choose from. Refuse rather than start them fresh while
+        # reporting another init.
+        raise ConfigError(
+            f"--init {init} needs each federation client's selected personal parts, and "
+            f"{rd.last} holds none for {missing}"
+            + (
+                " (a Flower run: personal parts stay at the sites and the server holds only the "
+                "global weights)"
+                if _is_flower(rd)
+                else ""
+            )
+            + "; use --init fresh"
+        )
     donor_val: dict[str, float] = {}
     if init == "averaged" and personal_keys:
         personal = _mean_states(list(donors.values()))
@@ -267,6 +284,13 @@ def _adapt(
         },
     }
     return summary
+
+
+def _is_flower(rd: RunDir) -> bool:
+    try:
+        return json.loads(rd.summary.read_text()).get("runtime") == "flower"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_adapt(summary: dict[str, Any], out: Path, force: bool) -> None:

@@ -21,7 +21,7 @@ from fedoap.data.sources import read_image
 from fedoap.data.transforms import letterbox, normalize, unletterbox
 from fedoap.errors import NotFoundError
 from fedoap.federation import Runner
-from fedoap.federation.checkpoint import load_tensors
+from fedoap.federation.checkpoint import load_tensors, peek_meta
 from fedoap.fileio import atomic_write_bytes, check_output_dir, mirrored_outputs
 from fedoap.models import FedOAPNet
 from fedoap.runs import RunDir
@@ -111,6 +111,13 @@ def resume_experiment(
     if rd.is_complete():
         log(f"{run_dir} is already complete; nothing to resume")
         return dict(json.loads(rd.summary.read_text()))
+    if cfg.federation.runtime == "flower-sim" or peek_meta(rd.last).get("runtime") == "flower":
+        raise ConfigError(
+            f"{run_dir} is a Flower run, and resuming Flower runs is not supported yet: the "
+            "Flower server checkpoints only the global weights after each round, while each "
+            "site's personal state, optimiser and selected model stay at the site; start the "
+            "run again in a new folder"
+        )
     algorithm = build_algorithm(cfg)
     setup(cfg.train)
     t0 = time.perf_counter()

@@ -128,6 +128,18 @@ def load_tensors(path: Path) -> tuple[StateDict, dict[str, Any]]:
     return tensors, meta
 
 
+def peek_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata from its header alone, unverified (no tensor is read): only to
+    choose what to do or say before the real :func:`load_tensors`, which verifies everything.
+    Empty when the file is missing or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get(META_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 # ------------------------------------------------------------------ optimiser state
 
 

@@ -453,7 +453,13 @@ class FedoapStrategy(FedAvg):
             losses.append(_f(c[METRICS], "train-loss"))
             updates.append(Update(arrays, _i(c[METRICS], "num-examples")))
         new = self.alg.aggregate(self.global_arrays, updates, self.server)
-        save_tensors(RunDir(self.run_dir).last, prefixed(new, "global/"), {"round": server_round})
+        # Only the global weights: personal state stays at the sites. Marked, so that --resume
+        # and adapt can say why they cannot use it as an in-process checkpoint.
+        save_tensors(
+            RunDir(self.run_dir).last,
+            prefixed(new, "global/"),
+            {"runtime": "flower", "round": server_round, "config_digest": self.cfg.digest()},
+        )
         return ArrayRecord(new), MetricRecord({"train-loss": float(np.mean(losses))})
 
     def aggregate_evaluate(self, server_round: int, replies):  # type: ignore[override]
