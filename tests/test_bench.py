@@ -240,17 +240,17 @@ def test_a_flower_run_is_never_adapted_or_resumed_from_parts_the_server_lacks(
 
     from fedoap.api import resume_experiment
     from fedoap.config import ConfigError
-    from fedoap.federation.checkpoint import load_tensors, save_tensors
-    from fedoap.models.partition import prefixed, sub
+    from fedoap.federation.state import RunState, load_run_state, save_run_state
+    from fedoap.runs import RunDir
 
     run, cfg = federation_without_ct
     flower_run = tmp_path / "flower-run"
     shutil.copytree(run, flower_run)
-    last = flower_run / "checkpoints" / "last.safetensors"
-    tensors, _ = load_tensors(last)
-    # What FedoapStrategy.aggregate_train writes.
-    meta = {"runtime": "flower", "round": cfg.federation.rounds, "config_digest": cfg.digest()}
-    save_tensors(last, prefixed(sub(tensors, "global/"), "global/"), meta)
+    rd = RunDir(flower_run)
+    # What FedoapStrategy.aggregate_train writes: the global arrays, nothing of the sites.
+    global_arrays = load_run_state(rd).global_arrays
+    done = cfg.federation.rounds
+    save_run_state(rd, RunState(cfg.digest(), global_arrays, done=done, runtime="flower"))
     summary = json.loads((flower_run / "summary.json").read_text())
     (flower_run / "summary.json").write_text(json.dumps({**summary, "runtime": "flower"}))
     for init in ("averaged", "nearest"):

@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import fedoap.api as api_mod
-import fedoap.federation.runner as runner_mod
 from fedoap.algorithms import ALGORITHMS
 from fedoap.algorithms.base import Algorithm
 from fedoap.api import evaluate_run, load_client_model, resume_experiment, run_experiment
@@ -428,7 +427,9 @@ def test_run_is_complete_only_when_every_output_is_written(tmp_path, monkeypatch
         raise Killed
 
     cfg = tiny_config(*ONE)
-    monkeypatch.setattr(runner_mod, "plot_curves", killed_while_plotting)
+    import fedoap.plots
+
+    monkeypatch.setattr(fedoap.plots, "plot_curves", killed_while_plotting)
     with pytest.raises(Killed):
         quiet(cfg, tmp_path / "run")
     rd = RunDir(tmp_path / "run")

@@ -265,19 +265,20 @@ def test_checkpoint_every_k_rounds_still_resumes_exactly(tmp_path, monkeypatch):
     scale), and a run that dies after a round without one resumes from the one before it and
     ends exactly as an uninterrupted run."""
     import fedoap.federation.runner as runner_mod
+    import fedoap.federation.state as state_mod
 
     over = ("federation.rounds=4", "finetune.epochs=1", "train.num_threads=1")
     reference = quiet_run(tiny_config(*over), tmp_path / "reference")
 
     writes: list[str] = []
-    real_save = runner_mod.save_tensors
+    real_save = state_mod.save_tensors
 
     def counting(path, tensors, meta=None):
         if path.name == "last.safetensors":
             writes.append(f"{meta['position']['stage']}:{meta['position']['done']}")
         return real_save(path, tensors, meta)
 
-    monkeypatch.setattr(runner_mod, "save_tensors", counting)
+    monkeypatch.setattr(state_mod, "save_tensors", counting)
     cfg = tiny_config(*over, "federation.checkpoint_every=2")
     assert cfg.digest() == tiny_config(*over).digest()  # an execution setting
     real_round = runner_mod.Runner._federated_round

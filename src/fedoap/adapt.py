@@ -23,7 +23,6 @@ Every model's test score is read once, at the end. ``OUT/summary.json`` holds
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from fedoap.api import run_config
 from fedoap.config import ClientSpec, Config, ConfigError
 from fedoap.data.dataset import ClientData, make_client
 from fedoap.errors import NotFoundError
-from fedoap.federation.checkpoint import load_tensors
+from fedoap.federation.state import load_run_state
 from fedoap.fileio import check_output_dir
 from fedoap.models import StateDict
 from fedoap.models.partition import sub
@@ -135,9 +134,9 @@ def _adapt(
     model = alg.build_model()
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     place(model, cfg.train, device)
-    tensors, _ = load_tensors(rd.last)
-    global_arrays = sub(tensors, "global/")
-    payload = {**global_arrays, **sub(tensors, "ft_extra/")}
+    rs = load_run_state(rd)
+    global_arrays = rs.global_arrays
+    payload = {**global_arrays, **rs.ft_extra}
     personal_keys = set(alg.partition(model).personal)
     shared = sub(global_arrays, SHARED)
     metric = cfg.train.select_metric
@@ -151,7 +150,9 @@ def _adapt(
     # Each federation client's validation-selected personal parts, by client name.
     donors = {
         c.name: {
-            k: v for k, v in sub(tensors, f"client/{c.name}/best/").items() if k in personal_keys
+            k: v
+            for k, v in (rs.sites[c.name].best_weights if c.name in rs.sites else {}).items()
+            if k in personal_keys
         }
         for c in cfg.data.clients
     }
@@ -166,7 +167,7 @@ def _adapt(
             + (
                 " (a Flower run: personal parts stay at the sites and the server holds only the "
                 "global weights)"
-                if _is_flower(rd)
+                if rs.runtime == "flower"
                 else ""
             )
             + "; use --init fresh"
@@ -284,13 +285,6 @@ def _adapt(
         },
     }
     return summary
-
-
-def _is_flower(rd: RunDir) -> bool:
-    try:
-        return json.loads(rd.summary.read_text()).get("runtime") == "flower"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def write_adapt(summary: dict[str, Any], out: Path, force: bool) -> None:

@@ -21,7 +21,7 @@ from fedoap.data.sources import read_image
 from fedoap.data.transforms import letterbox, normalize, unletterbox
 from fedoap.errors import NotFoundError
 from fedoap.federation import Runner
-from fedoap.federation.checkpoint import load_tensors, peek_meta
+from fedoap.federation.state import load_selected, runtime_of
 from fedoap.fileio import atomic_write_bytes, check_output_dir, mirrored_outputs
 from fedoap.models import FedOAPNet
 from fedoap.runs import RunDir
@@ -111,7 +111,7 @@ def resume_experiment(
     if rd.is_complete():
         log(f"{run_dir} is already complete; nothing to resume")
         return dict(json.loads(rd.summary.read_text()))
-    if cfg.federation.runtime == "flower-sim" or peek_meta(rd.last).get("runtime") == "flower":
+    if cfg.federation.runtime == "flower-sim" or runtime_of(rd) == "flower":
         raise ConfigError(
             f"{run_dir} is a Flower run, and resuming Flower runs is not supported yet: the "
             "Flower server checkpoints only the global weights after each round, while each "
@@ -158,10 +158,10 @@ def load_client_model(
         )
     device = device if device is not None else setup(cfg.train)
     model = build_algorithm(cfg).build_model()
-    tensors, _ = load_tensors(rd.best(client))
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(KV)})
+    weights, kv = load_selected(rd, client)
+    model.load_state_dict(weights)
     place(model, cfg.train, device, compile=False)  # scoring only: not worth compiling
-    model.set_kv_bank(tensors.get(KV + "bank"))
+    model.set_kv_bank(kv.get(KV + "bank"))
     return cfg, model
 
 

@@ -154,6 +154,11 @@ class Algorithm:
         shared, _ = self.partition(model).split(model.state_dict())
         return {SHARED + k: v.detach().clone() for k, v in shared.items()}
 
+    def upload_template(self, model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every key of a client's upload with its shape and dtype: what the server accepts
+        (``fedoap.federation.protocol.check_upload``). Default: the shared part."""
+        return {k: (tuple(v.shape), v.dtype) for k, v in self.init_global(model).items()}
+
     def aggregate(
         self, global_arrays: StateDict, updates: Sequence[Update], server: StateDict
     ) -> StateDict:

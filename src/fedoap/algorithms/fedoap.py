@@ -92,6 +92,20 @@ class FedOAP(Algorithm):
             )
         return arrays
 
+    def upload_template(self, model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        template = super().upload_template(model)
+        if self.bank_mode:
+            assert isinstance(model, FedOAPNet)
+            d = self.cfg.data
+            with torch.no_grad():  # one blank image through the encoder: the token grid (N, C)
+                p = next(model.parameters())
+                x = torch.zeros(1, d.channels, d.image_size, d.image_size, device=p.device)
+                _, n, c = model.kv_tokens(x).shape
+            kv = self.cfg.model.kv
+            rows = kv.bank_size if kv.summary == "kmeans" else n
+            template[SUMMARY] = ((rows, c), torch.float32)
+        return template
+
     def aggregate(
         self, global_arrays: StateDict, updates: Sequence[Update], server: StateDict
     ) -> StateDict:

@@ -10,7 +10,9 @@ Protocol, message by message:
   global arrays it received, saves its state back to ``context.state`` and replies with **one
   ArrayRecord** (namespaced ``shared.*`` / ``kv.*`` keys, the same key set on every node) and
   **one MetricRecord** (``num-examples``, ``train-loss``, ``client-index``, byte counts). The
-  strategy's ``aggregate_train`` calls ``algorithm.aggregate``.
+  strategy's ``aggregate_train`` refuses replies that fail
+  :func:`~fedoap.federation.protocol.check_upload` (logged, and listed in ``summary.json`` under
+  ``refused``) and calls ``algorithm.aggregate`` on the rest.
 * **evaluate, stage=val** (after every round): every node personalises the new global model,
   scores its validation split and keeps its best model in ``context.state``.
 * **train, stage=finetune** (epochs 1..F, methods with a fine-tuning stage): local only; the
@@ -66,14 +68,17 @@ from fedoap.algorithms import (
 from fedoap.algorithms.base import to_device
 from fedoap.config import ClientSpec, Config, ConfigError, from_dict, load_yaml, validate
 from fedoap.data.dataset import ClientData, make_client
-from fedoap.federation.checkpoint import flatten_optimizer, save_tensors, unflatten_optimizer
+from fedoap.errors import DivergedError
+from fedoap.federation.checkpoint import flatten_optimizer, unflatten_optimizer
+from fedoap.federation.protocol import Template, check_upload
 from fedoap.federation.runner import sample_clients
+from fedoap.federation.state import RunState, save_run_state, save_selected
 from fedoap.federation.summary import make_summary
 from fedoap.models import StateDict
-from fedoap.models.partition import prefixed
 from fedoap.runs import RunDir
 from fedoap.training import evaluate
 from fedoap.training.device import place, session, setup
+from fedoap.training.engine import nonfinite_keys
 
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
 
@@ -353,11 +358,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
                 site.model, site.data.test, t.precision, full=True, batch_size=t.eval_batch_size
             )
         out = Path(str(context.node_config.get("output-dir", config["run-dir"])))
-        save_tensors(
-            RunDir(out).best(site.data.name),
-            {**best, **best_kv},
-            {"client": site.data.name, "best_round": meta["best_round"], "method": site.alg.name},
-        )
+        save_selected(RunDir(out), site.data.name, best, best_kv, meta["best_round"], site.alg.name)
         values = {k: (float("nan") if v is None else float(v)) for k, v in test.items()}
         return _reply(
             msg,
@@ -392,6 +393,8 @@ class ServerLog:
     flower_bytes_up: list[int] = field(default_factory=list)
     flower_bytes_down: list[int] = field(default_factory=list)
     round_seconds: list[float] = field(default_factory=list)
+    # Replies refused by check_upload: {"round", "client", "reason"} each.
+    refused: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FedoapStrategy(FedAvg):
@@ -402,7 +405,14 @@ class FedoapStrategy(FedAvg):
     """
 
     def __init__(
-        self, alg: Algorithm, cfg: Config, nodes: dict[int, int], log: ServerLog, run_dir: Path
+        self,
+        alg: Algorithm,
+        cfg: Config,
+        nodes: dict[int, int],
+        log: ServerLog,
+        run_dir: Path,
+        template: Template,
+        train_sizes: dict[int, int],
     ) -> None:
         k = len(cfg.data.clients)
         super().__init__(
@@ -413,7 +423,9 @@ class FedoapStrategy(FedAvg):
             min_available_nodes=k,
         )
         self.alg, self.cfg, self.log, self.run_dir = alg, cfg, log, run_dir
+        self.template, self.train_sizes = template, train_sizes
         self.node_of = {idx: node for node, idx in nodes.items()}
+        self.index_of = dict(nodes)  # node id -> client index
         self.server: StateDict = {}
         self.global_arrays: StateDict = {}
         self.t_round = time.perf_counter()
@@ -429,41 +441,85 @@ class FedoapStrategy(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         self.log.bytes_down += [nbytes(self.global_arrays)] * len(sampled)
         self.log.flower_bytes_down += [arrays.count_bytes()] * len(sampled)
-        return self._construct_messages(
-            record, [self.node_of[names.index(n)] for n in sampled], MessageType.TRAIN
-        )
+        return [
+            Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
+            for node in (self.node_of[names.index(n)] for n in sampled)
+        ]
 
     def aggregate_train(self, server_round: int, replies):  # type: ignore[override]
-        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        replies = list(replies)
+        errors = [m for m in replies if m.has_error()]
         if errors:
             raise RuntimeError(
                 f"{len(errors)} client(s) failed in round {server_round}: "
                 + "; ".join(client_error(str(m.error.reason)) for m in errors)
             )
-        contents = sorted((m.content for m in valid), key=lambda c: _i(c[METRICS], "client-index"))
+        received = []
+        # Which site sent a reply comes from Flower's routing (the node it came from), not from
+        # what the reply says about itself.
+        for m in sorted(replies, key=lambda m: self.index_of.get(m.metadata.src_node_id, -1)):
+            idx = self.index_of.get(m.metadata.src_node_id)
+            if idx is None:
+                self._refuse(server_round, f"node {m.metadata.src_node_id}", "unknown node")
+                continue
+            try:
+                record, metrics = m.content.array_records[ARRAYS], m.content[METRICS]
+                arrays = record.to_torch_state_dict()
+                raw_bytes = _i(metrics, "raw-bytes-out")
+            except (KeyError, TypeError, ValueError) as err:
+                why = f"the reply lacks its {ARRAYS} or {METRICS} record ({err!r})"
+                self._refuse(server_round, self.log.names[idx], why)
+                continue
+            self.log.received_keys.append(set(arrays))
+            self.log.bytes_up.append(raw_bytes)
+            self.log.flower_bytes_up.append(record.count_bytes())
+            received.append((idx, arrays, metrics.get("num-examples"), metrics.get("train-loss")))
+        new, loss = self.aggregate_checked(server_round, received)
+        # Only what a real server holds, the global weights: personal state stays at the sites.
+        save_run_state(
+            RunDir(self.run_dir),
+            RunState(self.cfg.digest(), new, done=server_round, runtime="flower"),
+        )
+        return ArrayRecord(new), MetricRecord({"train-loss": loss})
+
+    def _refuse(self, server_round: int, site: str, reason: str) -> None:
+        self.log.refused.append({"round": server_round, "client": site, "reason": reason})
+        print(f"warning: round {server_round}: refused site '{site}''s update: {reason}")
+
+    def aggregate_checked(
+        self, server_round: int, received: list[tuple[int, StateDict, Any, Any]]
+    ) -> tuple[StateDict, float]:
+        """The new global arrays from the replies (client index, arrays, num-examples,
+        train-loss) that pass :func:`check_upload`; refused ones are logged and recorded. With
+        none accepted the global arrays stay as they were. Returns them and the mean loss."""
         updates: list[Update] = []
         losses: list[float] = []
-        for c in contents:
-            arrays = c.array_records[ARRAYS].to_torch_state_dict()
-            self.log.received_keys.append(set(arrays))
-            self.log.bytes_up.append(_i(c[METRICS], "raw-bytes-out"))
-            self.log.flower_bytes_up.append(c.array_records[ARRAYS].count_bytes())
-            idx = _i(c[METRICS], "client-index")
-            self.log.train_loss[(server_round, idx)] = _f(c[METRICS], "train-loss")
-            losses.append(_f(c[METRICS], "train-loss"))
-            updates.append(Update(arrays, _i(c[METRICS], "num-examples")))
+        for idx, arrays, n, loss in received:
+            reason = check_upload(arrays, n, self.template, self.train_sizes.get(idx))
+            if reason is None and not (isinstance(loss, (int, float)) and math.isfinite(loss)):
+                reason = f"train-loss {loss!r} is not a finite number"
+            if reason is not None:
+                self._refuse(server_round, self.log.names[idx], reason)
+                continue
+            self.log.train_loss[(server_round, idx)] = float(loss)
+            losses.append(float(loss))
+            updates.append(Update(arrays, int(n)))
+        if not updates:
+            return dict(self.global_arrays), math.nan
         new = self.alg.aggregate(self.global_arrays, updates, self.server)
-        # Only the global weights: personal state stays at the sites. Marked, so that --resume
-        # and adapt can say why they cannot use it as an in-process checkpoint.
-        save_tensors(
-            RunDir(self.run_dir).last,
-            prefixed(new, "global/"),
-            {"runtime": "flower", "round": server_round, "config_digest": self.cfg.digest()},
-        )
-        return ArrayRecord(new), MetricRecord({"train-loss": float(np.mean(losses))})
+        bad = nonfinite_keys(new)
+        if bad:  # every upload was finite: the server step itself diverged
+            raise DivergedError(
+                f"round {server_round}: the aggregated global model is not finite (e.g. {bad[0]})",
+                round=server_round,
+                stage="aggregate",
+            )
+        return new, float(np.mean(losses))
 
     def aggregate_evaluate(self, server_round: int, replies):  # type: ignore[override]
-        valid, errors = self._check_and_log_replies(replies, is_train=False)
+        replies = list(replies)
+        valid = [m for m in replies if not m.has_error()]
+        errors = [m for m in replies if m.has_error()]
         if errors:
             raise RuntimeError(f"{len(errors)} client(s) failed evaluation in round {server_round}")
         sampled = set(
@@ -564,7 +620,10 @@ def server_main(grid: Grid, context: Context) -> None:
 
     log = ServerLog(names)
     model = alg.build_model()
-    strategy = FedoapStrategy(alg, cfg, nodes, log, run_dir)
+    train_sizes = {names.index(n): s["train"] for n, s in sizes.items()}
+    strategy = FedoapStrategy(
+        alg, cfg, nodes, log, run_dir, alg.upload_template(model), train_sizes
+    )
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(alg.init_global(model)),
@@ -615,6 +674,8 @@ def server_main(grid: Grid, context: Context) -> None:
         ft_epochs,
     )
     summary["runtime"] = "flower"
+    if log.refused:
+        summary["refused"] = log.refused
     summary["comm"]["flower_bytes_up_per_round"] = (
         int(np.mean(log.flower_bytes_up)) if log.flower_bytes_up else 0
     )

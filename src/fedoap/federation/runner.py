@@ -24,8 +24,6 @@ and listed under ``summary.json``'s ``excluded``.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,18 +33,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedoap.algorithms import KV, Algorithm, ClientState, FitContext, Update, nbytes
+from fedoap.algorithms import KV, Algorithm, FitContext, Update, nbytes
 from fedoap.algorithms.base import to_device
 from fedoap.config import Config
 from fedoap.data.dataset import ClientData, pool_training_sets
-from fedoap.errors import CheckpointError, DivergedError
-from fedoap.federation.checkpoint import (
-    flatten_optimizer,
-    load_tensors,
-    prefixed,
-    save_tensors,
-    sub,
-    unflatten_optimizer,
+from fedoap.errors import CheckpointError, DivergedError, FederationError
+from fedoap.federation.protocol import check_upload
+from fedoap.federation.state import (
+    RunState,
+    SiteState,
+    load_run_state,
+    save_run_state,
+    save_selected,
 )
 from fedoap.federation.summary import make_summary
 from fedoap.models import FedOAPNet, StateDict
@@ -68,8 +66,6 @@ from fedoap.training.device import (
 )
 from fedoap.training.engine import nonfinite_keys, predict_logits
 
-#: 2: checkpoints carry a digest (fedoap.federation.checkpoint) and excluded clients.
-CHECKPOINT_VERSION = 2
 POOLED = "__pooled__"  # the single trainer of ``centralized`` (not a client name: has '_' x2)
 
 
@@ -82,17 +78,11 @@ class Position:
 
 
 @dataclass
-class ClientRecord:
-    """Runner-side bookkeeping for one client: its algorithm state and its selected model."""
+class ClientRecord(SiteState):
+    """A client's part of the run state (its algorithm state and selected model, and whether it
+    was excluded) with its data, as the in-process runner holds them."""
 
-    data: ClientData
-    state: ClientState
-    best_score: float = -math.inf
-    best_round: int = 0
-    best_weights: StateDict = field(default_factory=dict)  # full model state dict
-    best_kv: StateDict = field(default_factory=dict)  # kv.* payload at the best round
-    # Set when its training diverged and train.on_divergence=exclude dropped it: where and why.
-    diverged: dict[str, Any] | None = None
+    data: ClientData = field(kw_only=True)
 
 
 def sample_clients(names: list[str], fraction: float, seed: int, rnd: int) -> list[str]:
@@ -125,6 +115,7 @@ class Runner:
         reset_peak_memory(self.device)
         model = algorithm.build_model()  # on the CPU: initial state is the same on any device
         self.partition = algorithm.partition(model)
+        self.template = algorithm.upload_template(model)
         self.global_arrays: StateDict = algorithm.init_global(model)
         init_states = {c.name: algorithm.init_client(model) for c in clients}
         pooled_state = algorithm.init_client(model) if algorithm.pooled else None
@@ -135,10 +126,10 @@ class Runner:
             clients = [c.to(self.device) for c in clients]  # each split crosses to the device once
         self.server: StateDict = {}
         self.ft_extra: StateDict = {}  # algorithm's extra payload for the fine-tuning stage
-        self.records = {c.name: ClientRecord(c, init_states[c.name]) for c in clients}
+        self.records = {c.name: ClientRecord(init_states[c.name], data=c) for c in clients}
         # ``centralized``: one trainer on the pooled training sets instead of the clients.
         self.pooled = (
-            ClientRecord(pool_training_sets(clients), pooled_state)
+            ClientRecord(pooled_state, data=pool_training_sets(clients))
             if pooled_state is not None
             else None
         )
@@ -278,6 +269,13 @@ class Runner:
                 except DivergedError as err:
                     self._exclude(name, rec, err)
                     continue
+            n_train = len(rec.data.train)
+            reason = check_upload(update.arrays, update.num_examples, self.template, n_train)
+            if reason:  # in-process the upload is fedoap's own: a malformed one is a bug
+                raise FederationError(
+                    f"client '{name}', round {rnd}: method {self.alg.name} produced an upload "
+                    f"the server must refuse ({reason}); this is a bug in the method"
+                )
             updates.append(update)
             losses[name] = update.metrics["train_loss"]
             if self.pooled is None:  # pooling moves raw data, not model messages
@@ -420,10 +418,8 @@ class Runner:
                 test = evaluate(
                     self.model, rec.data.test, t.precision, full=True, batch_size=t.eval_batch_size
                 )
-            save_tensors(
-                self.run_dir.best(name),
-                {**rec.best_weights, **rec.best_kv},
-                {"client": name, "best_round": rec.best_round, "method": self.alg.name},
+            save_selected(
+                self.run_dir, name, rec.best_weights, rec.best_kv, rec.best_round, self.alg.name
             )
             clients[name] = {
                 "n": rec.data.sizes(),
@@ -492,111 +488,50 @@ class Runner:
         self._save_last()
 
     def _save_last(self) -> None:
-        tensors: StateDict = {}
-        tensors.update(prefixed(self.global_arrays, "global/"))
-        tensors.update(prefixed(self.server, "server/"))
-        tensors.update(prefixed(self.ft_extra, "ft_extra/"))
-        clients_meta: dict[str, Any] = {}
-        for name, rec in self._all_records().items():
-            p = f"client/{name}/"
-            tensors.update(prefixed(rec.state.personal, p + "personal/"))
-            tensors.update(prefixed(rec.state.extra, p + "extra/"))
-            tensors.update(prefixed(rec.best_weights, p + "best/"))
-            tensors.update(prefixed(rec.best_kv, p + "best_kv/"))
-            opt_rest = {}
-            for opt_name, opt_state in rec.state.optimizers.items():
-                opt_t, opt_rest[opt_name] = flatten_optimizer(opt_state, f"{p}optim/{opt_name}/")
-                tensors.update(opt_t)
-            clients_meta[name] = {
-                "optimizers": opt_rest,
-                "best_score": rec.best_score if math.isfinite(rec.best_score) else None,
-                "best_round": rec.best_round,
-                "diverged": rec.diverged,
-            }
-        meta = {
-            "version": CHECKPOINT_VERSION,
-            "config_digest": self.cfg.digest(),
-            "position": dataclasses.asdict(self.position),
+        sites: dict[str, SiteState] = dict(self._all_records())
+        history = {
             "elapsed": self.elapsed,
             "rows": self.rows,
             "round_seconds": self.round_seconds,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
-            "clients": clients_meta,
             "phases": self.timer.seconds,
         }
-        save_tensors(self.run_dir.last, tensors, meta)
+        state = RunState(
+            self.cfg.digest(),
+            self.global_arrays,
+            self.server,
+            self.ft_extra,
+            sites,
+            self.position.stage,
+            self.position.done,
+            history,
+        )
+        save_run_state(self.run_dir, state)
         self.run_dir.write_metrics(self.rows)
 
     def restore(self) -> None:
-        """Load ``checkpoints/last.safetensors`` (resume). The file's digest is verified by
-        :func:`load_tensors`; its metadata is checked here, every error naming the file."""
-        path = self.run_dir.last
-        tensors, meta = load_tensors(path)
-        if meta.get("version") != CHECKPOINT_VERSION:
+        """Continue from ``checkpoints/last.safetensors`` (resume), read and checked by
+        :func:`~fedoap.federation.state.load_run_state`."""
+        rs = load_run_state(self.run_dir, self.cfg.digest(), self._all_records())
+        if rs.runtime != "inprocess":
             raise CheckpointError(
-                f"{path}: checkpoint version {meta.get('version')!r}, this fedoap reads "
-                f"{CHECKPOINT_VERSION}; finish the run with the fedoap that started it"
+                f"{self.run_dir.last} holds the state of a {rs.runtime} run's server only; the "
+                "in-process runner cannot resume it"
             )
-        if meta.get("config_digest") != self.cfg.digest():
-            raise CheckpointError(
-                f"{path} was written by a different config (digest "
-                f"{meta.get('config_digest')} vs {self.cfg.digest()}); resume with the run's own "
-                "config.yaml"
-            )
-        need: dict[str, type | tuple[type, ...]] = {
-            "position": dict,
-            "elapsed": (int, float),
-            "rows": list,
-            "round_seconds": list,
-            "bytes_up": list,
-            "bytes_down": list,
-            "clients": dict,
-        }
-        for key, kind in need.items():
-            if not isinstance(meta.get(key), kind):
-                raise CheckpointError(f"{path}: checkpoint metadata lacks a valid {key!r}")
-        position = meta["position"]
-        if (
-            set(position) != {"stage", "done"}
-            or position["stage"] not in ("federated", "finetune")
-            or not isinstance(position["done"], int)
-            or position["done"] < 0
-        ):
-            raise CheckpointError(f"{path}: checkpoint metadata has an invalid 'position'")
-        missing = set(self._all_records()) - set(meta["clients"])
-        if missing:
-            raise CheckpointError(f"{path}: no state for client(s) {sorted(missing)}")
-        self.global_arrays = sub(tensors, "global/")
-        self.server = sub(tensors, "server/")
-        self.ft_extra = sub(tensors, "ft_extra/")
+        self.global_arrays, self.server, self.ft_extra = rs.global_arrays, rs.server, rs.ft_extra
         for name, rec in self._all_records().items():
-            p = f"client/{name}/"
-            cm = meta["clients"][name]
-            try:
-                rec.state = ClientState(
-                    personal=sub(tensors, p + "personal/"),
-                    optimizers={
-                        k: unflatten_optimizer(tensors, rest, f"{p}optim/{k}/")
-                        for k, rest in cm["optimizers"].items()
-                    },
-                    extra=sub(tensors, p + "extra/"),
-                )
-                rec.best_score = -math.inf if cm["best_score"] is None else cm["best_score"]
-                rec.best_round = cm["best_round"]
-            except (KeyError, TypeError, ValueError, AttributeError) as err:
-                raise CheckpointError(
-                    f"{path}: checkpoint metadata of client '{name}' is invalid ({err!r})"
-                ) from None
-            rec.best_weights = sub(tensors, p + "best/")
-            rec.best_kv = sub(tensors, p + "best_kv/")
-            rec.diverged = cm.get("diverged")
-        self.position = Position(position["stage"], position["done"])
-        self.elapsed = meta["elapsed"]
-        self.rows = meta["rows"]
-        self.round_seconds = meta["round_seconds"]
-        self.bytes_up = meta["bytes_up"]
-        self.bytes_down = meta["bytes_down"]
+            site = rs.sites[name]
+            rec.state, rec.best_weights, rec.best_kv = site.state, site.best_weights, site.best_kv
+            rec.best_score, rec.best_round, rec.diverged = (
+                site.best_score,
+                site.best_round,
+                site.diverged,
+            )
+        self.position = Position(rs.stage, rs.done)
+        h = rs.history
+        self.elapsed, self.rows, self.round_seconds = h["elapsed"], h["rows"], h["round_seconds"]
+        self.bytes_up, self.bytes_down = h["bytes_up"], h["bytes_down"]
         # Time already spent per phase; this process's data loading is added to it.
-        for phase, sec in meta.get("phases", {}).items():
+        for phase, sec in h.get("phases", {}).items():
             self.timer.seconds[phase] = self.timer.seconds.get(phase, 0.0) + sec

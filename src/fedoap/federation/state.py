@@ -1,0 +1,217 @@
+"""The run state and its checkpoint layout. Every command reads and writes run state only
+through this module: the in-process runner (checkpoints and ``--resume``), the Flower server and
+sites, ``evaluate``, ``predict`` and ``adapt``.
+
+``checkpoints/last.safetensors``, the resume state (one digest-verified file,
+:mod:`fedoap.federation.checkpoint`):
+
+* ``global/<key>``: the global arrays the server holds (``shared.*``, ``kv.*``);
+* ``server/<key>``: the server's own state (e.g. FedOpt moments);
+* ``ft_extra/<key>``: a method's fine-tuning payload;
+* ``client/<name>/personal/``, ``extra/``, ``best/``, ``best_kv/``, ``optim/<optimiser>/``: a
+  site's personal weights, extra state, selected model, the K/V bank it was selected with, and
+  optimiser tensors;
+* metadata: ``version``, ``runtime``, ``config_digest``, ``position`` (stage and steps done),
+  the metric history, and per client its optimiser scalars, best score and round, and divergence.
+
+A Flower server holds only what a real server holds: ``runtime: flower`` and ``global/``. Sites
+keep their personal state, so such a file resumes nothing and lends ``adapt`` no client models.
+
+``checkpoints/best/<client>.safetensors``: a client's selected model and K/V bank, what
+``evaluate``, ``predict`` and ``adapt`` score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedoap.algorithms import KV, ClientState
+from fedoap.errors import CheckpointError
+from fedoap.federation.checkpoint import (
+    flatten_optimizer,
+    load_tensors,
+    peek_meta,
+    prefixed,
+    save_tensors,
+    sub,
+    unflatten_optimizer,
+)
+from fedoap.models import StateDict
+from fedoap.runs import RunDir
+
+#: 2: checkpoints carry a digest (fedoap.federation.checkpoint) and excluded clients.
+CHECKPOINT_VERSION = 2
+STAGES = ("federated", "finetune")
+
+
+@dataclass
+class SiteState:
+    """One client's part of the run state."""
+
+    state: ClientState
+    best_weights: StateDict = field(default_factory=dict)  # full model state dict
+    best_kv: StateDict = field(default_factory=dict)  # kv.* payload at the best round
+    best_score: float = -math.inf
+    best_round: int = 0
+    diverged: dict[str, Any] | None = None
+
+
+@dataclass
+class RunState:
+    """Everything a run needs to continue, as the server (and, in-process, the sites) hold it."""
+
+    config_digest: str
+    global_arrays: StateDict
+    server: StateDict = field(default_factory=dict)
+    ft_extra: StateDict = field(default_factory=dict)
+    sites: dict[str, SiteState] = field(default_factory=dict)
+    stage: str = "federated"
+    done: int = 0  # rounds (federated) or epochs (finetune) completed
+    # elapsed, rows, round_seconds, bytes_up, bytes_down, phases
+    history: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "inprocess"
+
+
+def runtime_of(rd: RunDir) -> str | None:
+    """Which runtime wrote the run's resume state ("inprocess", "flower"), from the file's
+    header alone; None when there is none."""
+    meta = peek_meta(rd.last)
+    return str(meta.get("runtime", "inprocess")) if meta else None
+
+
+def save_run_state(rd: RunDir, rs: RunState) -> None:
+    tensors: StateDict = {}
+    tensors.update(prefixed(rs.global_arrays, "global/"))
+    tensors.update(prefixed(rs.server, "server/"))
+    tensors.update(prefixed(rs.ft_extra, "ft_extra/"))
+    clients_meta: dict[str, Any] = {}
+    for name, site in rs.sites.items():
+        p = f"client/{name}/"
+        tensors.update(prefixed(site.state.personal, p + "personal/"))
+        tensors.update(prefixed(site.state.extra, p + "extra/"))
+        tensors.update(prefixed(site.best_weights, p + "best/"))
+        tensors.update(prefixed(site.best_kv, p + "best_kv/"))
+        opt_rest = {}
+        for opt_name, opt_state in site.state.optimizers.items():
+            opt_t, opt_rest[opt_name] = flatten_optimizer(opt_state, f"{p}optim/{opt_name}/")
+            tensors.update(opt_t)
+        clients_meta[name] = {
+            "optimizers": opt_rest,
+            "best_score": site.best_score if math.isfinite(site.best_score) else None,
+            "best_round": site.best_round,
+            "diverged": site.diverged,
+        }
+    meta = {
+        "version": CHECKPOINT_VERSION,
+        "runtime": rs.runtime,
+        "config_digest": rs.config_digest,
+        "position": {"stage": rs.stage, "done": rs.done},
+        **rs.history,
+        "clients": clients_meta,
+    }
+    save_tensors(rd.last, tensors, meta)
+
+
+_HISTORY: dict[str, type | tuple[type, ...]] = {
+    "elapsed": (int, float),
+    "rows": list,
+    "round_seconds": list,
+    "bytes_up": list,
+    "bytes_down": list,
+}
+
+
+def load_run_state(
+    rd: RunDir, config_digest: str | None = None, clients: Iterable[str] = ()
+) -> RunState:
+    """The run state in ``checkpoints/last.safetensors``, its digest verified
+    (:func:`~fedoap.federation.checkpoint.load_tensors`) and its metadata checked: the version,
+    the config digest (when given), the position, the history and a state for every one of
+    ``clients``. Every error is a :class:`CheckpointError` naming the file."""
+    path = rd.last
+    tensors, meta = load_tensors(path)
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {meta.get('version')!r}, this fedoap reads "
+            f"{CHECKPOINT_VERSION}; finish the run with the fedoap that started it"
+        )
+    if config_digest is not None and meta.get("config_digest") != config_digest:
+        raise CheckpointError(
+            f"{path} was written by a different config (digest "
+            f"{meta.get('config_digest')} vs {config_digest}); resume with the run's own "
+            "config.yaml"
+        )
+    runtime = str(meta.get("runtime", "inprocess"))
+    position = meta.get("position")
+    if (
+        not isinstance(position, dict)
+        or set(position) != {"stage", "done"}
+        or position["stage"] not in STAGES
+        or not isinstance(position["done"], int)
+        or position["done"] < 0
+    ):
+        raise CheckpointError(f"{path}: checkpoint metadata has an invalid 'position'")
+    rs = RunState(
+        config_digest=str(meta.get("config_digest")),
+        global_arrays=sub(tensors, "global/"),
+        server=sub(tensors, "server/"),
+        ft_extra=sub(tensors, "ft_extra/"),
+        stage=position["stage"],
+        done=position["done"],
+        runtime=runtime,
+    )
+    if runtime == "flower":
+        return rs  # the server's share only: no history, no sites
+    need = {**_HISTORY, "clients": dict}
+    for key, kind in need.items():
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path}: checkpoint metadata lacks a valid {key!r}")
+    missing = set(clients) - set(meta["clients"])
+    if missing:
+        raise CheckpointError(f"{path}: no state for client(s) {sorted(missing)}")
+    for name, cm in meta["clients"].items():
+        p = f"client/{name}/"
+        try:
+            rs.sites[name] = SiteState(
+                state=ClientState(
+                    personal=sub(tensors, p + "personal/"),
+                    optimizers={
+                        k: unflatten_optimizer(tensors, rest, f"{p}optim/{k}/")
+                        for k, rest in cm["optimizers"].items()
+                    },
+                    extra=sub(tensors, p + "extra/"),
+                ),
+                best_weights=sub(tensors, p + "best/"),
+                best_kv=sub(tensors, p + "best_kv/"),
+                best_score=-math.inf if cm["best_score"] is None else cm["best_score"],
+                best_round=cm["best_round"],
+                diverged=cm.get("diverged"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(
+                f"{path}: checkpoint metadata of client '{name}' is invalid ({err!r})"
+            ) from None
+    rs.history = {k: meta[k] for k in _HISTORY}
+    rs.history["phases"] = meta.get("phases", {})
+    return rs
+
+
+def save_selected(
+    rd: RunDir, client: str, weights: StateDict, kv: StateDict, best_round: int, method: str
+) -> None:
+    """A client's selected model (full state dict) and the K/V bank it was selected with."""
+    save_tensors(
+        rd.best(client),
+        {**weights, **kv},
+        {"client": client, "best_round": best_round, "method": method},
+    )
+
+
+def load_selected(rd: RunDir, client: str) -> tuple[StateDict, StateDict]:
+    """A client's selected model: (model state dict, its ``kv.*`` arrays)."""
+    tensors, _ = load_tensors(rd.best(client))
+    weights = {k: v for k, v in tensors.items() if not k.startswith(KV)}
+    return weights, {k: v for k, v in tensors.items() if k.startswith(KV)}

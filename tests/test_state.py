@@ -1,0 +1,103 @@
+"""The run state's one owner (fedoap.federation.state): what it writes is what it reads back,
+and a file that lacks what a reader needs is refused with the file's name."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedoap.algorithms import ClientState
+from fedoap.errors import CheckpointError
+from fedoap.federation.state import (
+    RunState,
+    SiteState,
+    load_run_state,
+    load_selected,
+    runtime_of,
+    save_run_state,
+    save_selected,
+)
+from fedoap.runs import RunDir
+
+
+def sample_state() -> RunState:
+    opt = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+        "param_groups": [{"lr": 0.1, "params": [0]}],
+    }
+    site = SiteState(
+        ClientState(personal={"head.w": torch.arange(4.0)}, optimizers={"fit": opt}),
+        best_weights={"head.w": torch.zeros(4), "enc.w": torch.ones(2)},
+        best_kv={"kv.bank": torch.full((3, 2), 0.5)},
+        best_score=0.75,
+        best_round=2,
+    )
+    fresh = SiteState(ClientState(personal={"head.w": torch.zeros(4)}))  # never validated
+    history = {
+        "elapsed": 12.5,
+        "rows": [{"round": 1}],
+        "round_seconds": [6.0],
+        "bytes_up": [10],
+        "bytes_down": [10],
+        "phases": {"train": 9.0},
+    }
+    return RunState(
+        "abc123",
+        {"shared.enc.w": torch.ones(2)},
+        server={"m.enc.w": torch.zeros(2)},
+        sites={"a": site, "b": fresh},
+        stage="finetune",
+        done=1,
+        history=history,
+    )
+
+
+def test_what_is_saved_is_what_is_read_back(tmp_path):
+    rd = RunDir(tmp_path)
+    rs = sample_state()
+    save_run_state(rd, rs)
+    back = load_run_state(rd, "abc123", ["a", "b"])
+    assert (back.stage, back.done, back.runtime, back.history) == (
+        "finetune",
+        1,
+        "inprocess",
+        rs.history,
+    )
+    assert torch.equal(back.global_arrays["shared.enc.w"], torch.ones(2))
+    assert torch.equal(back.server["m.enc.w"], torch.zeros(2))
+    a = back.sites["a"]
+    assert (a.best_score, a.best_round, a.diverged) == (0.75, 2, None)
+    assert torch.equal(a.best_kv["kv.bank"], rs.sites["a"].best_kv["kv.bank"])
+    assert torch.equal(a.state.optimizers["fit"]["state"][0]["exp_avg"], torch.ones(2))
+    assert a.state.optimizers["fit"]["param_groups"] == [{"lr": 0.1, "params": [0]}]
+    assert back.sites["b"].best_score == -math.inf  # "never validated" survives the JSON
+    assert runtime_of(rd) == "inprocess"
+
+
+def test_a_reader_gets_a_clear_error_naming_the_file(tmp_path):
+    rd = RunDir(tmp_path)
+    save_run_state(rd, sample_state())
+    with pytest.raises(CheckpointError, match="different config"):
+        load_run_state(rd, "other")
+    with pytest.raises(
+        CheckpointError, match=r"last.safetensors: no state for client\(s\) \['c'\]"
+    ):
+        load_run_state(rd, "abc123", ["a", "c"])
+    assert runtime_of(RunDir(tmp_path / "none")) is None
+
+
+def test_a_flower_server_state_holds_the_global_weights_only(tmp_path):
+    rd = RunDir(tmp_path)
+    save_run_state(rd, RunState("abc123", {"shared.w": torch.ones(2)}, done=3, runtime="flower"))
+    back = load_run_state(rd, "abc123", ["a"])  # no site state is asked of a server's file
+    assert (back.runtime, back.done, back.sites) == ("flower", 3, {})
+    assert runtime_of(rd) == "flower"
+
+
+def test_a_selected_model_keeps_its_kv_bank_apart(tmp_path):
+    rd = RunDir(tmp_path)
+    save_selected(rd, "a", {"w": torch.ones(2)}, {"kv.bank": torch.zeros(3, 2)}, 4, "fedoap")
+    weights, kv = load_selected(rd, "a")
+    assert set(weights) == {"w"} and set(kv) == {"kv.bank"}
