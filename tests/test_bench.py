@@ -247,10 +247,13 @@ def test_a_flower_run_is_never_adapted_or_resumed_from_parts_the_server_lacks(
     flower_run = tmp_path / "flower-run"
     shutil.copytree(run, flower_run)
     rd = RunDir(flower_run)
-    # What FedoapStrategy.aggregate_train writes: the global arrays, nothing of the sites.
-    global_arrays = load_run_state(rd).global_arrays
+    # What a Flower server checkpoints: the global arrays and its history, nothing of the sites.
+    rs = load_run_state(rd)
     done = cfg.federation.rounds
-    save_run_state(rd, RunState(cfg.digest(), global_arrays, done=done, runtime="flower"))
+    save_run_state(
+        rd,
+        RunState(cfg.digest(), rs.global_arrays, done=done, history=rs.history, runtime="flower"),
+    )
     summary = json.loads((flower_run / "summary.json").read_text())
     (flower_run / "summary.json").write_text(json.dumps({**summary, "runtime": "flower"}))
     for init in ("averaged", "nearest"):
@@ -259,5 +262,5 @@ def test_a_flower_run_is_never_adapted_or_resumed_from_parts_the_server_lacks(
     s = adapt(flower_run, npz_clients / "ct.npz", "ct", epochs=1, init="fresh", log=print)
     assert s["init"] == s["init_from"] == "fresh"
     (flower_run / "summary.json").unlink()  # as if the server had been killed
-    with pytest.raises(ConfigError, match="is a Flower run"):
+    with pytest.raises(ConfigError, match="was run on a Flower deployment: resume it there"):
         resume_experiment(flower_run, progress=False, log=print)

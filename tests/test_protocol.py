@@ -8,8 +8,13 @@ import math
 import pytest
 import torch
 
-from fedoap.algorithms import build_algorithm
+from fedoap.algorithms import Update, build_algorithm
+from fedoap.errors import FederationError
 from fedoap.federation.protocol import check_upload
+from fedoap.federation.server import Server
+from fedoap.federation.site import Reply
+from fedoap.runs import RunDir
+from fedoap.training.device import Timer
 from tests.conftest import tiny_config
 
 
@@ -63,36 +68,109 @@ def test_every_malformed_upload_is_refused_with_its_reason(fedoap_bank):
         assert reason is not None and expected in reason, (case, reason)
 
 
-def test_a_flower_server_refuses_bad_replies_and_aggregates_the_rest(fedoap_bank, tmp_path):
-    pytest.importorskip("flwr")
-    from fedoap.federation.flower import FedoapStrategy, ServerLog
+class Scripted:
+    """An untrusted transport (as Flower is) whose sites reply as scripted: per site, an upload
+    ``(arrays, num_examples, train_loss)`` or ``"lost"`` (no reply)."""
 
+    runtime = "flower"
+    trusted = False
+
+    def __init__(self, script):
+        self.script = script
+
+    def exchange(self, steps, global_arrays, ft_extra):
+        replies, lost = {}, {}
+        for name, step in steps.items():
+            spec = self.script.get(name) if step.fit else None
+            if spec == "lost":
+                lost[name] = "killed"
+            elif spec is None:
+                replies[name] = Reply()
+            else:
+                arrays, n, loss = spec
+                replies[name] = Reply(update=Update(arrays, n, {"train_loss": loss}))
+        return replies, lost
+
+    def site_states(self):
+        return {}
+
+    def restore_sites(self, rs):
+        pass
+
+    def finetune_payload(self, global_arrays, active):
+        return {}
+
+    def history(self):
+        return {}
+
+    def restore_history(self, history):
+        pass
+
+    def describe(self):
+        return {}
+
+
+def _server(fedoap_bank, tmp_path, script, *overrides):
     cfg, alg, model = fedoap_bank
-    template = alg.upload_template(model)
+    if overrides:
+        cfg = tiny_config("model.kv.mode=bank", *overrides)
     names = [c.name for c in cfg.data.clients]
-    log = ServerLog(names)
-    strategy = FedoapStrategy(
-        alg, cfg, {i: i for i in range(3)}, log, tmp_path, template, {0: 10, 1: 20, 2: 30}
+    server = Server(
+        cfg,
+        alg,
+        Scripted(dict(zip(names, script, strict=True))),
+        RunDir(tmp_path),
+        names,
+        dict(zip(names, [10, 20, 30], strict=True)),
+        model,
+        Timer(torch.device("cpu")),
+        log=lambda s: None,
     )
-    strategy.global_arrays = {k: v for k, v in good_upload(template, 0.0).items()}
+    server.global_arrays = good_upload(server.template, 0.0)
+    return server, names
+
+
+def test_the_server_refuses_bad_replies_and_aggregates_the_rest(fedoap_bank, tmp_path):
+    """The one server of both runtimes: on an untrusted transport (Flower), a refused upload is
+    recorded and never aggregated; in-process the same upload is a bug that stops the run."""
+    template = fedoap_bank[1].upload_template(fedoap_bank[2])
     poisoned = good_upload(template, 1e6)
     key = next(k for k in template if k.startswith("shared."))
     poisoned[key] = poisoned[key].fill_(math.nan)
-    received = [
-        (0, good_upload(template, 1.0), 10, 0.5),
-        (1, poisoned, 20, 0.4),  # NaN
-        (2, good_upload(template, 1e6), 30_000, 0.3),  # claims 1000x its weight
+    script = [
+        (good_upload(template, 1.0), 10, 0.5),
+        (poisoned, 20, 0.4),  # NaN
+        (good_upload(template, 1e6), 30_000, 0.3),  # claims 1000x its weight
     ]
-    new, loss = strategy.aggregate_checked(1, received)
+    server, names = _server(fedoap_bank, tmp_path, script)
+    server._federated_step(1)
     # Only site 0 was aggregated: every shared weight is its 1.0, nothing of the other two.
     for k in template:
         if k.startswith("shared.") and template[k][1].is_floating_point:
-            assert torch.equal(new[k], torch.ones_like(new[k])), k
-    assert loss == 0.5
-    assert [(r["client"], r["round"]) for r in log.refused] == [(names[1], 1), (names[2], 1)]
-    assert "not finite" in log.refused[0]["reason"]
-    assert "30 training images" in log.refused[1]["reason"]
+            assert torch.equal(server.global_arrays[k], torch.ones_like(server.global_arrays[k]))
+    assert server.losses == {names[0]: 0.5}
+    assert [(r["client"], r["round"]) for r in server.refused] == [(names[1], 1), (names[2], 1)]
+    assert "not finite" in server.refused[0]["reason"]
+    assert "30 training images" in server.refused[1]["reason"]
     # Nothing acceptable: the global model stays as it was.
-    before = {k: v.clone() for k, v in strategy.global_arrays.items()}
-    new, loss = strategy.aggregate_checked(2, received[1:])
-    assert math.isnan(loss) and all(torch.equal(new[k], before[k]) for k in before)
+    server, _ = _server(fedoap_bank, tmp_path, [script[1], script[2], script[1]])
+    before = {k: v.clone() for k, v in server.global_arrays.items()}
+    server._federated_step(1)
+    assert all(torch.equal(server.global_arrays[k], before[k]) for k in before)
+    # In-process (trusted) the same upload is a bug in fedoap, not a bad site.
+    server, _ = _server(fedoap_bank, tmp_path, script)
+    server.transport.trusted = True
+    with pytest.raises(FederationError, match="bug in the method"):
+        server._federated_step(1)
+
+
+def test_a_lost_site_is_recorded_and_min_fit_fraction_decides_the_round(fedoap_bank, tmp_path):
+    template = fedoap_bank[1].upload_template(fedoap_bank[2])
+    script = [(good_upload(template, 1.0), 10, 0.5), "lost", (good_upload(template, 1.0), 30, 0.5)]
+    server, names = _server(fedoap_bank, tmp_path, script, "federation.min_fit_fraction=0.6")
+    server._federated_step(1)  # 2 of 3 replied: enough
+    assert [(x["round"], x["client"]) for x in server.lost] == [(1, names[1])]
+    assert set(server.losses) == {names[0], names[2]}
+    server, _ = _server(fedoap_bank, tmp_path, ["lost", "lost", script[0]])
+    with pytest.raises(FederationError, match=r"1 of 3 sampled site\(s\) replied"):
+        server._federated_step(1)  # default min_fit_fraction=1.0: every sampled site

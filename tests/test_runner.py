@@ -15,7 +15,8 @@ import torch
 import yaml
 from PIL import Image
 
-import fedoap.federation.runner as runner_mod
+import fedoap.federation.server as server_mod
+import fedoap.federation.site as site_mod
 from fedoap.api import evaluate_run, predict_images, resume_experiment, run_experiment
 from fedoap.runs import RunExistsError, read_metrics
 from tests.conftest import tiny_config
@@ -79,13 +80,13 @@ def test_metrics_rows_and_selection_on_validation(fedoap_run):
 
 def test_test_split_is_read_once_at_the_end(tmp_path, monkeypatch):
     seen = []
-    real = runner_mod.evaluate
+    real = site_mod.evaluate
 
     def spy(model, data, precision, full=False, batch_size=256):
         seen.append("test" if full else "val")
         return real(model, data, precision, full, batch_size)
 
-    monkeypatch.setattr(runner_mod, "evaluate", spy)
+    monkeypatch.setattr(site_mod, "evaluate", spy)
     quiet_run(tiny_config(), tmp_path / "r")
     n_val = 3 * (2 + 1)
     assert seen == ["val"] * n_val + ["test"] * 3
@@ -264,7 +265,6 @@ def test_checkpoint_every_k_rounds_still_resumes_exactly(tmp_path, monkeypatch):
     """``federation.checkpoint_every=2``: fewer resume checkpoints (the costly write at paper
     scale), and a run that dies after a round without one resumes from the one before it and
     ends exactly as an uninterrupted run."""
-    import fedoap.federation.runner as runner_mod
     import fedoap.federation.state as state_mod
 
     over = ("federation.rounds=4", "finetune.epochs=1", "train.num_threads=1")
@@ -281,18 +281,18 @@ def test_checkpoint_every_k_rounds_still_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(state_mod, "save_tensors", counting)
     cfg = tiny_config(*over, "federation.checkpoint_every=2")
     assert cfg.digest() == tiny_config(*over).digest()  # an execution setting
-    real_round = runner_mod.Runner._federated_round
+    real_round = server_mod.Server._federated_step
 
     def dies_in_round_4(self, rnd):
         if rnd == 4:
             raise KeyboardInterrupt("killed")
         return real_round(self, rnd)
 
-    monkeypatch.setattr(runner_mod.Runner, "_federated_round", dies_in_round_4)
+    monkeypatch.setattr(server_mod.Server, "_federated_step", dies_in_round_4)
     with pytest.raises(KeyboardInterrupt):
         quiet_run(cfg, tmp_path / "killed")
     assert writes == ["federated:2"]  # round 3 was trained but not saved
-    monkeypatch.setattr(runner_mod.Runner, "_federated_round", real_round)
+    monkeypatch.setattr(server_mod.Server, "_federated_step", real_round)
     resumed = resume_experiment(tmp_path / "killed", progress=False, log=lambda s: None)
     # Resumed from round 2: rounds 3 and 4 again, then the stage change and the last epoch.
     assert writes == ["federated:2", "finetune:0", "finetune:1"]

@@ -81,11 +81,13 @@ def check_flower(cfg: Config, algorithm: Algorithm) -> None:
         raise ConfigError(f"method {cfg.method} cannot run on Flower: {reason}")
 
 
-def run_on_flower_simulation(cfg: Config, rd: RunDir, log: Callable[[str], None]) -> dict[str, Any]:
+def run_on_flower_simulation(
+    cfg: Config, rd: RunDir, log: Callable[[str], None], resume: bool = False
+) -> dict[str, Any]:
     """The same run through Flower's simulation engine; it writes the same run folder."""
     from fedoap.federation.flower_launch import run_simulation
 
-    run = run_simulation(rd.root, len(cfg.data.clients), log=log)
+    run = run_simulation(rd.root, len(cfg.data.clients), log=log, resume=resume)
     summary = dict(json.loads(rd.summary.read_text()))
     summary["flower"] = {k: run.get(k) for k in ("run-id", "status", "elapsed", "network-traffic")}
     rd.write_json(rd.summary, summary)
@@ -112,12 +114,15 @@ def resume_experiment(
         log(f"{run_dir} is already complete; nothing to resume")
         return dict(json.loads(rd.summary.read_text()))
     if cfg.federation.runtime == "flower-sim" or runtime_of(rd) == "flower":
-        raise ConfigError(
-            f"{run_dir} is a Flower run, and resuming Flower runs is not supported yet: the "
-            "Flower server checkpoints only the global weights after each round, while each "
-            "site's personal state, optimiser and selected model stay at the site; start the "
-            "run again in a new folder"
-        )
+        if cfg.federation.runtime != "flower-sim":
+            raise ConfigError(
+                f"{run_dir} was run on a Flower deployment: resume it there, with flwr run "
+                "... --run-config \"run-dir='...' resume='true'\" (docs/flower.md); the sites "
+                "continue from their own folders"
+            )
+        check_flower(cfg, build_algorithm(cfg))
+        log(f"resuming the Flower simulation in {run_dir} from its server checkpoint")
+        return run_on_flower_simulation(cfg, rd, log, resume=True)
     algorithm = build_algorithm(cfg)
     setup(cfg.train)
     t0 = time.perf_counter()
@@ -128,7 +133,8 @@ def resume_experiment(
     )
     if rd.last.is_file():
         runner.restore()
-        log(f"resuming {run_dir} after {runner.position.stage} step {runner.position.done}")
+        stage, done = runner.position
+        log(f"resuming {run_dir} after {stage} step {done}")
     else:
         log(f"no checkpoint in {rd.checkpoints}; starting {run_dir} from round 1")
     return runner.run()

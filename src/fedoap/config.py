@@ -307,6 +307,11 @@ class FederationConfig:
     # our CPU machine; a killed run resumes exactly from the last one written. An execution
     # setting (not part of Config.digest).
     checkpoint_every: int = ranged(1, ge=1)
+    # Flower: how long the server waits for a step's replies before it counts a silent site as
+    # lost, and the share of the sites sampled to train that must reply for a round to count
+    # (fewer: the run stops, resumable). In-process no site can be lost: both are unused there.
+    round_timeout_s: float = ranged(3600.0, gt=0)
+    min_fit_fraction: float = ranged(1.0, gt=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -365,6 +370,8 @@ EXECUTION_KEYS = (
     "data.cache_dir",
     "data.max_image_pixels",
     "federation.checkpoint_every",
+    "federation.round_timeout_s",
+    "federation.min_fit_fraction",
 )
 
 

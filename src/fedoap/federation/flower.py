@@ -1,26 +1,22 @@
-"""The Flower adapter: a ``ServerApp`` and a ``ClientApp`` that call the same algorithm objects as
-the in-process runner (Flower 1.42 Message API).
+"""The Flower adapter: a ``ServerApp`` and a ``ClientApp`` over the one protocol of
+:mod:`fedoap.federation.server` and :mod:`fedoap.federation.site` (Flower 1.42 Message API,
+public API only).
 
-Protocol, message by message:
+Messages:
 
-* **query** (once): every node reports which configured client it is (``client-index``) and its
-  split sizes. The server needs this to sample clients the way the in-process runner does.
-* **train, stage=fit** (rounds 1..R, through Flower's strategy loop): the node loads its
-  :class:`~fedoap.algorithms.ClientState` from ``context.state``, runs ``algorithm.fit`` on the
-  global arrays it received, saves its state back to ``context.state`` and replies with **one
-  ArrayRecord** (namespaced ``shared.*`` / ``kv.*`` keys, the same key set on every node) and
-  **one MetricRecord** (``num-examples``, ``train-loss``, ``client-index``, byte counts). The
-  strategy's ``aggregate_train`` refuses replies that fail
-  :func:`~fedoap.federation.protocol.check_upload` (logged, and listed in ``summary.json`` under
-  ``refused``) and calls ``algorithm.aggregate`` on the rest.
-* **evaluate, stage=val** (after every round): every node personalises the new global model,
-  scores its validation split and keeps its best model in ``context.state``.
-* **train, stage=finetune** (epochs 1..F, methods with a fine-tuning stage): local only; the
-  reply carries metrics, no arrays.
-* **evaluate, stage=test** (once, at the end): each node scores its selected model on its test
-  split and writes it to ``<output-dir>/checkpoints/best/<client>.safetensors``.
+* **query** (when a node first appears): the node says which configured site it is and its
+  split sizes. A site that restarts comes back as a new node and is identified again.
+* **train** (one per site per step, see :mod:`fedoap.federation.site`): the
+  :class:`~fedoap.federation.site.Step` as JSON in the ConfigRecord, the global arrays in one
+  ArrayRecord when the step validates or trains. The node loads its own state from its site
+  folder (:func:`~fedoap.federation.state.load_site_state`), runs the step, saves its state
+  after it, and replies with a ConfigRecord ``result`` (validation rows, its test entry, seconds
+  per phase) and, when it trained, one ArrayRecord (namespaced ``shared.*`` / ``kv.*`` keys) and
+  a MetricRecord (``num-examples``, ``train-loss``, byte counts).
 
-Personal parameters, optimiser state and the selected model live in ``context.state`` and never
+Which site a reply comes from is Flower's routing (the node that sent it), never what the reply
+says. Personal parameters, optimiser state and the selected model stay in the site's folder
+(``<output-dir>/checkpoints/site/<name>/``, ``checkpoints/best/<name>.safetensors``) and never
 enter a message. The resolved fedoap config travels from the server in every ConfigRecord, so a
 site needs only its own data path (``--node-config "client-name=... data-path=..."``).
 
@@ -32,15 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import os
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -54,33 +49,35 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import message_size_mod
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
-from fedoap.algorithms import (
-    KV,
-    Algorithm,
-    ClientState,
-    FitContext,
-    Update,
-    build_algorithm,
-    nbytes,
-)
-from fedoap.algorithms.base import to_device
+from fedoap.algorithms import Algorithm, Update, build_algorithm
 from fedoap.config import ClientSpec, Config, ConfigError, from_dict, load_yaml, validate
-from fedoap.data.dataset import ClientData, make_client
-from fedoap.errors import DivergedError
-from fedoap.federation.checkpoint import flatten_optimizer, unflatten_optimizer
-from fedoap.federation.protocol import Template, check_upload
-from fedoap.federation.runner import sample_clients
-from fedoap.federation.state import RunState, save_run_state, save_selected
-from fedoap.federation.summary import make_summary
-from fedoap.models import StateDict
+from fedoap.data.dataset import make_client
+from fedoap.errors import CheckpointError, FederationError
+from fedoap.federation.server import Server
+from fedoap.federation.site import Reply, Site, Step
+from fedoap.federation.state import (
+    RunState,
+    SiteState,
+    load_run_state,
+    load_site_state,
+    save_selected,
+    save_site_state,
+)
+from fedoap.models import FedOAPNet, StateDict
 from fedoap.runs import RunDir
-from fedoap.training import evaluate
-from fedoap.training.device import place, session, setup
-from fedoap.training.engine import nonfinite_keys
+from fedoap.training.device import Timer, place, session, setup
 
-ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
+ARRAYS, METRICS, CONFIG, RESULT = "arrays", "metrics", "config", "result"
+
+#: Flower error codes (flwr.common.constant.ErrorCode, 1.42) that mean the site went away, not
+#: that its code failed: the site is lost for the step, and the run goes on.
+SITE_GONE = {
+    3: "Flower: the message to the site became unavailable",
+    4: "Flower: the site's reply became unavailable",
+    5: "Flower: the site's node is unavailable (no heartbeat)",
+    8: "Flower: the site's ClientApp process crashed",
+}
 
 
 def unsupported_reason(alg: Algorithm) -> str | None:
@@ -100,10 +97,6 @@ def _i(record: Any, key: str) -> int:
     return int(cast(Any, record[key]))
 
 
-def _f(record: Any, key: str) -> float:
-    return float(cast(Any, record[key]))
-
-
 def _s(record: Any, key: str) -> str:
     return str(cast(Any, record[key]))
 
@@ -118,22 +111,35 @@ def config_from_yaml(text: str) -> Config:
 
 
 @dataclass
-class _Site:
-    """What a node builds once per process and reuses across messages."""
+class _Built:
+    """What a node builds once per process and reuses across messages (Flower's simulation
+    keeps its workers; a deployment starts a process per message)."""
 
-    cfg: Config
-    alg: Algorithm
-    model: torch.nn.Module
-    data: ClientData  # on ``device``
+    site: Site
+    out: RunDir  # the site's folder
     index: int
-    device: torch.device
 
 
-_SITES: dict[tuple[str, str, str, str], _Site] = {}
+_SITES: dict[tuple[str, str, str, str, str], _Built] = {}
+_HANDLED = 0  # messages this process has handled (the first pays the process start)
 
 
-def _site(context: Context, cfg_yaml: str) -> _Site:
-    """Resolve which client this node is and load its data (cached per process)."""
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), or None."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _build(context: Context, cfg_yaml: str, run_dir: str) -> tuple[_Built, float]:
+    """Resolve which site this node is and load its data (cached per process); returns it and
+    the seconds spent building it now."""
+    t0 = time.perf_counter()
     cfg = config_from_yaml(cfg_yaml)
     names = [c.name for c in cfg.data.clients]
     nc = context.node_config
@@ -148,81 +154,36 @@ def _site(context: Context, cfg_yaml: str) -> _Site:
     if "device" in nc:  # the site's own choice; otherwise train.device ("auto": CUDA if present)
         device_spec = _s(nc, "device")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device_spec))
-    key = (cfg.digest(), name, str(nc.get("data-path", "")), str(cfg.train.device))
-    if key not in _SITES:
-        spec = next(c for c in cfg.data.clients if c.name == name)
-        if "data-path" in nc:  # the site's own copy of its data
-            path = _s(nc, "data-path")
-            spec = ClientSpec(
-                **{
-                    **spec.__dict__,
-                    "path": path,
-                    "source": "folder" if Path(path).is_dir() else "npz",
-                }
-            )
-        device = setup(cfg.train)
-        if cfg.train.compile:
-            # Flower 1.42 starts a ClientApp process per message, and compiling is per process.
-            warnings.warn(
-                "train.compile on Flower: each ClientApp process compiles its model, and Flower "
-                "starts one per message (the inductor cache on disk shortens all but the first)",
-                stacklevel=2,
-            )
-        alg = build_algorithm(cfg)
-        # Built and compiled once per process; every message of this site reuses it.
-        model = place(alg.build_model(), cfg.train, device)
-        data = make_client(spec, cfg.data).to(device)  # from the preprocessed cache
-        _SITES[key] = _Site(cfg, alg, model, data, names.index(name), device)
-    return _SITES[key]
+    out = str(nc.get("output-dir", run_dir))
+    key = (cfg.digest(), name, str(nc.get("data-path", "")), str(cfg.train.device), out)
+    if key in _SITES:
+        return _SITES[key], 0.0
+    spec = next(c for c in cfg.data.clients if c.name == name)
+    if "data-path" in nc:  # the site's own copy of its data
+        path = _s(nc, "data-path")
+        source = "folder" if Path(path).is_dir() else "npz"
+        spec = ClientSpec(**{**spec.__dict__, "path": path, "source": source})
+    device = setup(cfg.train)
+    if cfg.train.compile:
+        # Flower 1.42 starts a ClientApp process per message, and compiling is per process.
+        warnings.warn(
+            "train.compile on Flower: each ClientApp process compiles its model, and Flower "
+            "starts one per message (the inductor cache on disk shortens all but the first)",
+            stacklevel=2,
+        )
+    alg = build_algorithm(cfg)
+    model = cast(FedOAPNet, place(alg.build_model(), cfg.train, device))
+    data = make_client(spec, cfg.data).to(device)  # from the preprocessed cache
+    rd = RunDir(Path(out))
+    record = SiteState(alg.init_client(model))
 
+    def selected(site: Site) -> None:
+        r = site.record
+        save_selected(rd, site.name, r.best_weights, r.best_kv, r.best_round, alg.name)
 
-def _load_state(context: Context) -> tuple[ClientState, dict[str, Any], StateDict, StateDict]:
-    st = context.state
-    if "fedoap.meta" not in st:
-        raise KeyError("no client state yet")
-    meta = json.loads(str(st.config_records["fedoap.meta"]["json"]))
-    optim = st.array_records["fedoap.optim"].to_torch_state_dict()
-    state = ClientState(
-        personal=st.array_records["fedoap.personal"].to_torch_state_dict(),
-        optimizers={
-            k: unflatten_optimizer(optim, rest, f"{k}/") for k, rest in meta["optimizers"].items()
-        },
-        extra=st.array_records["fedoap.extra"].to_torch_state_dict(),
-    )
-    return (
-        state,
-        meta,
-        st.array_records["fedoap.best"].to_torch_state_dict(),
-        st.array_records["fedoap.best_kv"].to_torch_state_dict(),
-    )
-
-
-def _save_state(
-    context: Context, state: ClientState, meta: dict[str, Any], best: StateDict, best_kv: StateDict
-) -> None:
-    optim: StateDict = {}
-    rests = {}
-    for name, opt_state in state.optimizers.items():
-        tensors, rests[name] = flatten_optimizer(opt_state, f"{name}/")
-        optim.update(tensors)
-    meta = {**meta, "optimizers": rests}
-    st = context.state
-    st["fedoap.personal"] = ArrayRecord(state.personal)
-    st["fedoap.extra"] = ArrayRecord(state.extra)
-    st["fedoap.optim"] = ArrayRecord(optim)
-    st["fedoap.best"] = ArrayRecord(best)
-    st["fedoap.best_kv"] = ArrayRecord(best_kv)
-    st["fedoap.meta"] = ConfigRecord({"json": json.dumps(meta)})
-
-
-def _state_or_init(
-    context: Context, site: _Site
-) -> tuple[ClientState, dict[str, Any], StateDict, StateDict]:
-    try:
-        return _load_state(context)
-    except KeyError:
-        meta: dict[str, Any] = {"best_score": None, "best_round": 0, "optimizers": {}}
-        return site.alg.init_client(site.model), meta, {}, {}
+    site = Site(cfg, alg, model, data, record, Timer(device), on_selected=selected)
+    _SITES[key] = _Built(site, rd, names.index(name))
+    return _SITES[key], time.perf_counter() - t0
 
 
 #: The last line of a traceback that raised one of fedoap's errors: "fedoap.x.YError: message".
@@ -240,8 +201,7 @@ def client_error(reason: str) -> str:
 
 
 def _reply(msg: Message, records: dict[str, Any]) -> Message:
-    content = RecordDict(records)
-    return Message(content=content, reply_to=msg)
+    return Message(content=RecordDict(records), reply_to=msg)
 
 
 client_app = ClientApp(mods=[message_size_mod])
@@ -249,14 +209,15 @@ client_app = ClientApp(mods=[message_size_mod])
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
-    site = _site(context, _s(msg.content[CONFIG], "fedoap-config"))
-    sizes = site.data.sizes()
+    config = msg.content[CONFIG]
+    built, _ = _build(context, _s(config, "fedoap-config"), _s(config, "run-dir"))
+    sizes = built.site.data.sizes()
     return _reply(
         msg,
         {
             METRICS: MetricRecord(
                 {
-                    "client-index": site.index,
+                    "client-index": built.index,
                     "num-train": sizes["train"],
                     "num-val": sizes["val"],
                     "num-test": sizes["test"],
@@ -268,317 +229,290 @@ def query(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
+    """One step at this site: state from its folder, the step, state back to its folder."""
+    global _HANDLED
+    age = process_age() if _HANDLED == 0 else 0.0
+    _HANDLED += 1
     config = msg.content[CONFIG]
-    site = _site(context, _s(config, "fedoap-config"))
-    state, meta, best, best_kv = _state_or_init(context, site)
-    rnd = _i(config, "server-round") if "server-round" in config else _i(config, "round")
-    ctx = FitContext(site.data.name, rnd, site.cfg.seed)
-    bytes_in = sum(r.count_bytes() for r in msg.content.values())
-    if config["stage"] == "fit":
+    built, build_s = _build(context, _s(config, "fedoap-config"), _s(config, "run-dir"))
+    site, rd = built.site, built.out
+    step = Step(**json.loads(_s(config, "step")))
+    t0 = time.perf_counter()
+    found = load_site_state(rd, site.name, before=step.round)
+    rows: list[dict[str, Any]] = []
+    resumed_from = 0
+    if found is None:
+        site.record = SiteState(site.alg.init_client(site.model))
+    else:
+        resumed_from, site.record, meta = found
+        rows = list(meta.get("rows", []))
+    if step.round > 1 and resumed_from < step.round - 1:
+        print(
+            f"site '{site.name}' rejoins at step {step.round} from its state after step "
+            f"{resumed_from}",
+            flush=True,
+        )
+    load_s = time.perf_counter() - t0
+    global_arrays: StateDict = {}
+    if ARRAYS in msg.content.array_records:
         global_arrays = msg.content.array_records[ARRAYS].to_torch_state_dict()
-        with session(site.cfg.train, site.device):
-            update, state = site.alg.run_fit(site.model, global_arrays, state, site.data, ctx)
-        _save_state(context, state, meta, best, best_kv)
-        arrays = ArrayRecord(update.arrays)
-        metrics = MetricRecord(
+    with session(site.cfg.train, next(site.model.parameters()).device):
+        reply = site.handle(step, global_arrays, {})
+    if reply.diverged is not None:
+        raise reply.diverged
+    t0 = time.perf_counter()
+    rows += reply.rows
+    save_site_state(rd, site.name, step.round, site.record, {"rows": rows})
+    if reply.test is not None:  # the site's own record of its run
+        own = RunDir(rd.root / "sites" / site.name)
+        own.root.mkdir(parents=True, exist_ok=True)
+        own.write_metrics(rows)
+        own.write_json(own.root / "test.json", reply.test)
+    seconds = {
+        "startup": age or 0.0,
+        "data": build_s,
+        "state": load_s + time.perf_counter() - t0,
+        **reply.seconds,
+    }
+    result = {
+        "rows": reply.rows,
+        "test": reply.test,
+        "seconds": seconds,
+        "resumed_from": resumed_from,
+    }
+    records: dict[str, Any] = {CONFIG: ConfigRecord({RESULT: json.dumps(result)})}
+    if reply.update is not None:
+        arrays = ArrayRecord(reply.update.arrays)
+        records[ARRAYS] = arrays
+        records[METRICS] = MetricRecord(
             {
-                "num-examples": update.num_examples,
-                "train-loss": update.metrics["train_loss"],
-                "client-index": site.index,
-                "bytes-in": bytes_in,
+                "num-examples": reply.update.num_examples,
+                "train-loss": reply.update.metrics["train_loss"],
                 "bytes-out": arrays.count_bytes(),
-                "raw-bytes-out": nbytes(update.arrays),
             }
         )
-        return _reply(msg, {ARRAYS: arrays, METRICS: metrics})
-    if config["stage"] == "finetune":
-        epoch = _i(config, "epoch")
-        if epoch == 1:
-            state = site.alg.start_finetune(best, state)
-        # The K/V bank the best model was selected with; shared weights come from the state.
-        payload = dict(best_kv)
-        with session(site.cfg.train, site.device):
-            loss, state = site.alg.run_finetune_epoch(
-                site.model, payload, state, site.data, ctx, first=epoch == 1
-            )
-            row = _validate(site, payload, state, meta, rnd)
-        if row["improved"]:
-            best = to_device(site.model.state_dict(), torch.device("cpu"), copy=True)
-            best_kv = {k: v.clone() for k, v in payload.items() if k.startswith(KV)}
-        _save_state(context, state, meta, best, best_kv)
-        return _reply(msg, {METRICS: MetricRecord({**_row_metrics(row, site), "train-loss": loss})})
-    raise ValueError(f"unknown train stage {config['stage']!r}")
-
-
-def _validate(
-    site: _Site, payload: StateDict, state: ClientState, meta: dict[str, Any], rnd: int
-) -> dict[str, Any]:
-    t = site.cfg.train
-    site.alg.personalize(site.model, payload, state)
-    val = evaluate(site.model, site.data.val, t.precision, batch_size=t.eval_batch_size)
-    score = val[site.cfg.train.select_metric]
-    best_score = meta["best_score"]
-    improved = score is not None and (best_score is None or score > best_score)
-    if improved:
-        meta["best_score"], meta["best_round"] = score, rnd
-    return {"improved": improved, **val}
-
-
-def _row_metrics(row: dict[str, Any], site: _Site) -> dict[str, Any]:
-    return {
-        "client-index": site.index,
-        "val-dice": row["dice"],
-        "val-case-dice": row["case_dice"],
-        "improved": _i(row, "improved"),
-        "num-examples": len(site.data.val),
-    }
-
-
-@client_app.evaluate()
-def evaluate_handler(msg: Message, context: Context) -> Message:
-    config = msg.content[CONFIG]
-    site = _site(context, _s(config, "fedoap-config"))
-    state, meta, best, best_kv = _state_or_init(context, site)
-    if config["stage"] == "val":
-        global_arrays = msg.content.array_records[ARRAYS].to_torch_state_dict()
-        rnd = _i(config, "server-round")
-        with session(site.cfg.train, site.device):
-            row = _validate(site, global_arrays, state, meta, rnd)
-        if row["improved"]:
-            best = to_device(site.model.state_dict(), torch.device("cpu"), copy=True)
-            best_kv = {k: v.clone() for k, v in global_arrays.items() if k.startswith(KV)}
-        _save_state(context, state, meta, best, best_kv)
-        return _reply(msg, {METRICS: MetricRecord(_row_metrics(row, site))})
-    if config["stage"] == "test":
-        site.model.load_state_dict(best)
-        cast(Any, site.model).set_kv_bank(best_kv.get(KV + "bank"))
-        t = site.cfg.train
-        with session(t, site.device):
-            test = evaluate(
-                site.model, site.data.test, t.precision, full=True, batch_size=t.eval_batch_size
-            )
-        out = Path(str(context.node_config.get("output-dir", config["run-dir"])))
-        save_selected(RunDir(out), site.data.name, best, best_kv, meta["best_round"], site.alg.name)
-        values = {k: (float("nan") if v is None else float(v)) for k, v in test.items()}
-        return _reply(
-            msg,
-            {
-                METRICS: MetricRecord(
-                    {
-                        "client-index": site.index,
-                        "best-round": meta["best_round"],
-                        "best-val": _f(meta, "best_score"),
-                        "num-examples": len(site.data.test),
-                        **values,
-                    }
-                )
-            },
-        )
-    raise ValueError(f"unknown evaluate stage {config['stage']!r}")
+    return _reply(msg, records)
 
 
 # ============================================================================ server side
 
 
-@dataclass
-class ServerLog:
-    """What the server learns from replies; becomes metrics.csv and summary.json."""
-
-    names: list[str]
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    train_loss: dict[tuple[int, int], float] = field(default_factory=dict)
-    received_keys: list[set[str]] = field(default_factory=list)
-    bytes_up: list[int] = field(default_factory=list)
-    bytes_down: list[int] = field(default_factory=list)
-    flower_bytes_up: list[int] = field(default_factory=list)
-    flower_bytes_down: list[int] = field(default_factory=list)
-    round_seconds: list[float] = field(default_factory=list)
-    # Replies refused by check_upload: {"round", "client", "reason"} each.
-    refused: list[dict[str, Any]] = field(default_factory=list)
+def _size(m: Message) -> int:
+    """A message's payload bytes as Flower counts them."""
+    return sum(r.count_bytes() for r in m.content.values())
 
 
-class FedoapStrategy(FedAvg):
-    """Flower's FedAvg loop with aggregation delegated to a fedoap :class:`Algorithm`.
+class FlowerTransport:
+    """Steps as Flower messages: one per site per step, through the public ``Grid`` API."""
 
-    Sampling follows :func:`fedoap.federation.runner.sample_clients`, so a round trains the same
-    clients on either runtime.
-    """
+    runtime = "flower"
+    trusted = False
 
     def __init__(
         self,
-        alg: Algorithm,
-        cfg: Config,
-        nodes: dict[int, int],
-        log: ServerLog,
-        run_dir: Path,
-        template: Template,
-        train_sizes: dict[int, int],
+        grid: Grid,
+        base: dict[str, str],
+        names: list[str],
+        timeout: float,
+        log: Any = print,
     ) -> None:
-        k = len(cfg.data.clients)
-        super().__init__(
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-            min_train_nodes=1,
-            min_evaluate_nodes=k,
-            min_available_nodes=k,
-        )
-        self.alg, self.cfg, self.log, self.run_dir = alg, cfg, log, run_dir
-        self.template, self.train_sizes = template, train_sizes
-        self.node_of = {idx: node for node, idx in nodes.items()}
-        self.index_of = dict(nodes)  # node id -> client index
-        self.server: StateDict = {}
-        self.global_arrays: StateDict = {}
-        self.t_round = time.perf_counter()
+        self.grid, self.base, self.names, self.timeout, self.log = grid, base, names, timeout, log
+        self.nodes: dict[int, str] = {}  # node id -> site name (Flower's routing, not a claim)
+        self.dead: set[int] = set()  # nodes that missed a reply: never asked again
+        self.sizes: dict[str, dict[str, int]] = {}
+        self.received_keys: list[list[str]] = []
+        self.steps: list[dict[str, Any]] = []  # per step: wall seconds, bytes, sites' seconds
+        self.rejoined: list[dict[str, Any]] = []
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ):  # type: ignore[override]
-        self.t_round = time.perf_counter()
-        self.global_arrays = arrays.to_torch_state_dict()
-        names = self.log.names
-        sampled = sample_clients(names, self.cfg.federation.fraction, self.cfg.seed, server_round)
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        self.log.bytes_down += [nbytes(self.global_arrays)] * len(sampled)
-        self.log.flower_bytes_down += [arrays.count_bytes()] * len(sampled)
-        return [
-            Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
-            for node in (self.node_of[names.index(n)] for n in sampled)
+    # -------------------------------------------------------------- nodes
+
+    def identify(self, step: int = 0) -> None:
+        """Ask every node not yet known which site it is (a restarted site is a new node)."""
+        new = [n for n in self.grid.get_node_ids() if n not in self.nodes and n not in self.dead]
+        if not new:
+            return
+        msgs = [
+            Message(
+                content=RecordDict({CONFIG: ConfigRecord(dict(self.base))}),
+                message_type=MessageType.QUERY,
+                dst_node_id=n,
+            )
+            for n in new
         ]
-
-    def aggregate_train(self, server_round: int, replies):  # type: ignore[override]
-        replies = list(replies)
-        errors = [m for m in replies if m.has_error()]
-        if errors:
-            raise RuntimeError(
-                f"{len(errors)} client(s) failed in round {server_round}: "
-                + "; ".join(client_error(str(m.error.reason)) for m in errors)
-            )
-        received = []
-        # Which site sent a reply comes from Flower's routing (the node it came from), not from
-        # what the reply says about itself.
-        for m in sorted(replies, key=lambda m: self.index_of.get(m.metadata.src_node_id, -1)):
-            idx = self.index_of.get(m.metadata.src_node_id)
-            if idx is None:
-                self._refuse(server_round, f"node {m.metadata.src_node_id}", "unknown node")
+        for _, m in self._send_and_receive(msgs, min(self.timeout, 600)):
+            node = m.metadata.src_node_id
+            if m.has_error():
+                self.log(
+                    f"warning: node {node} failed to identify: {client_error(str(m.error.reason))}"
+                )
+                self.dead.add(node)
                 continue
-            try:
-                record, metrics = m.content.array_records[ARRAYS], m.content[METRICS]
-                arrays = record.to_torch_state_dict()
-                raw_bytes = _i(metrics, "raw-bytes-out")
-            except (KeyError, TypeError, ValueError) as err:
-                why = f"the reply lacks its {ARRAYS} or {METRICS} record ({err!r})"
-                self._refuse(server_round, self.log.names[idx], why)
+            r = m.content[METRICS]
+            idx = _i(r, "client-index")
+            if not 0 <= idx < len(self.names):
+                self.dead.add(node)
                 continue
-            self.log.received_keys.append(set(arrays))
-            self.log.bytes_up.append(raw_bytes)
-            self.log.flower_bytes_up.append(record.count_bytes())
-            received.append((idx, arrays, metrics.get("num-examples"), metrics.get("train-loss")))
-        new, loss = self.aggregate_checked(server_round, received)
-        # Only what a real server holds, the global weights: personal state stays at the sites.
-        save_run_state(
-            RunDir(self.run_dir),
-            RunState(self.cfg.digest(), new, done=server_round, runtime="flower"),
-        )
-        return ArrayRecord(new), MetricRecord({"train-loss": loss})
+            name = self.names[idx]
+            old = [k for k, v in self.nodes.items() if v == name]
+            for k in old:  # the site's earlier node is gone
+                del self.nodes[k]
+                self.dead.add(k)
+            if step and (old or name in self.sizes):
+                self.rejoined.append({"round": step, "client": name, "node": node})
+                self.log(f"site '{name}' rejoined as node {node} at step {step}")
+            self.nodes[node] = name
+            self.sizes[name] = {s: _i(r, f"num-{s}") for s in ("train", "val", "test")}
 
-    def _refuse(self, server_round: int, site: str, reason: str) -> None:
-        self.log.refused.append({"round": server_round, "client": site, "reason": reason})
-        print(f"warning: round {server_round}: refused site '{site}''s update: {reason}")
+    def wait_for_all(self, deadline_s: float = 600) -> None:
+        end = time.time() + deadline_s
+        while True:
+            self.identify()
+            if set(self.nodes.values()) == set(self.names):
+                return
+            if time.time() > end:
+                missing = sorted(set(self.names) - set(self.nodes.values()))
+                raise FederationError(f"site(s) {missing} did not connect within {deadline_s} s")
+            time.sleep(0.5)
 
-    def aggregate_checked(
-        self, server_round: int, received: list[tuple[int, StateDict, Any, Any]]
-    ) -> tuple[StateDict, float]:
-        """The new global arrays from the replies (client index, arrays, num-examples,
-        train-loss) that pass :func:`check_upload`; refused ones are logged and recorded. With
-        none accepted the global arrays stay as they were. Returns them and the mean loss."""
-        updates: list[Update] = []
-        losses: list[float] = []
-        for idx, arrays, n, loss in received:
-            reason = check_upload(arrays, n, self.template, self.train_sizes.get(idx))
-            if reason is None and not (isinstance(loss, (int, float)) and math.isfinite(loss)):
-                reason = f"train-loss {loss!r} is not a finite number"
-            if reason is not None:
-                self._refuse(server_round, self.log.names[idx], reason)
+    def _send_and_receive(self, msgs: list[Message], timeout: float) -> list[tuple[int, Message]]:
+        """Push the messages and pull their replies until all are in or ``timeout`` passes;
+        returns (the node each went to, its reply). Like ``Grid.send_and_receive``, but it polls
+        every 0.2 s instead of 3 s, and routes each reply (an error reply the SuperLink makes
+        for an unavailable node included) by the message it answers."""
+        ids = list(self.grid.push_messages(msgs))
+        node_of = {i: m.metadata.dst_node_id for i, m in zip(ids, msgs, strict=True) if i}
+        pending, out = set(node_of), []
+        end = time.monotonic() + timeout
+        while pending and time.monotonic() < end:
+            for m in self.grid.pull_messages(list(pending)):
+                answered = m.metadata.reply_to_message_id
+                if answered in pending:
+                    pending.discard(answered)
+                    out.append((node_of[answered], m))
+            if pending:
+                time.sleep(0.2)
+        return out
+
+    # -------------------------------------------------------------- Transport
+
+    def exchange(
+        self, steps: dict[str, Step], global_arrays: StateDict, ft_extra: StateDict
+    ) -> tuple[dict[str, Reply], dict[str, str]]:
+        first = next(iter(steps.values()))
+        self.identify(first.round)
+        node_of = {name: node for node, name in self.nodes.items()}
+        lost = {n: "not connected" for n in steps if n not in node_of}
+        arrays = ArrayRecord(global_arrays) if global_arrays else None
+        msgs = []
+        for name, step in steps.items():
+            if name not in node_of:
                 continue
-            self.log.train_loss[(server_round, idx)] = float(loss)
-            losses.append(float(loss))
-            updates.append(Update(arrays, int(n)))
-        if not updates:
-            return dict(self.global_arrays), math.nan
-        new = self.alg.aggregate(self.global_arrays, updates, self.server)
-        bad = nonfinite_keys(new)
-        if bad:  # every upload was finite: the server step itself diverged
-            raise DivergedError(
-                f"round {server_round}: the aggregated global model is not finite (e.g. {bad[0]})",
-                round=server_round,
-                stage="aggregate",
-            )
-        return new, float(np.mean(losses))
-
-    def aggregate_evaluate(self, server_round: int, replies):  # type: ignore[override]
-        replies = list(replies)
-        valid = [m for m in replies if not m.has_error()]
-        errors = [m for m in replies if m.has_error()]
-        if errors:
-            raise RuntimeError(f"{len(errors)} client(s) failed evaluation in round {server_round}")
-        sampled = set(
-            sample_clients(
-                self.log.names, self.cfg.federation.fraction, self.cfg.seed, server_round
-            )
-        )
-        self.log.rows += _rows(valid, self.log, server_round, "federated", sampled)
-        self.log.round_seconds.append(time.perf_counter() - self.t_round)
-        return MetricRecord(
-            {"val-dice": float(np.mean([_f(m.content[METRICS], "val-dice") for m in valid]))}
-        )
-
-
-def _rows(
-    replies: list[Message], log: ServerLog, rnd: int, stage: str, sampled: set[str]
-) -> list[dict[str, Any]]:
-    rows = []
-    for m in sorted(replies, key=lambda m: _i(m.content[METRICS], "client-index")):
-        r = m.content[METRICS]
-        idx = _i(r, "client-index")
-        name = log.names[idx]
-        loss = r.get("train-loss", log.train_loss.get((rnd, idx)))
-        rows.append(
-            {
-                "round": rnd,
-                "stage": stage,
-                "client": name,
-                "sampled": int(name in sampled),
-                "train_loss": None if loss is None else float(cast(Any, loss)),
-                "val_dice": _f(r, "val-dice"),
-                "val_case_dice": _f(r, "val-case-dice"),
-                "best": _i(r, "improved"),
-                "seconds": None,
+            content: dict[str, Any] = {
+                CONFIG: ConfigRecord({**self.base, "step": json.dumps(dataclasses.asdict(step))})
             }
-        )
-    return rows
+            if step.needs_global() and arrays is not None:
+                content[ARRAYS] = arrays
+            msgs.append(
+                Message(
+                    content=RecordDict(content),
+                    message_type=MessageType.TRAIN,
+                    dst_node_id=node_of[name],
+                )
+            )
+        t0 = time.perf_counter()
+        routed = self._send_and_receive(msgs, self.timeout)
+        answers = [m for _, m in routed]
+        record: dict[str, Any] = {
+            "round": first.round,
+            "stage": first.stage,
+            "wall_s": time.perf_counter() - t0,
+            "bytes_down": sum(_size(m) for m in msgs),
+            "bytes_up": sum(_size(m) for m in answers if not m.has_error()),
+            "sites": {},
+        }
+        replies: dict[str, Reply] = {}
+        gone: dict[str, str] = {}
+        for node, m in routed:
+            sender = self.nodes.get(node)
+            if sender is None:
+                continue
+            name = sender
+            if m.has_error() and m.error.code in SITE_GONE:
+                gone[name] = SITE_GONE[m.error.code]
+                continue  # lost, below
+            if m.has_error():
+                raise FederationError(
+                    f"site '{name}' failed at step {first.round}: "
+                    f"{client_error(str(m.error.reason))}"
+                )
+            replies[name], seconds = self._decode(m, name)
+            record["sites"][name] = seconds
+        for name in steps:
+            if name in node_of and name not in replies:
+                lost[name] = gone.get(name) or (
+                    f"no reply within federation.round_timeout_s={self.timeout:g} s"
+                )
+                self.dead.add(node_of[name])
+                del self.nodes[node_of[name]]
+        self.steps.append(record)
+        return replies, lost
 
+    def _decode(self, m: Message, name: str) -> tuple[Reply, dict[str, float]]:
+        """A reply, checked for form only (what it uploads is the server's check)."""
+        try:
+            result = json.loads(_s(m.content.config_records[CONFIG], RESULT))
+            reply = Reply(rows=list(result["rows"]), test=result["test"])
+            seconds = {k: float(v) for k, v in result["seconds"].items()}
+            for row in reply.rows:
+                row["client"] = name  # Flower's routing says who this is
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            return Reply(refused=f"the reply has no valid result record ({err!r})"), {}
+        if ARRAYS in m.content.array_records:
+            try:
+                arrays = m.content.array_records[ARRAYS].to_torch_state_dict()
+                metrics = m.content.metric_records[METRICS]
+                n, loss = metrics.get("num-examples"), metrics.get("train-loss")
+            except (KeyError, TypeError, ValueError) as err:
+                reply.refused = f"the upload lacks its {ARRAYS} or {METRICS} record ({err!r})"
+                return reply, seconds
+            self.received_keys.append(sorted(arrays))
+            reply.update = Update(arrays, cast(Any, n), {"train_loss": cast(Any, loss)})
+        return reply, seconds
 
-def _send(
-    grid: Grid,
-    cfg_record: ConfigRecord,
-    nodes: list[int],
-    kind: str,
-    arrays: ArrayRecord | None = None,
-) -> list[Message]:
-    content = {CONFIG: cfg_record} if arrays is None else {CONFIG: cfg_record, ARRAYS: arrays}
-    msgs = [
-        Message(content=RecordDict(cast(Any, content)), message_type=kind, dst_node_id=n)
-        for n in nodes
-    ]
-    replies = list(grid.send_and_receive(msgs, timeout=3600))
-    failed = [m for m in replies if m.has_error()]
-    if failed or len(replies) != len(nodes):
-        reasons = "; ".join(client_error(str(m.error.reason)) for m in failed)
-        raise RuntimeError(
-            f"{kind}: {len(replies) - len(failed)} of {len(nodes)} replies ({reasons})"
-        )
-    return replies
+    def site_states(self) -> dict[str, SiteState]:
+        return {}  # each site keeps its own
+
+    def restore_sites(self, rs: RunState) -> None:
+        pass  # each site resumes from its own folder
+
+    def finetune_payload(self, global_arrays: StateDict, active: list[str]) -> StateDict:
+        return {}  # methods that need one are refused on Flower (unsupported_reason)
+
+    def history(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "rejoined": self.rejoined,
+            "received_keys": self.received_keys,
+        }
+
+    def restore_history(self, history: dict[str, Any]) -> None:
+        self.steps = list(history.get("steps", []))
+        self.rejoined = list(history.get("rejoined", []))
+        self.received_keys = list(history.get("received_keys", []))
+
+    def describe(self) -> dict[str, Any]:
+        fed = [s for s in self.steps if s["stage"] == "federated"]
+        return {
+            "runtime": "flower",
+            "transport": {
+                "rejoined": self.rejoined,
+                "bytes_per_round": {
+                    "up": int(sum(s["bytes_up"] for s in fed) / max(1, len(fed))),
+                    "down": int(sum(s["bytes_down"] for s in fed) / max(1, len(fed))),
+                },
+                "steps": self.steps,
+            },
+        }
 
 
 server_app = ServerApp()
@@ -587,6 +521,7 @@ server_app = ServerApp()
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
     run_dir = Path(_s(context.run_config, "run-dir"))
+    resume = str(context.run_config.get("resume", "false")).lower() in ("1", "true", "yes")
     rd = RunDir(run_dir)
     cfg_yaml = rd.config.read_text()
     cfg = config_from_yaml(cfg_yaml)
@@ -594,102 +529,29 @@ def server_main(grid: Grid, context: Context) -> None:
     reason = unsupported_reason(alg)
     if reason:
         raise ConfigError(f"method {cfg.method} cannot run on Flower: {reason}")
-    t0 = time.perf_counter()
     names = [c.name for c in cfg.data.clients]
     base = {"fedoap-config": cfg_yaml, "run-dir": str(run_dir.resolve())}
-    # Wait for every client, then learn which node is which client.
-    deadline = time.time() + 600
-    while len(list(grid.get_node_ids())) < len(names):
-        if time.time() > deadline:
-            raise RuntimeError(
-                f"only {len(list(grid.get_node_ids()))} of {len(names)} nodes connected"
-            )
-        time.sleep(0.5)
-    node_ids = list(grid.get_node_ids())
-    info = _send(grid, ConfigRecord(base), node_ids, MessageType.QUERY)
-    nodes = {m.metadata.src_node_id: _i(m.content[METRICS], "client-index") for m in info}
-    if sorted(nodes.values()) != list(range(len(names))):
-        raise RuntimeError(
-            f"nodes report client indices {sorted(nodes.values())}, expected 0..{len(names) - 1}"
-        )
-    sizes = {
-        names[i]: {s: _i(m.content[METRICS], f"num-{s}") for s in ("train", "val", "test")}
-        for m in info
-        for i in [_i(m.content[METRICS], "client-index")]
-    }
-
-    log = ServerLog(names)
+    transport = FlowerTransport(grid, base, names, cfg.federation.round_timeout_s)
+    transport.wait_for_all()
     model = alg.build_model()
-    train_sizes = {names.index(n): s["train"] for n, s in sizes.items()}
-    strategy = FedoapStrategy(
-        alg, cfg, nodes, log, run_dir, alg.upload_template(model), train_sizes
-    )
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(alg.init_global(model)),
-        num_rounds=cfg.federation.rounds,
-        train_config=ConfigRecord({**base, "stage": "fit"}),
-        evaluate_config=ConfigRecord({**base, "stage": "val"}),
-    )
-    ft_epochs = cfg.finetune.epochs if alg.has_finetune else 0
-    all_nodes = sorted(nodes, key=lambda n: nodes[n])
-    for e in range(1, ft_epochs + 1):
-        rnd = cfg.federation.rounds + e
-        replies = _send(
-            grid,
-            ConfigRecord({**base, "stage": "finetune", "epoch": e, "round": rnd}),
-            all_nodes,
-            MessageType.TRAIN,
-        )
-        log.rows += _rows(replies, log, rnd, "finetune", set(names))
-    replies = _send(grid, ConfigRecord({**base, "stage": "test"}), all_nodes, MessageType.EVALUATE)
-    clients = {}
-    for m in sorted(replies, key=lambda m: _i(m.content[METRICS], "client-index")):
-        r = m.content[METRICS]
-        name = names[_i(r, "client-index")]
-        test = {
-            k: (None if isinstance(r[k], float) and math.isnan(cast(float, r[k])) else r[k])
-            for k in ("dice", "iou", "hd95_px", "case_dice", "hd95_pairs", "n_images", "n_cases")
-        }
-        clients[name] = {
-            "n": sizes[name],
-            "best_round": _i(r, "best-round"),
-            "best_stage": "federated"
-            if _i(r, "best-round") <= cfg.federation.rounds
-            else "finetune",
-            "val": {cfg.train.select_metric: _f(r, "best-val")},
-            "test": test,
-        }
-    kv_bytes = nbytes({k: v for k, v in strategy.global_arrays.items() if k.startswith(KV)})
-    summary = make_summary(
+    server = Server(
         cfg,
         alg,
+        transport,
+        rd,
+        names,
+        {n: s["train"] for n, s in transport.sizes.items()},
         model,
-        clients,
-        log.bytes_up,
-        log.bytes_down,
-        kv_bytes,
-        time.perf_counter() - t0,
-        log.round_seconds,
-        ft_epochs,
+        Timer(torch.device("cpu")),
     )
-    summary["runtime"] = "flower"
-    if log.refused:
-        summary["refused"] = log.refused
-    summary["comm"]["flower_bytes_up_per_round"] = (
-        int(np.mean(log.flower_bytes_up)) if log.flower_bytes_up else 0
-    )
-    summary["comm"]["flower_bytes_down_per_round"] = (
-        int(np.mean(log.flower_bytes_down)) if log.flower_bytes_down else 0
-    )
-    rd.write_metrics(log.rows)
-    rd.write_json(rd.root / "flower_received_keys.json", [sorted(k) for k in log.received_keys])
-    from fedoap.plots import plot_curves
-
-    plot_curves(log.rows, rd.plots, f"{alg.name} on Flower (seed {cfg.seed})")
-    # Last: summary.json marks the run complete (RunDir.is_complete).
-    rd.write_json(rd.summary, summary)
-    rd.remove_stale_temporaries()
+    if resume and rd.last.is_file():
+        rs = load_run_state(rd, cfg.digest())
+        if rs.runtime != "flower":
+            raise CheckpointError(f"{rd.last} is not a Flower server's checkpoint")
+        server.restore(rs)
+        print(f"resuming after {rs.stage} step {rs.done}", flush=True)
+    server.run()
+    rd.write_json(rd.root / "flower_received_keys.json", transport.received_keys)
 
 
 __all__ = ["client_app", "server_app", "unsupported_reason"]

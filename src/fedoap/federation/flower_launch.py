@@ -150,6 +150,27 @@ class FlowerSession:
         self.env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.home), "PATH": path}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.address: str | None = None
+        self.stop_leftovers()
+
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / "pids.json"
+
+    def stop_leftovers(self) -> None:
+        """Stop the services an earlier session in this folder left running (its process was
+        killed before it could stop them): their process groups are in ``pids.json``."""
+        if not self.pid_file.is_file():
+            return
+        try:
+            pids = [int(p) for p in json.loads(self.pid_file.read_text())]
+        except (ValueError, TypeError):
+            pids = []
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+        self.pid_file.unlink(missing_ok=True)
 
     def __enter__(self) -> FlowerSession:
         return self
@@ -168,6 +189,7 @@ class FlowerSession:
         )
         log.close()
         self.procs.append(proc)
+        self.pid_file.write_text(json.dumps([p.pid for p in self.procs]))
         return proc
 
     def start_superlink(
@@ -247,6 +269,7 @@ class FlowerSession:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.procs.clear()
+        self.pid_file.unlink(missing_ok=True)
 
     def _wait_port(self, port: int, timeout: float = 60) -> None:
         end = time.time() + timeout
@@ -336,13 +359,17 @@ class FlowerSession:
         raise TimeoutError(f"run {run_id} not finished after {timeout} s")
 
 
-def run_simulation(run_dir: Path, num_clients: int, log: Any = print) -> dict[str, Any]:
+def run_simulation(
+    run_dir: Path, num_clients: int, log: Any = print, resume: bool = False
+) -> dict[str, Any]:
     """``federation.runtime=flower-sim``: the run folder's config through Flower's simulation
-    runtime (a local SuperLink with ``--simulation``). Returns Flower's run entry."""
+    runtime (a local SuperLink with ``--simulation``). With ``resume``, the server continues
+    from its checkpoint and each site from its own folder. Returns Flower's run entry."""
     with FlowerSession(run_dir / "flower") as fl:
         fl.start_superlink(simulation=True)
         fl.configure_simulation(num_clients)
-        run_id = fl.run({"run-dir": str(run_dir.resolve())})
+        config = {"run-dir": str(run_dir.resolve())}
+        run_id = fl.run({**config, "resume": "true"} if resume else config)
         log(f"Flower run {run_id} submitted to {fl.address}")
         run = fl.wait(run_id)
     if run["status"] != "finished:completed":

@@ -14,8 +14,12 @@ sites, ``evaluate``, ``predict`` and ``adapt``.
 * metadata: ``version``, ``runtime``, ``config_digest``, ``position`` (stage and steps done),
   the metric history, and per client its optimiser scalars, best score and round, and divergence.
 
-A Flower server holds only what a real server holds: ``runtime: flower`` and ``global/``. Sites
-keep their personal state, so such a file resumes nothing and lends ``adapt`` no client models.
+A Flower server holds only what a real server holds: ``runtime: flower``, ``global/``,
+``server/`` and the history (the metrics the sites reported). Sites keep their personal state in
+their own folder, ``checkpoints/site/<name>/step-<k>.safetensors`` (the same tensors as a
+``client/<name>/`` block, after step k; the last three steps are kept), so ``--resume`` on a
+Flower run continues the server from this file and each site from its own step files, and
+``adapt`` gets no client models from the server.
 
 ``checkpoints/best/<client>.safetensors``: a client's selected model and K/V bank, what
 ``evaluate``, ``predict`` and ``adapt`` score.
@@ -23,9 +27,11 @@ keep their personal state, so such a file resumes nothing and lends ``adapt`` no
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedoap.algorithms import KV, ClientState
@@ -43,7 +49,11 @@ from fedoap.models import StateDict
 from fedoap.runs import RunDir
 
 #: 2: checkpoints carry a digest (fedoap.federation.checkpoint) and excluded clients.
-CHECKPOINT_VERSION = 2
+#: 3: one message per round (a round's validation runs in the next step), excluded clients and
+#: lost or refused sites in the history, Flower runs keep their history.
+CHECKPOINT_VERSION = 3
+#: How many of a site's step files are kept (a resumed server repeats at most the last step).
+SITE_STEPS_KEPT = 3
 STAGES = ("federated", "finetune")
 
 
@@ -56,7 +66,6 @@ class SiteState:
     best_kv: StateDict = field(default_factory=dict)  # kv.* payload at the best round
     best_score: float = -math.inf
     best_round: int = 0
-    diverged: dict[str, Any] | None = None
 
 
 @dataclass
@@ -82,6 +91,45 @@ def runtime_of(rd: RunDir) -> str | None:
     return str(meta.get("runtime", "inprocess")) if meta else None
 
 
+def _site_tensors(site: SiteState, p: str) -> tuple[StateDict, dict[str, Any]]:
+    """A site's tensors under prefix ``p`` and its metadata."""
+    tensors: StateDict = {}
+    tensors.update(prefixed(site.state.personal, p + "personal/"))
+    tensors.update(prefixed(site.state.extra, p + "extra/"))
+    tensors.update(prefixed(site.best_weights, p + "best/"))
+    tensors.update(prefixed(site.best_kv, p + "best_kv/"))
+    opt_rest = {}
+    for opt_name, opt_state in site.state.optimizers.items():
+        opt_t, opt_rest[opt_name] = flatten_optimizer(opt_state, f"{p}optim/{opt_name}/")
+        tensors.update(opt_t)
+    meta = {
+        "optimizers": opt_rest,
+        "best_score": site.best_score if math.isfinite(site.best_score) else None,
+        "best_round": site.best_round,
+    }
+    return tensors, meta
+
+
+def _site_from(tensors: StateDict, cm: Any, p: str, where: str) -> SiteState:
+    try:
+        return SiteState(
+            state=ClientState(
+                personal=sub(tensors, p + "personal/"),
+                optimizers={
+                    k: unflatten_optimizer(tensors, rest, f"{p}optim/{k}/")
+                    for k, rest in cm["optimizers"].items()
+                },
+                extra=sub(tensors, p + "extra/"),
+            ),
+            best_weights=sub(tensors, p + "best/"),
+            best_kv=sub(tensors, p + "best_kv/"),
+            best_score=-math.inf if cm["best_score"] is None else cm["best_score"],
+            best_round=cm["best_round"],
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{where} is invalid ({err!r})") from None
+
+
 def save_run_state(rd: RunDir, rs: RunState) -> None:
     tensors: StateDict = {}
     tensors.update(prefixed(rs.global_arrays, "global/"))
@@ -89,21 +137,8 @@ def save_run_state(rd: RunDir, rs: RunState) -> None:
     tensors.update(prefixed(rs.ft_extra, "ft_extra/"))
     clients_meta: dict[str, Any] = {}
     for name, site in rs.sites.items():
-        p = f"client/{name}/"
-        tensors.update(prefixed(site.state.personal, p + "personal/"))
-        tensors.update(prefixed(site.state.extra, p + "extra/"))
-        tensors.update(prefixed(site.best_weights, p + "best/"))
-        tensors.update(prefixed(site.best_kv, p + "best_kv/"))
-        opt_rest = {}
-        for opt_name, opt_state in site.state.optimizers.items():
-            opt_t, opt_rest[opt_name] = flatten_optimizer(opt_state, f"{p}optim/{opt_name}/")
-            tensors.update(opt_t)
-        clients_meta[name] = {
-            "optimizers": opt_rest,
-            "best_score": site.best_score if math.isfinite(site.best_score) else None,
-            "best_round": site.best_round,
-            "diverged": site.diverged,
-        }
+        site_t, clients_meta[name] = _site_tensors(site, f"client/{name}/")
+        tensors.update(site_t)
     meta = {
         "version": CHECKPOINT_VERSION,
         "runtime": rs.runtime,
@@ -122,6 +157,8 @@ _HISTORY: dict[str, type | tuple[type, ...]] = {
     "bytes_up": list,
     "bytes_down": list,
 }
+#: History a run may lack (older runs, or nothing of the kind happened).
+_OPTIONAL_HISTORY = ("phases", "excluded", "refused", "lost", "rejoined", "losses", "transport")
 
 
 def load_run_state(
@@ -163,40 +200,69 @@ def load_run_state(
         done=position["done"],
         runtime=runtime,
     )
-    if runtime == "flower":
-        return rs  # the server's share only: no history, no sites
     need = {**_HISTORY, "clients": dict}
     for key, kind in need.items():
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{path}: checkpoint metadata lacks a valid {key!r}")
+    rs.history = {k: meta[k] for k in _HISTORY}
+    for key in _OPTIONAL_HISTORY:
+        if key in meta:
+            rs.history[key] = meta[key]
+    if runtime == "flower":
+        return rs  # the server's share: each site resumes from its own folder
     missing = set(clients) - set(meta["clients"])
     if missing:
         raise CheckpointError(f"{path}: no state for client(s) {sorted(missing)}")
     for name, cm in meta["clients"].items():
-        p = f"client/{name}/"
-        try:
-            rs.sites[name] = SiteState(
-                state=ClientState(
-                    personal=sub(tensors, p + "personal/"),
-                    optimizers={
-                        k: unflatten_optimizer(tensors, rest, f"{p}optim/{k}/")
-                        for k, rest in cm["optimizers"].items()
-                    },
-                    extra=sub(tensors, p + "extra/"),
-                ),
-                best_weights=sub(tensors, p + "best/"),
-                best_kv=sub(tensors, p + "best_kv/"),
-                best_score=-math.inf if cm["best_score"] is None else cm["best_score"],
-                best_round=cm["best_round"],
-                diverged=cm.get("diverged"),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise CheckpointError(
-                f"{path}: checkpoint metadata of client '{name}' is invalid ({err!r})"
-            ) from None
-    rs.history = {k: meta[k] for k in _HISTORY}
-    rs.history["phases"] = meta.get("phases", {})
+        rs.sites[name] = _site_from(
+            tensors, cm, f"client/{name}/", f"{path}: the state of client '{name}'"
+        )
     return rs
+
+
+def site_state_dir(rd: RunDir, client: str) -> Path:
+    """A site's own state folder: one file per step, the last :data:`SITE_STEPS_KEPT` kept."""
+    return rd.checkpoints / "site" / client
+
+
+def _site_steps(rd: RunDir, client: str) -> dict[int, Path]:
+    found = {}
+    for f in site_state_dir(rd, client).glob("step-*.safetensors"):
+        with contextlib.suppress(ValueError):
+            found[int(f.name.removeprefix("step-").removesuffix(".safetensors"))] = f
+    return found
+
+
+def save_site_state(
+    rd: RunDir, client: str, step: int, site: SiteState, extra: dict[str, Any]
+) -> None:
+    """A site's state after ``step`` (atomic); older step files beyond the last few go."""
+    tensors, meta = _site_tensors(site, "")
+    path = site_state_dir(rd, client) / f"step-{step:06d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"version": CHECKPOINT_VERSION, "client": client, "step": step, **meta, **extra}
+    save_tensors(path, tensors, meta)
+    for k, f in _site_steps(rd, client).items():
+        if k <= step - SITE_STEPS_KEPT or k > step:  # k > step: a step a resumed server redoes
+            f.unlink(missing_ok=True)
+
+
+def load_site_state(
+    rd: RunDir, client: str, before: int
+) -> tuple[int, SiteState, dict[str, Any]] | None:
+    """A site's latest saved state from a step before ``before`` (a resumed server repeats the
+    steps after its own checkpoint; a site that was down missed some): (step, state, metadata),
+    or None when it has none."""
+    steps = sorted(k for k in _site_steps(rd, client) if k < before)
+    if not steps:
+        return None
+    path = _site_steps(rd, client)[steps[-1]]
+    tensors, meta = load_tensors(path)
+    if meta.get("version") != CHECKPOINT_VERSION or meta.get("client") != client:
+        raise CheckpointError(
+            f"{path}: not a version-{CHECKPOINT_VERSION} state of site '{client}'"
+        )
+    return steps[-1], _site_from(tensors, meta, "", str(path)), meta
 
 
 def save_selected(

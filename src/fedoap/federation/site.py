@@ -1,0 +1,216 @@
+"""One site's side of the protocol, the same code on every transport.
+
+The server drives a run in *steps*; each step sends every site one :class:`Step` and the
+global arrays, and gets one :class:`Reply` back. Evaluation is folded into the next step, so a
+round costs one message per site:
+
+* step ``r`` (rounds 1..R): validate the global model of round ``r - 1`` (when ``r > 1``),
+  then, if sampled, train round ``r`` from the same global arrays and upload;
+* step ``R + e`` (fine-tuning epochs 1..F): at ``e = 1`` validate round R first, then fine-tune
+  one epoch locally and validate;
+* step ``R + F + 1`` (the test): validate round R when there was no fine-tuning, then score the
+  selected model on the test split, once.
+
+A :class:`Site` holds one client's :class:`~fedoap.federation.state.SiteState` (personal
+weights, optimiser state, its best model) and data; the in-process runner keeps one per client in
+memory, a Flower SuperNode loads its own from the site folder on disk before every step and saves
+it after (:func:`~fedoap.federation.state.save_site_state`). Personal state never leaves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedoap.algorithms import KV, Algorithm, FitContext, Update
+from fedoap.algorithms.base import to_device
+from fedoap.config import Config
+from fedoap.data.dataset import ClientData
+from fedoap.errors import DivergedError
+from fedoap.federation.state import SiteState
+from fedoap.models import FedOAPNet, StateDict
+from fedoap.training import evaluate
+from fedoap.training.device import Timer
+
+STAGES = ("federated", "finetune", "test")
+
+#: ``bar(description, total)``: a context manager yielding a per-image progress callback.
+BarFactory = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], Any]]]
+
+
+@contextlib.contextmanager
+def _no_bar(desc: str, total: int) -> Iterator[Callable[[int], Any]]:
+    yield lambda n: None
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the server asks of one site in one step (see the module docstring)."""
+
+    round: int  # 1..R: a federated round; R+e: fine-tuning epoch e; R+F+1: the test
+    stage: str  # "federated", "finetune" or "test"
+    validate: bool = False  # first validate the global model of step ``round - 1``
+    fit: bool = False  # federated: train from the global arrays and upload
+    epoch: int = 0  # finetune: which epoch (1..F)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown step stage {self.stage!r}")
+
+    def needs_global(self) -> bool:
+        return self.validate or self.fit
+
+
+@dataclass
+class Reply:
+    """What a site sends back for one step: validation rows (``round``, ``stage``, ``client``,
+    ``val_dice``, ``val_case_dice``, ``best``, ``seconds``; the server fills ``sampled`` and the
+    federated ``train_loss``), its upload, its test entry, and seconds per phase at the site."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    update: Update | None = None
+    test: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    diverged: DivergedError | None = None
+    refused: str | None = None  # set by a transport: the reply is malformed (why)
+
+
+class Site:
+    """One client's state and data, and the operations of a step."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        alg: Algorithm,
+        model: FedOAPNet,
+        data: ClientData,
+        record: SiteState,
+        timer: Timer,
+        bar: BarFactory = _no_bar,
+        on_selected: Callable[[Site], None] | None = None,
+    ) -> None:
+        self.cfg, self.alg, self.model, self.data = cfg, alg, model, data
+        self.record = record
+        self.timer = timer
+        self.bar = bar
+        self.on_selected = on_selected  # called after the test: where the selected model goes
+        self.step = 0  # the last step whose effects ``record`` holds
+
+    @property
+    def name(self) -> str:
+        return self.data.name
+
+    def handle(self, step: Step, global_arrays: StateDict, ft_extra: StateDict) -> Reply:
+        """Run one step. A :class:`DivergedError` is returned in the reply, with the rows done
+        before it; the site's state stays as it was before the failed part."""
+        before = dict(self.timer.seconds)
+        reply = Reply()
+        try:
+            if step.validate:
+                rnd = step.round - 1
+                reply.rows.append(self._validate(rnd, "federated", global_arrays))
+            if step.fit:
+                reply.update = self._fit(step.round, global_arrays)
+            if step.stage == "finetune":
+                reply.rows.append(self._finetune(step, ft_extra))
+            if step.stage == "test":
+                reply.test = self._test()
+        except DivergedError as err:
+            reply.diverged = err
+        self.step = step.round
+        reply.seconds = {
+            k: v - before.get(k, 0.0)
+            for k, v in self.timer.seconds.items()
+            if v - before.get(k, 0.0) > 0
+        }
+        return reply
+
+    # ------------------------------------------------------------------ operations
+
+    def _fit(self, rnd: int, global_arrays: StateDict) -> Update:
+        passes = len(self.data.train) * self.alg.passes_per_round()
+        with self.timer("train"), self.bar(f"round {rnd} {self.name}", passes) as progress:
+            ctx = FitContext(self.name, rnd, self.cfg.seed, progress=progress)
+            update, self.record.state = self.alg.run_fit(
+                self.model, global_arrays, self.record.state, self.data, ctx
+            )
+        return update
+
+    def _finetune(self, step: Step, ft_extra: StateDict) -> dict[str, Any]:
+        """One epoch of local fine-tuning from the best validated federated model; the shared
+        weights come from the (complete) personal state, the K/V bank is the one the best model
+        was selected with."""
+        rec = self.record
+        if step.epoch == 1:
+            rec.state = self.alg.start_finetune(rec.best_weights, rec.state)
+        payload = {**ft_extra, **rec.best_kv}
+        with (
+            self.timer("train"),
+            self.bar(f"fine-tune {step.epoch} {self.name}", len(self.data.train)) as progress,
+        ):
+            ctx = FitContext(self.name, step.round, self.cfg.seed, progress=progress)
+            loss, rec.state = self.alg.run_finetune_epoch(
+                self.model, payload, rec.state, self.data, ctx, first=step.epoch == 1
+            )
+        row = self._validate(step.round, "finetune", payload)
+        row["train_loss"] = loss
+        return row
+
+    def _validate(self, rnd: int, stage: str, payload: StateDict) -> dict[str, Any]:
+        """Score the personalised model on the validation split; keep it if it is the best."""
+        rec, t = self.record, self.cfg.train
+        t0 = time.perf_counter()
+        with self.timer("validate"):
+            self.alg.personalize(self.model, payload, rec.state)
+            val = evaluate(self.model, self.data.val, t.precision, batch_size=t.eval_batch_size)
+            score = val[t.select_metric]
+            improved = score is not None and score > rec.best_score
+            if improved:
+                rec.best_score, rec.best_round = score, rnd
+                # Kept on the CPU, in the layout it is saved in.
+                rec.best_weights = to_device(
+                    self.model.state_dict(), torch.device("cpu"), copy=True
+                )
+                rec.best_kv = {k: v.clone() for k, v in payload.items() if k.startswith(KV)}
+        return {
+            "round": rnd,
+            "stage": stage,
+            "client": self.name,
+            "sampled": None,
+            "train_loss": None,
+            "val_dice": val["dice"],
+            "val_case_dice": val["case_dice"],
+            "best": int(improved),
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def load_best(self) -> None:
+        """Put the selected model (and its K/V bank) into ``self.model``."""
+        self.model.load_state_dict(self.record.best_weights)
+        self.model.set_kv_bank(self.record.best_kv.get(KV + "bank"))
+
+    def _test(self) -> dict[str, Any]:
+        """The client's ``summary.json`` entry: its selected model scored on the test split."""
+        rec, t = self.record, self.cfg.train
+        self.load_best()
+        with self.timer("test"):
+            test = evaluate(
+                self.model, self.data.test, t.precision, full=True, batch_size=t.eval_batch_size
+            )
+        if self.on_selected is not None:
+            self.on_selected(self)
+        return {
+            "n": self.data.sizes(),
+            "best_round": rec.best_round,
+            "best_stage": "federated"
+            if rec.best_round <= self.cfg.federation.rounds
+            else "finetune",
+            "val": {t.select_metric: rec.best_score},
+            "test": test,
+            "notes": self.data.notes,
+        }
