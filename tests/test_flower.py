@@ -301,16 +301,44 @@ def test_a_killed_server_resumes_to_the_uninterrupted_result(tmp_path):
     _assert_same_run(ref, resumed, tmp_path / "reference", run_dir)
 
 
-def test_the_clientapp_import_path_loads_no_monai_matplotlib_or_scipy():
+def test_the_clientapp_import_paths_stay_light():
     """Flower 1.42 starts a ClientApp process per message: every import is paid per message.
-    MONAI (5.5 s here), matplotlib and scipy load only where used (HD95 on the test split,
-    plots at the end of a run, synthetic data)."""
-    import subprocess
-    import sys
-
+    The relay Flower starts on a deployment imports no PyTorch (the site worker has it); the
+    in-process ClientApp (simulation, worker=false) imports no MONAI (5.5 s here), matplotlib or
+    scipy: they load only where used (HD95 on the test split, plots at the end of a run,
+    synthetic data)."""
+    code = (
+        "import sys, fedoap.federation.flower_client; "
+        "print(sorted(m for m in ('torch', 'monai', 'matplotlib', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
     code = (
         "import sys, fedoap.federation.flower, fedoap.algorithms, fedoap.training; "
         "print(sorted(m for m in ('monai', 'matplotlib', 'scipy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_worker_wire_carries_headers_and_arrays_exactly():
+    import socket
+
+    import numpy as np
+
+    from fedoap.federation.flower_client import recv_frame, send_frame
+
+    a, b = socket.socketpair()
+    arrays = {
+        "shared.w": np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32),
+        "kv.n": np.arange(7, dtype=np.int64),
+    }
+    with a, b:
+        send_frame(a, {"kind": "train", "x": [1, None]}, arrays)
+        send_frame(a, {"kind": "query"}, {})
+        header, got = recv_frame(b)
+        assert header == {"kind": "train", "x": [1, None]}
+        assert got.keys() == arrays.keys()
+        for k, v in arrays.items():
+            assert got[k].dtype == v.dtype and np.array_equal(got[k], v)
+        assert recv_frame(b) == ({"kind": "query"}, {})

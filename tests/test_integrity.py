@@ -234,8 +234,8 @@ def test_diverged_client_is_excluded_and_reported_when_asked(tmp_path, monkeypat
     assert not (tmp_path / "run" / "checkpoints" / "best" / "us.safetensors").exists()
     # Resume keeps the exclusion (it is part of the checkpoint).
     _, meta = load_tensors(tmp_path / "run" / "checkpoints" / "last.safetensors")
-    assert meta["clients"]["us"]["diverged"]["round"] == 2
-    assert meta["clients"]["mri"]["diverged"] is None
+    assert meta["excluded"]["us"]["round"] == 2
+    assert set(meta["excluded"]) == {"us"}
     # Re-scoring skips it (and says so); asking for its model is a clear error.
     monkeypatch.undo()
     scored = evaluate_run(tmp_path / "run", "test")

@@ -7,7 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=benchmarks/results/flower
 mkdir -p "$out"
-cfg=configs/quickstart.yaml
+# fp32: this machine's CPU has no native bf16 (fedoap says so at start), and emulated bf16
+# convolutions are ~20x slower than fp32 here; the runtimes are compared on the same precision.
+cfg=$out/quickstart-fp32.yaml
+fedoap config -c configs/quickstart.yaml train.precision=fp32 > "$cfg"
 timed() {  # timed NAME COMMAND...: run once, record the whole command's wall-clock seconds
   local name=$1; shift
   [ -f "$out/$name/summary.json" ] && return

@@ -20,7 +20,7 @@ from fedoap.data.dataset import SPLITS, ClientData
 from fedoap.data.sources import read_image
 from fedoap.data.transforms import letterbox, normalize, unletterbox
 from fedoap.errors import NotFoundError
-from fedoap.federation import Runner
+from fedoap.federation.runner import Runner
 from fedoap.federation.state import load_selected, runtime_of
 from fedoap.fileio import atomic_write_bytes, check_output_dir, mirrored_outputs
 from fedoap.models import FedOAPNet

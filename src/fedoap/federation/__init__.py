@@ -1,5 +1,4 @@
-"""Runtimes that drive the algorithm objects: the in-process runner (default)."""
-
-from fedoap.federation.runner import Runner, sample_clients
-
-__all__ = ["Runner", "sample_clients"]
+"""The protocol and its transports: :mod:`~fedoap.federation.server` and
+:mod:`~fedoap.federation.site` (the protocol, written once), :mod:`~fedoap.federation.runner`
+(in-process) and :mod:`~fedoap.federation.flower` (Flower). Nothing is imported here: Flower's
+per-message ClientApp (:mod:`~fedoap.federation.flower_client`) must not pay for PyTorch."""

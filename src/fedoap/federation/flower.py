@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -46,14 +46,21 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import message_size_mod
 from flwr.serverapp import Grid, ServerApp
 
 from fedoap.algorithms import Algorithm, Update, build_algorithm
 from fedoap.config import ClientSpec, Config, ConfigError, from_dict, load_yaml, validate
 from fedoap.data.dataset import make_client
 from fedoap.errors import CheckpointError, FederationError
+from fedoap.federation.flower_client import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    RESULT,
+    client_app,
+    process_age,
+    step_records,
+)
 from fedoap.federation.server import Server
 from fedoap.federation.site import Reply, Site, Step
 from fedoap.federation.state import (
@@ -67,8 +74,6 @@ from fedoap.federation.state import (
 from fedoap.models import FedOAPNet, StateDict
 from fedoap.runs import RunDir
 from fedoap.training.device import Timer, place, session, setup
-
-ARRAYS, METRICS, CONFIG, RESULT = "arrays", "metrics", "config", "result"
 
 #: Flower error codes (flwr.common.constant.ErrorCode, 1.42) that mean the site went away, not
 #: that its code failed: the site is lost for the step, and the run goes on.
@@ -124,25 +129,12 @@ _SITES: dict[tuple[str, str, str, str, str], _Built] = {}
 _HANDLED = 0  # messages this process has handled (the first pays the process start)
 
 
-def process_age() -> float | None:
-    """Seconds since this process started (Linux), or None."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _build(context: Context, cfg_yaml: str, run_dir: str) -> tuple[_Built, float]:
-    """Resolve which site this node is and load its data (cached per process); returns it and
-    the seconds spent building it now."""
+def _build(nc: Mapping[str, Any], cfg_yaml: str, run_dir: str) -> tuple[_Built, float]:
+    """Resolve which site this node is (``nc``: its node config) and load its data (cached per
+    process); returns it and the seconds spent building it now."""
     t0 = time.perf_counter()
     cfg = config_from_yaml(cfg_yaml)
     names = [c.name for c in cfg.data.clients]
-    nc = context.node_config
     if "client-name" in nc:
         name = _s(nc, "client-name")
         if name not in names:
@@ -204,39 +196,27 @@ def _reply(msg: Message, records: dict[str, Any]) -> Message:
     return Message(content=RecordDict(records), reply_to=msg)
 
 
-client_app = ClientApp(mods=[message_size_mod])
-
-
-@client_app.query()
-def query(msg: Message, context: Context) -> Message:
-    config = msg.content[CONFIG]
-    built, _ = _build(context, _s(config, "fedoap-config"), _s(config, "run-dir"))
+def identify(nc: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, int]:
+    """Which configured site this node is, and its split sizes (the query message)."""
+    built, _ = _build(nc, str(config["fedoap-config"]), str(config["run-dir"]))
     sizes = built.site.data.sizes()
-    return _reply(
-        msg,
-        {
-            METRICS: MetricRecord(
-                {
-                    "client-index": built.index,
-                    "num-train": sizes["train"],
-                    "num-val": sizes["val"],
-                    "num-test": sizes["test"],
-                }
-            )
-        },
-    )
+    return {
+        "client-index": built.index,
+        "num-train": sizes["train"],
+        "num-val": sizes["val"],
+        "num-test": sizes["test"],
+    }
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    """One step at this site: state from its folder, the step, state back to its folder."""
-    global _HANDLED
-    age = process_age() if _HANDLED == 0 else 0.0
-    _HANDLED += 1
-    config = msg.content[CONFIG]
-    built, build_s = _build(context, _s(config, "fedoap-config"), _s(config, "run-dir"))
+def run_step(
+    nc: Mapping[str, Any], config: Mapping[str, Any], global_arrays: StateDict, startup: float
+) -> tuple[dict[str, Any], Update | None]:
+    """One step at this site: its state from its folder, the step, its state back to its folder.
+    Returns the reply's result (validation rows, test entry, seconds per phase, the step its
+    state came from) and its upload, if it trained."""
+    built, build_s = _build(nc, str(config["fedoap-config"]), str(config["run-dir"]))
     site, rd = built.site, built.out
-    step = Step(**json.loads(_s(config, "step")))
+    step = Step(**json.loads(str(config["step"])))
     t0 = time.perf_counter()
     found = load_site_state(rd, site.name, before=step.round)
     rows: list[dict[str, Any]] = []
@@ -246,16 +226,13 @@ def train(msg: Message, context: Context) -> Message:
     else:
         resumed_from, site.record, meta = found
         rows = list(meta.get("rows", []))
+    note = None
     if step.round > 1 and resumed_from < step.round - 1:
-        print(
+        note = (
             f"site '{site.name}' rejoins at step {step.round} from its state after step "
-            f"{resumed_from}",
-            flush=True,
+            f"{resumed_from}"
         )
     load_s = time.perf_counter() - t0
-    global_arrays: StateDict = {}
-    if ARRAYS in msg.content.array_records:
-        global_arrays = msg.content.array_records[ARRAYS].to_torch_state_dict()
     with session(site.cfg.train, next(site.model.parameters()).device):
         reply = site.handle(step, global_arrays, {})
     if reply.diverged is not None:
@@ -269,7 +246,7 @@ def train(msg: Message, context: Context) -> Message:
         own.write_metrics(rows)
         own.write_json(own.root / "test.json", reply.test)
     seconds = {
-        "startup": age or 0.0,
+        "startup": startup,
         "data": build_s,
         "state": load_s + time.perf_counter() - t0,
         **reply.seconds,
@@ -279,18 +256,40 @@ def train(msg: Message, context: Context) -> Message:
         "test": reply.test,
         "seconds": seconds,
         "resumed_from": resumed_from,
+        "note": note,
     }
-    records: dict[str, Any] = {CONFIG: ConfigRecord({RESULT: json.dumps(result)})}
-    if reply.update is not None:
-        arrays = ArrayRecord(reply.update.arrays)
-        records[ARRAYS] = arrays
-        records[METRICS] = MetricRecord(
-            {
-                "num-examples": reply.update.num_examples,
-                "train-loss": reply.update.metrics["train_loss"],
-                "bytes-out": arrays.count_bytes(),
-            }
-        )
+    return result, reply.update
+
+
+def _config(msg: Message) -> dict[str, Any]:
+    return {str(k): v for k, v in msg.content[CONFIG].items()}
+
+
+def query_handler(msg: Message, context: Context) -> Message:
+    """The query message, in this process."""
+    metrics = MetricRecord(cast(Any, identify(context.node_config, _config(msg))))
+    return _reply(msg, {METRICS: metrics})
+
+
+def train_handler(msg: Message, context: Context) -> Message:
+    """A step message, in this process (simulation, or ``worker=false``)."""
+    global _HANDLED
+    age = (process_age() or 0.0) if _HANDLED == 0 else 0.0
+    _HANDLED += 1
+    global_arrays: StateDict = {}
+    if ARRAYS in msg.content.array_records:
+        global_arrays = msg.content.array_records[ARRAYS].to_torch_state_dict()
+    result, update = run_step(context.node_config, _config(msg), global_arrays, age)
+    if result["note"]:
+        print(result["note"], flush=True)  # into the SuperNode's log
+    if update is None:
+        return _reply(msg, step_records(json.dumps(result), None, 0, 0.0))
+    records = step_records(
+        json.dumps(result),
+        ArrayRecord(update.arrays),
+        update.num_examples,
+        float(update.metrics["train_loss"]),
+    )
     return _reply(msg, records)
 
 

@@ -211,7 +211,10 @@ class Server:
         if self.stage == "federated":
             self.stage, self.done = "finetune", 0
             if epochs:
-                self.ft_extra = self.transport.finetune_payload(self.global_arrays, self.active)
+                extra = self.transport.finetune_payload(self.global_arrays, self.active)
+                if extra:  # a method whose fine-tuning needs the server's arrays (FedDP)
+                    shared = {k: v for k, v in self.global_arrays.items() if not k.startswith(KV)}
+                    self.ft_extra = {**shared, **extra}
             self.checkpoint()
         while self.stage == "finetune" and self.done < epochs:
             e = self.done + 1

@@ -142,9 +142,11 @@ class Site:
         return update
 
     def _finetune(self, step: Step, ft_extra: StateDict) -> dict[str, Any]:
-        """One epoch of local fine-tuning from the best validated federated model; the shared
+        """One epoch of local fine-tuning from the best validated federated model; the model's
         weights come from the (complete) personal state, the K/V bank is the one the best model
-        was selected with."""
+        was selected with, and ``ft_extra`` is what the method's fine-tuning loss needs from the
+        server (FedDP: the final shared weights and every site's query projection; nothing for
+        the others)."""
         rec = self.record
         if step.epoch == 1:
             rec.state = self.alg.start_finetune(rec.best_weights, rec.state)

@@ -1,0 +1,238 @@
+"""The ClientApp Flower starts for every message: a light relay to a long-lived site worker.
+
+Flower 1.42 starts a fresh ``flwr-clientapp`` process for every message (a persistent ClientApp
+is an open request upstream, flwrlabs/flower#3670), and PyTorch's import alone costs seconds. So
+on a deployment this ClientApp imports only Flower, numpy and safetensors, and hands each message
+to the site's *worker*: one process per SuperNode that imports PyTorch and fedoap once, keeps the
+site's model and data, and runs every step (:mod:`fedoap.federation.flower_worker`). The relay
+starts the worker on the first message; the worker exits when its SuperNode is gone or after
+``worker-idle-s`` seconds without a message (default 1800). The two talk over a Unix socket
+that only this user can open. What the site computes is unchanged: the worker calls the same
+handlers as the in-process ClientApp.
+
+In simulation (``partition-id`` in the node config) Flower keeps its worker processes, so the
+steps run in this process; ``worker=false`` in a SuperNode's ``--node-config`` does the same on
+a deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import message_size_mod
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
+
+ARRAYS, METRICS, CONFIG, RESULT = "arrays", "metrics", "config", "result"
+#: How long a worker waits for its first listening socket before the relay gives up.
+WORKER_START_S = 300.0
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), or None."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def step_records(
+    result: str, upload: ArrayRecord | None, num_examples: int, train_loss: float
+) -> dict[str, Any]:
+    """A step's reply records: the result (JSON) and, when the site trained, its upload."""
+    records: dict[str, Any] = {CONFIG: ConfigRecord({RESULT: result})}
+    if upload is not None:
+        records[ARRAYS] = upload
+        records[METRICS] = MetricRecord(
+            {
+                "num-examples": num_examples,
+                "train-loss": train_loss,
+                "bytes-out": upload.count_bytes(),
+            }
+        )
+    return records
+
+
+# ------------------------------------------------------------------ the wire to the worker
+
+
+def send_frame(conn: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """One message: a JSON header and the arrays as safetensors bytes, each length-prefixed."""
+    head = json.dumps(header).encode()
+    body = save_arrays({k: np.ascontiguousarray(v) for k, v in arrays.items()}) if arrays else b""
+    conn.sendall(struct.pack("!QQ", len(head), len(body)) + head + body)
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise ConnectionError("the site worker closed the connection mid-message")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(conn: socket.socket) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    n_head, n_body = struct.unpack("!QQ", _recv_exact(conn, 16))
+    header = json.loads(_recv_exact(conn, n_head))
+    arrays = load_arrays(_recv_exact(conn, n_body)) if n_body else {}
+    return header, arrays
+
+
+# ------------------------------------------------------------------ the relay
+
+
+class WorkerError(RuntimeError):
+    """The site worker failed a step (its message carries the worker's error)."""
+
+
+def worker_socket(node_config: dict[str, Any]) -> Path:
+    """The worker socket of this SuperNode (the relay's parent) and node config."""
+    key = json.dumps([os.getppid(), node_config], sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"fedoap-workers-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"{digest}.sock"
+
+
+def _connect(path: Path) -> socket.socket | None:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+    except OSError:
+        conn.close()
+        return None
+    return conn
+
+
+def _start_worker(path: Path, node_config: dict[str, Any]) -> socket.socket:
+    """Start this SuperNode's worker and wait until it listens."""
+    path.unlink(missing_ok=True)  # a dead worker's socket
+    log = path.with_suffix(".log")
+    idle = str(node_config.get("worker-idle-s", 1800))
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedoap.federation.flower_worker",
+                str(path),
+                str(os.getppid()),
+                idle,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    end = time.monotonic() + WORKER_START_S
+    while time.monotonic() < end:
+        conn = _connect(path)
+        if conn is not None:
+            return conn
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise WorkerError(f"the site worker exited with code {proc.returncode}: {tail}")
+        time.sleep(0.05)
+    proc.kill()
+    raise WorkerError(f"the site worker did not listen on {path} within {WORKER_START_S:g} s")
+
+
+def _ask_worker(
+    node_config: dict[str, Any], header: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> tuple[dict[str, Any], dict[str, np.ndarray], float]:
+    """Send one request to this SuperNode's worker (started if needed); returns its answer and
+    the seconds spent starting it."""
+    path = worker_socket(node_config)
+    t0 = time.perf_counter()
+    conn = _connect(path)
+    started = 0.0
+    if conn is None:
+        conn = _start_worker(path, node_config)
+        started = time.perf_counter() - t0
+    with conn:
+        send_frame(conn, header, arrays)
+        answer, out = recv_frame(conn)
+    if "error" in answer:
+        raise WorkerError(str(answer["error"]))
+    return answer, out, started
+
+
+def _in_this_process(context: Context) -> bool:
+    nc = context.node_config
+    return "partition-id" in nc or str(nc.get("worker", "true")).lower() in ("false", "0", "no")
+
+
+def _plain(record: Any) -> dict[str, Any]:
+    return {str(k): v for k, v in record.items()}
+
+
+client_app = ClientApp(mods=[message_size_mod])
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    if _in_this_process(context):
+        from fedoap.federation.flower import query_handler
+
+        return query_handler(msg, context)
+    nc = _plain(context.node_config)
+    header = {"kind": "query", "node_config": nc, "config": _plain(msg.content[CONFIG])}
+    answer, _, _ = _ask_worker(nc, header, {})
+    return Message(content=RecordDict({METRICS: MetricRecord(answer["metrics"])}), reply_to=msg)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    if _in_this_process(context):
+        from fedoap.federation.flower import train_handler
+
+        return train_handler(msg, context)
+    age = process_age() or 0.0
+    arrays: dict[str, np.ndarray] = {}
+    if ARRAYS in msg.content.array_records:
+        arrays = {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
+    nc = _plain(context.node_config)
+    header = {"kind": "train", "node_config": nc, "config": _plain(msg.content[CONFIG])}
+    answer, upload, started = _ask_worker(nc, header, arrays)
+    result = json.loads(answer["result"])
+    if result.get("note"):
+        print(result["note"], flush=True)  # into the SuperNode's log
+    # This relay's own start (Flower starts one per message) and the worker's, if it started.
+    result["seconds"]["startup"] = age + started + result["seconds"].get("startup", 0.0)
+    record = ArrayRecord({k: Array(v) for k, v in upload.items()}) if upload else None
+    content = step_records(
+        json.dumps(result),
+        record,
+        int(answer.get("num_examples", 0)),
+        float(answer.get("train_loss", 0.0)),
+    )
+    return Message(content=RecordDict(content), reply_to=msg)
+
+
+__all__ = ["client_app"]

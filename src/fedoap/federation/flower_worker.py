@@ -1,0 +1,100 @@
+"""A site's long-lived worker on a Flower deployment (see :mod:`fedoap.federation.flower_client`).
+
+``python -m fedoap.federation.flower_worker SOCKET SUPERNODE_PID IDLE_S``: imports PyTorch and
+fedoap once, listens on the Unix socket ``SOCKET`` (mode 0600), and answers one request at a
+time with the same handlers as the in-process ClientApp (:func:`fedoap.federation.flower.identify`
+and :func:`~fedoap.federation.flower.run_step`), so the site's model and data are built once per
+worker. It exits when the SuperNode ``SUPERNODE_PID`` is gone or after ``IDLE_S`` seconds
+without a request, and removes its socket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedoap.federation.flower import identify, run_step
+from fedoap.federation.flower_client import process_age, recv_frame, send_frame
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def answer(
+    header: dict[str, Any], arrays: dict[str, np.ndarray], startup: float
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    nc, config = header["node_config"], header["config"]
+    if header["kind"] == "query":
+        return {"metrics": identify(nc, config)}, {}
+    global_arrays = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+    result, update = run_step(nc, config, global_arrays, startup)
+    if update is None:
+        return {"result": _dumps(result)}, {}
+    out = {k: v.detach().cpu().numpy() for k, v in update.arrays.items()}
+    return {
+        "result": _dumps(result),
+        "num_examples": update.num_examples,
+        "train_loss": float(update.metrics["train_loss"]),
+    }, out
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj)
+
+
+def serve(path: Path, parent: int, idle_s: float) -> None:
+    startup = process_age() or 0.0  # charged to the first step
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path.unlink(missing_ok=True)
+    old = os.umask(0o177)
+    try:
+        server.bind(str(path))
+    finally:
+        os.umask(old)
+    server.listen(1)
+    server.settimeout(1.0)
+    print(f"site worker {os.getpid()} listening on {path} for SuperNode {parent}", flush=True)
+    last = time.monotonic()
+    try:
+        while _alive(parent) and time.monotonic() - last < idle_s:
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(None)
+                header, arrays = recv_frame(conn)
+                try:
+                    out, out_arrays = answer(header, arrays, startup)
+                    startup = 0.0
+                except Exception as err:  # reported to the relay, which fails the message
+                    traceback.print_exc()
+                    name = f"{type(err).__module__}.{type(err).__name__}"
+                    out, out_arrays = {"error": f"{name}: {err}"}, {}
+                send_frame(conn, out, out_arrays)
+            last = time.monotonic()
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+        print(f"site worker {os.getpid()} stopped", flush=True)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]))
