@@ -77,10 +77,11 @@ from fedoap.training.device import Timer, place, session, setup
 
 #: Flower error codes (flwr.common.constant.ErrorCode, 1.42) that mean the site went away, not
 #: that its code failed: the site is lost for the step, and the run goes on.
+NODE_UNAVAILABLE = 5
 SITE_GONE = {
     3: "Flower: the message to the site became unavailable",
     4: "Flower: the site's reply became unavailable",
-    5: "Flower: the site's node is unavailable (no heartbeat)",
+    NODE_UNAVAILABLE: "Flower: the site's node is unavailable (no heartbeat)",
     8: "Flower: the site's ClientApp process crashed",
 }
 
@@ -451,8 +452,11 @@ class FlowerTransport:
                 lost[name] = gone.get(name) or (
                     f"no reply within federation.round_timeout_s={self.timeout:g} s"
                 )
-                self.dead.add(node_of[name])
-                del self.nodes[node_of[name]]
+                if name in gone and gone[name] == SITE_GONE[NODE_UNAVAILABLE]:
+                    # Flower says the node is gone: never ask it again. A node that was only
+                    # slow, or whose ClientApp crashed, keeps its place for the next step.
+                    self.dead.add(node_of[name])
+                    del self.nodes[node_of[name]]
         self.steps.append(record)
         return replies, lost
 
