@@ -25,7 +25,12 @@ from fedoap.algorithms import build_algorithm  # noqa: E402
 from fedoap.api import resume_experiment, run_experiment  # noqa: E402
 from fedoap.config import ConfigError, save_config  # noqa: E402
 from fedoap.federation.checkpoint import load_tensors, peek_meta  # noqa: E402
-from fedoap.federation.flower_launch import FlowerSession, make_node_keys, make_tls  # noqa: E402
+from fedoap.federation.flower_launch import (  # noqa: E402
+    FlowerSession,
+    _descendants,
+    make_node_keys,
+    make_tls,
+)
 from fedoap.models.partition import sub  # noqa: E402
 from fedoap.runs import read_metrics  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
@@ -108,8 +113,21 @@ def _start_nodes(fl, tmp_path, cfg, tls):
     return certs, nodes
 
 
-def _deploy(tmp_path, cfg, tls=False):
-    """Start a SuperLink and one SuperNode per client on loopback; run; return Flower's entry."""
+def _kill_server_app(fl):
+    """SIGKILL the ServerApp process of this session's SuperLink (not the SuperLink itself)."""
+    # The SuperLink's SuperExec starts it in a session of its own, pointed at the SuperLink.
+    pattern = f"flwr-serverapp --runtime-api-address {fl.address}"
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    assert pids, "no ServerApp process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _deploy(tmp_path, cfg, tls=False, kill_server_after=None):
+    """Start a SuperLink and one SuperNode per client on loopback; run; return Flower's entry.
+    With ``kill_server_after=k``, the ServerApp is SIGKILLed once step k is checkpointed and the
+    run is submitted again with ``resume='true'``."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_config(cfg, run_dir / "config.yaml")
@@ -124,7 +142,18 @@ def _deploy(tmp_path, cfg, tls=False):
                 tls=certs,
                 private_key=bad_key,
             )
-        run = fl.wait(fl.run({"run-dir": str(run_dir.resolve())}), timeout=1200)
+        run_id = fl.run({"run-dir": str(run_dir.resolve())})
+        if kill_server_after is not None:
+            _wait_for(
+                lambda: _position(run_dir)[1] >= kill_server_after, 600, "no checkpoint to kill at"
+            )
+            _kill_server_app(fl)
+            assert not (run_dir / "summary.json").exists()
+            killed = run_id
+            run_id = fl.run({"run-dir": str(run_dir.resolve()), "resume": "true"})
+        run = fl.wait(run_id, timeout=1200)
+        if kill_server_after is not None:
+            assert fl.status(killed)["status"] != "finished:completed"
         nodes = fl.flwr_json("supernode", "list", fl.connection)["nodes"]
         if rejected is not None:
             deadline = time.time() + 60
@@ -163,12 +192,14 @@ def _assert_same_run(a, b, run_a, run_b):
         torch.testing.assert_close(gb[k], ga[k], rtol=0, atol=1e-6)
 
 
-def test_deployment_equals_simulation_with_tls_and_node_authentication(tmp_path):
+def test_deployment_killed_and_resumed_equals_simulation_with_tls_and_node_auth(tmp_path):
     """Real processes on loopback (SuperLink, one SuperNode per site, TLS, registered node
-    keys; an unregistered node is refused) give what Flower's simulation gives, to 1e-6, in
-    fp32: the federated rounds, the fine-tuning epoch and the test."""
+    keys; an unregistered node is refused). The ServerApp is SIGKILLed after round 1 and the
+    run resubmitted with resume='true': the server continues from its checkpoint, the sites
+    from their folders, and the result is what Flower's simulation gives, to 1e-6, in fp32
+    (the federated rounds, the fine-tuning epoch and the test)."""
     cfg = tiny_config("train.num_threads=1", "federation.rounds=2", "finetune.epochs=1")
-    run, run_dir, nodes = _deploy(tmp_path, cfg, tls=True)
+    run, run_dir, nodes = _deploy(tmp_path, cfg, tls=True, kill_server_after=1)
     assert run["status"] == "finished:completed"
     assert sum(n["status"] == "online" for n in nodes) >= 3
     assert run["network-traffic"]["total-bytes"] > 0
@@ -242,7 +273,10 @@ def test_a_killed_supernode_is_lost_for_a_round_and_rejoins_from_its_own_state(t
         _, nodes = _start_nodes(fl, tmp_path, cfg, tls=False)
         run_id = fl.run({"run-dir": str(run_dir.resolve())})
         _wait_for(lambda: _position(run_dir)[1] >= 1, 600, "round 1 did not finish")
-        os.killpg(nodes["us"].pid, signal.SIGKILL)  # mid round 2
+        # Mid round 2 the site's machine goes down: the SuperNode and every process it started.
+        for pid in [nodes["us"].pid, *_descendants([nodes["us"].pid])]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         fl.start_supernode("us-restarted", {"client-name": "us"})  # its supervisor restarts it
         run = fl.wait(run_id, timeout=1200)
     assert run["status"] == "finished:completed"

@@ -112,6 +112,22 @@ class WorkerError(RuntimeError):
     """The site worker failed a step (its message carries the worker's error)."""
 
 
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def watched_processes() -> list[int]:
+    """The processes whose end ends the worker: Flower's SuperExec (this relay's parent) and
+    the SuperNode that started it (its parent, where /proc tells)."""
+    parent = os.getppid()
+    grand = _parent_of(parent)
+    return [parent] + ([grand] if grand and grand > 1 else [])
+
+
 def worker_socket(node_config: dict[str, Any]) -> Path:
     """The worker socket of this SuperNode (the relay's parent) and node config."""
     key = json.dumps([os.getppid(), node_config], sort_keys=True, default=str)
@@ -143,7 +159,7 @@ def _start_worker(path: Path, node_config: dict[str, Any]) -> socket.socket:
                 "-m",
                 "fedoap.federation.flower_worker",
                 str(path),
-                str(os.getppid()),
+                ",".join(str(p) for p in watched_processes()),
                 idle,
             ],
             stdout=out,

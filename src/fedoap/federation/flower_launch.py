@@ -9,6 +9,7 @@ is ``finished:completed``, never ``flwr run``'s exit code) and stops every servi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -130,6 +131,23 @@ def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
         )
     )
     return private, public
+
+
+def _descendants(roots: list[int]) -> list[int]:
+    """Every live descendant process of ``roots`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 class FlowerSession:
@@ -255,6 +273,11 @@ class FlowerSession:
         return self._spawn(f"supernode-{name}", cmd, {**self.env, **(extra_env or {})})
 
     def stop(self) -> None:
+        # Flower's services start others in sessions of their own (SuperExec, the ServerApp, the
+        # ClientApps and fedoap's site workers): stop every descendant too, not only our groups.
+        for pid in _descendants([p.pid for p in self.procs if p.poll() is None]):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 try:

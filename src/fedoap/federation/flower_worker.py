@@ -1,11 +1,11 @@
 """A site's long-lived worker on a Flower deployment (see :mod:`fedoap.federation.flower_client`).
 
-``python -m fedoap.federation.flower_worker SOCKET SUPERNODE_PID IDLE_S``: imports PyTorch and
+``python -m fedoap.federation.flower_worker SOCKET PIDS IDLE_S``: imports PyTorch and
 fedoap once, listens on the Unix socket ``SOCKET`` (mode 0600), and answers one request at a
 time with the same handlers as the in-process ClientApp (:func:`fedoap.federation.flower.identify`
 and :func:`~fedoap.federation.flower.run_step`), so the site's model and data are built once per
-worker. It exits when the SuperNode ``SUPERNODE_PID`` is gone or after ``IDLE_S`` seconds
-without a request, and removes its socket.
+worker. It exits when any of ``PIDS`` (comma-separated: Flower's SuperExec and the SuperNode) is
+gone or after ``IDLE_S`` seconds without a request, and removes its socket.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj)
 
 
-def serve(path: Path, parent: int, idle_s: float) -> None:
+def serve(path: Path, watched: list[int], idle_s: float) -> None:
     startup = process_age() or 0.0  # charged to the first step
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path.unlink(missing_ok=True)
@@ -70,10 +70,10 @@ def serve(path: Path, parent: int, idle_s: float) -> None:
         os.umask(old)
     server.listen(1)
     server.settimeout(1.0)
-    print(f"site worker {os.getpid()} listening on {path} for SuperNode {parent}", flush=True)
+    print(f"site worker {os.getpid()} listening on {path}, watching {watched}", flush=True)
     last = time.monotonic()
     try:
-        while _alive(parent) and time.monotonic() - last < idle_s:
+        while all(_alive(p) for p in watched) and time.monotonic() - last < idle_s:
             try:
                 conn, _ = server.accept()
             except TimeoutError:
@@ -97,4 +97,4 @@ def serve(path: Path, parent: int, idle_s: float) -> None:
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]))
+    serve(Path(sys.argv[1]), [int(p) for p in sys.argv[2].split(",")], float(sys.argv[3]))
