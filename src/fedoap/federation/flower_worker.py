@@ -10,6 +10,7 @@ gone or after ``IDLE_S`` seconds without a request, and removes its socket.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -44,19 +45,13 @@ def answer(
     global_arrays = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
     result, update = run_step(nc, config, global_arrays, startup)
     if update is None:
-        return {"result": _dumps(result)}, {}
+        return {"result": json.dumps(result)}, {}
     out = {k: v.detach().cpu().numpy() for k, v in update.arrays.items()}
     return {
-        "result": _dumps(result),
+        "result": json.dumps(result),
         "num_examples": update.num_examples,
         "train_loss": float(update.metrics["train_loss"]),
     }, out
-
-
-def _dumps(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj)
 
 
 def serve(path: Path, watched: list[int], idle_s: float) -> None:

@@ -99,7 +99,6 @@ class Site:
         self.timer = timer
         self.bar = bar
         self.on_selected = on_selected  # called after the test: where the selected model goes
-        self.step = 0  # the last step whose effects ``record`` holds
 
     @property
     def name(self) -> str:
@@ -122,7 +121,6 @@ class Site:
                 reply.test = self._test()
         except DivergedError as err:
             reply.diverged = err
-        self.step = step.round
         reply.seconds = {
             k: v - before.get(k, 0.0)
             for k, v in self.timer.seconds.items()
