@@ -84,7 +84,9 @@ def _numeric_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         args = set(typing.get_args(tp)) or {tp}
-        if args & {int, float}:
+        # One level further: tuple[float, float] | None is numeric too.
+        nested = {b for a in args for b in typing.get_args(a)}
+        if (args | nested) & {int, float}:
             out.append((prefix + f.name, f))
         inner = [a for a in args | {tp} if dataclasses.is_dataclass(a)]
         for a in inner:

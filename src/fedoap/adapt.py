@@ -46,8 +46,12 @@ INITS = ("averaged", "fresh", "nearest")
 
 
 def new_client_data(cfg: Config, path: Path, name: str) -> ClientData:
-    source = "npz" if path.suffix == ".npz" else "folder"
-    spec = ClientSpec(name=name, source=source, path=str(path.resolve()))
+    """The new site's data: an npz, a folder of image/mask pairs, or an nnU-Net or Decathlon
+    dataset folder (by its dataset.json; single-channel, every non-zero label tumour)."""
+    from fedoap.data.volumes import detect_layout
+
+    source = "npz" if path.suffix == ".npz" else (detect_layout(path) or "folder")
+    spec = ClientSpec(name=name, source=source, path=str(path.resolve()))  # type: ignore[arg-type]
     return make_client(spec, cfg.data)
 
 

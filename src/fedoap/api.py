@@ -14,11 +14,31 @@ import torch
 from PIL import Image
 
 from fedoap.algorithms import KV, Algorithm, build_algorithm
-from fedoap.config import Config, ConfigError, load_config, save_config
+from fedoap.config import (
+    VOLUME_SOURCES,
+    ClientSpec,
+    Config,
+    ConfigError,
+    load_config,
+    save_config,
+)
 from fedoap.data import prepare_clients
-from fedoap.data.dataset import SPLITS, ClientData
-from fedoap.data.sources import read_image
+from fedoap.data.dataset import SPLITS, ClientData, resolve_path
+from fedoap.data.sources import IMAGE_EXTENSIONS, read_image
 from fedoap.data.transforms import letterbox, normalize, unletterbox
+from fedoap.data.volumes import (
+    Volume,
+    VolumeInput,
+    check_input_channel,
+    image_3d,
+    is_other_channel,
+    nifti_stem,
+    prepare_volume,
+    read_volume,
+    restore_slices,
+    volume_input,
+    write_mask,
+)
 from fedoap.errors import NotFoundError
 from fedoap.federation.runner import Runner
 from fedoap.federation.state import load_selected, runtime_of
@@ -227,21 +247,85 @@ def predict_images(
     out_dir: Path,
     device: str | None = None,
     force: bool = False,
-) -> list[tuple[Path, Path]]:
-    """Write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` for each image.
+) -> list[tuple[Path, ...]]:
+    """Segment 2D images or 3D volumes with one client's selected model.
 
-    Images in one folder give flat outputs in ``out_dir``; images in several keep their folders
-    relative to the deepest folder holding them all (``s1/x.png``, ``s2/x.png`` ->
-    ``out_dir/s1/x_mask.png``, ``out_dir/s2/x_mask.png``). Raises
+    A folder among ``images`` stands for the image or NIfTI files under it. 2D images give
+    ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png``; NIfTI volumes (``.nii``, ``.nii.gz``,
+    for a client trained on a volume source) give ``<stem>_mask.nii.gz`` with the input's shape,
+    affine and header. Images in one folder give flat outputs in ``out_dir``; images in several
+    keep their folders relative to the deepest folder holding them all (``s1/x.png``,
+    ``s2/x.png`` -> ``out_dir/s1/x_mask.png``, ``out_dir/s2/x_mask.png``). Raises
     :class:`~fedoap.errors.OutputError` before reading anything if ``out_dir`` cannot be used,
     two images would write the same file, an output would replace an input, or an output exists
-    and ``force`` is off. Every image is read and checked before any output is written.
+    and ``force`` is off. Every input is read and checked before any output is written.
     """
     check_output_dir(out_dir)
-    targets = mirrored_outputs(images, out_dir, ("_mask.png", "_overlay.png"), force)
     cfg = run_config(run_dir, device)
+    spec = _client_spec(cfg, client)
+    how = None
+    if spec.source in VOLUME_SOURCES:
+        how = volume_input(spec, resolve_path(cfg.data.root, spec.path or ""))
+    files = expand_inputs(images, how)
+    volumes = [nifti_stem(p) is not None or p.is_dir() for p in files]  # a dir: a DICOM series
+    if any(volumes) and not all(volumes):
+        raise ConfigError(
+            "predict takes 2D images or NIfTI volumes, not both in one command: "
+            f"{files[volumes.index(True)]} and {files[volumes.index(False)]}"
+        )
+    suffixes = ("_mask.nii.gz",) if all(volumes) else ("_mask.png", "_overlay.png")
+    targets = mirrored_outputs(files, out_dir, suffixes, force)
     with session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
-        return _predict_images(run_dir, client, images, targets, dev)
+        if all(volumes):
+            if how is None:
+                raise ConfigError(
+                    f"client {client!r} was trained on 2D images (source={spec.source}); NIfTI "
+                    "volumes need a client trained on a volume source (nnunet, msd, volumes)"
+                )
+            return _predict_volumes(run_dir, client, files, targets, how, dev)
+        if how is not None:
+            raise ConfigError(
+                f"client {client!r} was trained on 3D volumes (source={spec.source}), normalised "
+                "per volume; give it NIfTI volumes, not 2D images"
+            )
+        return _predict_images(run_dir, client, files, targets, dev)
+
+
+def expand_inputs(paths: Sequence[Path], how: VolumeInput | None = None) -> list[Path]:
+    """Files to predict: each file as given, each folder as the image or NIfTI files under it,
+    or as itself when it holds a DICOM series.
+
+    For a client trained on an nnU-Net dataset, a folder's files of its other channels
+    (``<case>_0001.nii.gz`` beside the model's ``<case>_0000.nii.gz``) are left out: nnU-Net's
+    ``imagesTs`` holds every channel.
+    """
+    from fedoap.data.dicom import is_dicom_series
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir() or is_dicom_series(p):
+            out.append(p)
+            continue
+        found = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and not f.name.startswith(".")
+            and (f.suffix.lower() in IMAGE_EXTENSIONS or nifti_stem(f) is not None)
+            and not (how is not None and is_other_channel(f, how))
+        )
+        if not found:
+            raise NotFoundError(f"{p}: no images or NIfTI volumes in this folder")
+        out.extend(found)
+    return out
+
+
+def _client_spec(cfg: Config, client: str) -> ClientSpec:
+    for c in cfg.data.clients:
+        if c.name == client:
+            return c
+    names = ", ".join(c.name for c in cfg.data.clients)
+    raise ConfigError(f"client {client!r} is not in the run's config; clients: {names}")
 
 
 def _predict_images(
@@ -250,9 +334,10 @@ def _predict_images(
     images: Sequence[Path],
     targets: Sequence[tuple[Path, ...]],
     device: torch.device,
-) -> list[tuple[Path, Path]]:
+) -> list[tuple[Path, ...]]:
     cfg, model = load_client_model(run_dir, client, device)
-    spec = next(c for c in cfg.data.clients if c.name == client)
+    spec = _client_spec(cfg, client)
+    assert not isinstance(spec.channel, str)  # config validation: names need a volume source
     arrays = [
         read_image(Path(p), cfg.data.channels, spec.channel, max_pixels=cfg.data.max_image_pixels)
         for p in images
@@ -263,7 +348,7 @@ def _predict_images(
         Image.fromarray(arr).save(buf, format="PNG")
         atomic_write_bytes(path, buf.getvalue())  # --force: the old file or the new, never torn
 
-    written = []
+    written: list[tuple[Path, ...]] = []
     for arr, (mpath, opath) in zip(arrays, targets, strict=True):
         h, w = arr.shape[:2]
         boxed = letterbox(arr, cfg.data.image_size, is_mask=False)
@@ -275,4 +360,61 @@ def _predict_images(
         save_png(mpath, mask * 255)
         save_png(opath, overlay(arr, mask))
         written.append((mpath, opath))
+    return written
+
+
+def predict_volume(
+    model: torch.nn.Module, cfg: Config, spec: ClientSpec, vol: Volume, how: VolumeInput
+) -> np.ndarray:
+    """One volume's tumour mask (uint8 {0, 1}, the volume's 3D shape) from a client's model.
+
+    The volume goes through the training pipeline's own steps (:mod:`fedoap.data.volumes`):
+    channel, per-volume normalisation, slices along the same axis rule, letterboxing. Slices are
+    predicted in batches of ``train.eval_batch_size`` and the letterboxing is undone.
+    """
+    where = f"{vol.path}"
+    image = image_3d(vol, how.channel_index, where)
+    prepared = prepare_volume(image, vol.zooms, how.kind, spec.volume, cfg.data.image_size, where)
+    slices = prepared.slices
+    if cfg.data.channels == 3:  # gray slices, repeated as training repeats them
+        slices = np.repeat(slices[..., None], 3, axis=-1)
+    device = next(model.parameters()).device
+    x = normalize(slices, "unit").to(device)
+    logits = predict_logits(model, x, cfg.train.precision, cfg.train.eval_batch_size)
+    pred = (logits[:, 0] > 0).cpu().numpy().astype(np.uint8)
+    return restore_slices(pred, prepared)
+
+
+def _read_input_volume(path: Path, max_pixels: int) -> Volume:
+    """A NIfTI file, or a DICOM series folder, as a volume."""
+    if path.is_dir():
+        from fedoap.data.dicom import read_dicom_series
+
+        return read_dicom_series(path, max_pixels)
+    return read_volume(path, max_pixels)
+
+
+def _predict_volumes(
+    run_dir: Path,
+    client: str,
+    files: Sequence[Path],
+    targets: Sequence[tuple[Path, ...]],
+    how: VolumeInput,
+    device: torch.device,
+) -> list[tuple[Path, ...]]:
+    cfg, model = load_client_model(run_dir, client, device)
+    spec = _client_spec(cfg, client)
+    limit = cfg.data.max_image_pixels
+    # Every volume is read and checked before any mask is written; one at a time, so a folder
+    # of CT volumes never has to fit in memory at once.
+    for p in files:
+        check_input_channel(p, how)
+        image_3d(_read_input_volume(p, limit), how.channel_index, str(p))
+    written: list[tuple[Path, ...]] = []
+    for p, (mpath,) in zip(files, targets, strict=True):
+        vol = _read_input_volume(p, limit)
+        mask = predict_volume(model, cfg, spec, vol, how)
+        mpath.parent.mkdir(parents=True, exist_ok=True)
+        write_mask(mpath, mask, vol)
+        written.append((mpath,))
     return written

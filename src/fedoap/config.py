@@ -19,7 +19,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -95,8 +95,14 @@ def check_ranges(obj: Any, prefix: str = "") -> None:
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"
         rng: Range | None = f.metadata.get("range")
-        if rng is not None and value is not None and not rng.admits(value):
-            raise ConfigError(f"{key}: must be {rng.describe()}, got {value!r}")
+        if rng is not None:
+            # A number, or each number of a tuple (``percentiles: (0.5, 99.5)``); a string
+            # (a channel's name) has no range.
+            items = value if isinstance(value, tuple) else (value,)
+            for item in items:
+                numeric = isinstance(item, (int, float)) and not isinstance(item, bool)
+                if numeric and not rng.admits(item):
+                    raise ConfigError(f"{key}: must be {rng.describe()}, got {value!r}")
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             check_ranges(value, f"{key}.")
         elif isinstance(value, tuple):
@@ -110,16 +116,50 @@ def check_ranges(obj: Any, prefix: str = "") -> None:
 # --------------------------------------------------------------------------------------------
 
 
+#: Sources of 3D volumes (NIfTI), sliced into 2D images by :mod:`fedoap.data.volumes`.
+VOLUME_SOURCES = ("nnunet", "msd", "volumes")
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """How a client's 3D volumes become the 2D slices the model trains on.
+
+    Intensities are normalised per volume, before slicing, and those slices reach the network as
+    they are: ``data.normalize`` applies to 2D sources only.
+    """
+
+    # Label values (or label names from dataset.json) that are tumour, e.g. LiTS [2], BraTS
+    # [1, 2, 3]. Empty: every non-zero label. 0 is background, never tumour.
+    labels: tuple[int | str, ...] = ranged((), ge=1, le=2**31 - 1)
+    # Axis (0, 1 or 2 of the image array) to slice along. None: the axis with the coarsest
+    # spacing in the header (the last of equals: axial for the usual RAS/LPS storage).
+    axis: int | None = ranged(None, ge=0, le=2)
+    # ct: clip to the HU ``window`` (level, width), then scale to [0, 1]. mr: clip each volume to
+    # its ``percentiles``, then z-score it. auto: ct when the channel is named "CT" (nnU-Net's
+    # convention), else mr.
+    intensity: Literal["auto", "mr", "ct"] = "auto"
+    window: tuple[float, float] | None = ranged(None, ge=-1e5, le=1e5)
+    percentiles: tuple[float, float] = ranged((0.5, 99.5), ge=0, le=100)
+    # all: every slice. foreground: slices with tumour, plus ``empty_fraction`` of the others of
+    # each volume, drawn with ``seed``.
+    slices: Literal["all", "foreground"] = "all"
+    empty_fraction: float = ranged(0.0, ge=0, le=1)
+    seed: int = ranged(0, ge=0, le=SEED_MAX)
+
+
 @dataclass(frozen=True)
 class ClientSpec:
     """One client (hospital) and where its data comes from.
 
     ``source`` is ``npz`` (the format of ``../shared/data``), ``folder`` (image/mask pairs matched
-    by file stem) or ``synthetic`` (the built-in generator, see :mod:`fedoap.data.synthetic`).
+    by file stem), ``synthetic`` (the built-in generator, see :mod:`fedoap.data.synthetic`), or
+    one of the 3D volume sources (:mod:`fedoap.data.volumes`): ``nnunet`` (the nnU-Net v2 raw
+    layout), ``msd`` (the Medical Segmentation Decathlon layout) or ``volumes`` (a folder of
+    image/label NIfTI pairs matched by name), cut into 2D slices as ``volume`` says.
     """
 
     name: str
-    source: Literal["npz", "folder", "synthetic"] = "npz"
+    source: Literal["npz", "folder", "synthetic", "nnunet", "msd", "volumes"] = "npz"
     # File or folder, relative to ``data.root`` unless absolute. Unused for ``synthetic``.
     path: str | None = None
     # npz: use the ``images_rgb`` array instead of ``images`` (needs ``data.channels=3``).
@@ -136,7 +176,11 @@ class ClientSpec:
     # (patient) id. Without it every image is its own case.
     case_regex: str | None = None
     # folder: for multi-channel images, which channel to read (None: convert to grayscale).
-    channel: int | None = ranged(None, ge=0, le=63)
+    # nnunet/msd: the channel's name in dataset.json (``FLAIR``) or its index; None: the only one.
+    # volumes: the index along the 4th axis of 4D images.
+    channel: int | str | None = ranged(None, ge=0, le=63)
+    # nnunet, msd, volumes: how volumes become 2D slices (fedoap.data.volumes).
+    volume: VolumeSpec = field(default_factory=lambda: VolumeSpec())
     # synthetic: the "organ/modality" style and number of images (see fedoap.data.synthetic).
     style: str | None = None
     num_images: int = ranged(240, ge=6, le=1_000_000)
@@ -353,7 +397,12 @@ class Config:
 
 #: Keys added after runs already existed that change a result only when set: left out of
 #: :meth:`Config.digest` at their default, so earlier runs keep their identity (and resume).
-DIGEST_WHEN_SET: dict[str, Any] = {"train.on_divergence": "stop", "data.clients[].where": {}}
+DIGEST_WHEN_SET: dict[str, Any] = {
+    "train.on_divergence": "stop",
+    "data.clients[].where": {},
+    # As the plain form Config.to_dict gives it (tuples as lists).
+    "data.clients[].volume": json.loads(json.dumps(dataclasses.asdict(VolumeSpec()))),
+}
 
 #: Settings that decide where and how fast a run executes, not what it computes (up to float
 #: rounding): left out of :meth:`Config.digest`. ``train.num_threads`` predates this list and
@@ -637,6 +686,7 @@ def validate(cfg: Config) -> None:
         need(
             not (c.use_rgb and d.channels != 3), f"data.clients[{i}].use_rgb needs data.channels=3"
         )
+        _validate_volume_options(c, f"data.clients[{i}]", need)
     need(d.channels in (1, 3), f"data.channels: must be 1 or 3, got {d.channels}")
     s = d.split
     need(abs(s.train + s.val + s.test - 1.0) < 1e-6, "data.split: train + val + test must sum to 1")
@@ -660,6 +710,55 @@ def validate(cfg: Config) -> None:
         not (t.on_divergence == "exclude" and cfg.federation.runtime != "inprocess"),
         "train.on_divergence=exclude: only the inprocess runtime can drop a client; on Flower a "
         "diverged client fails the round (use train.on_divergence=stop)",
+    )
+
+
+def _validate_volume_options(c: ClientSpec, key: str, need: Callable[[bool, str], None]) -> None:
+    """Volume options only where volumes are read, and consistent; errors name the key."""
+    v = c.volume
+    if c.source not in VOLUME_SOURCES:
+        need(
+            v == VolumeSpec(),
+            f"{key}.volume: slices 3D volumes; source={c.source} has none (use source nnunet, "
+            "msd or volumes)",
+        )
+        need(
+            not isinstance(c.channel, str),
+            f"{key}.channel: a channel name ({c.channel!r}) needs a dataset.json (source nnunet "
+            "or msd); source={c.source} takes a channel index",
+        )
+        return
+    need(
+        c.source != "volumes" or not isinstance(c.channel, str),
+        f"{key}.channel: source=volumes has no dataset.json to name channels; give the index",
+    )
+    need(not c.use_rgb, f"{key}.use_rgb: volumes are single-channel; use channel to pick one")
+    need(
+        c.case_regex is None or c.source == "volumes",
+        f"{key}.case_regex: source={c.source} takes case ids from its layout",
+    )
+    lo, hi = v.percentiles
+    need(
+        0 <= lo < hi <= 100,
+        f"{key}.volume.percentiles: must be (low, high) with 0 <= low < high <= 100, got "
+        f"{list(v.percentiles)}",
+    )
+    if v.window is not None:
+        need(
+            v.window[1] > 0,
+            f"{key}.volume.window: (level, width) needs width > 0, got {list(v.window)}",
+        )
+    need(
+        v.intensity != "ct" or v.window is not None,
+        f"{key}.volume.window: intensity=ct needs a HU window (level, width), e.g. [40, 400]",
+    )
+    need(
+        v.intensity != "mr" or v.window is None,
+        f"{key}.volume.window: intensity=mr uses percentiles, not a window",
+    )
+    need(
+        v.slices == "foreground" or v.empty_fraction == 0.0,
+        f"{key}.volume.empty_fraction: only used with slices=foreground",
     )
 
 

@@ -63,6 +63,16 @@ def check_output_dir(path: Path, option: str = "--out") -> None:
         raise OutputError(f"{option} {given}: not writable{where}: {reason}") from None
 
 
+def output_stem(path: Path) -> str:
+    """A file's name without its extension; ``.nii.gz`` counts as one (``ct.nii.gz`` -> ``ct``);
+    a folder (a DICOM series) keeps its whole name."""
+    if path.is_dir():
+        return path.name
+    if path.name.lower().endswith(".nii.gz"):
+        return path.name[: -len(".nii.gz")]
+    return path.stem
+
+
 def mirrored_outputs(
     inputs: Sequence[Path], out_dir: Path, suffixes: Sequence[str], force: bool = False
 ) -> list[tuple[Path, ...]]:
@@ -87,7 +97,7 @@ def mirrored_outputs(
     result: list[tuple[Path, ...]] = []
     for p, parent in zip(paths, parents, strict=True):
         rel = parent.relative_to(common)
-        outs = tuple(out_dir / rel / f"{p.stem}{s}" for s in suffixes)
+        outs = tuple(out_dir / rel / f"{output_stem(p)}{s}" for s in suffixes)
         for out in outs:
             key = str(base / rel / out.name).casefold()
             if key in claimed:

@@ -194,7 +194,11 @@ def evaluate_cmd(
 @app.command()
 def predict(
     run_dir: Path = typer.Argument(..., help="a finished run folder"),
-    images: list[Path] = typer.Argument(..., help="image files (PNG/JPG/TIF)"),
+    images: list[Path] = typer.Argument(
+        ...,
+        help="image files (PNG/JPG/TIF) or NIfTI volumes (.nii, .nii.gz), folders of them, or "
+        "a folder holding one DICOM series",
+    ),
     client: str = typer.Option(..., "--client", help="whose personalised model to use"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     force: bool = typer.Option(
@@ -204,7 +208,9 @@ def predict(
         None, "--device", help="cpu, cuda, cuda:N, mps or auto (default: the run's train.device)"
     ),
 ) -> None:
-    """Segment images with one client's model: writes <stem>_mask.png and <stem>_overlay.png.
+    """Segment images with one client's model: writes <stem>_mask.png and <stem>_overlay.png,
+    or <stem>_mask.nii.gz for a NIfTI volume (its shape, affine and header; a client trained on
+    a volume source).
 
     Inputs in several folders keep their paths relative to the folder that holds them all
     (``s1/x.png`` and ``s2/x.png`` give ``OUT/s1/x_mask.png`` and ``OUT/s2/x_mask.png``).
@@ -219,8 +225,8 @@ def predict(
     except USER_ERRORS as err:
         fail(err)
         return
-    for m, o in written:
-        console.print(f"wrote {m} and {o}")
+    for files in written:
+        console.print("wrote " + " and ".join(str(f) for f in files))
 
 
 @app.command()
@@ -275,6 +281,37 @@ def adapt(
             _fmt(t["case_dice"]),
         )
     console.print(table)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="a finished run folder"),
+    client: str = typer.Option(..., "--client", help="whose selected model to export"),
+    out: Path = typer.Option(..., "--out", "-o", help="model file to write, e.g. model.onnx"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (the only format so far)"),
+    force: bool = typer.Option(False, "--force", help="replace OUT and OUT.json if they exist"),
+) -> None:
+    """Export one client's selected model (fp32, CPU) to ONNX, with OUT.json beside it: input
+    and output names and shapes, preprocessing, threshold, and the run it came from."""
+    from fedoap.export import check_target
+
+    try:
+        check_target(out, fmt, force)  # before torch is imported: a bad -o fails at once
+        from fedoap.export import export_model
+
+        result = export_model(run_dir, client, out, fmt, force=force)
+    except USER_ERRORS as err:
+        fail(err)
+        return
+    info = result.info
+    console.print(
+        f"wrote {result.model} ({info['bytes'] / 2**20:.2f} MiB, sha256 {info['sha256'][:12]}) "
+        f"and {result.sidecar}: {info['method']}, client {client}, best round "
+        f"{info['best_round']}; input {info['input']['name']} "
+        f"{tuple(info['input']['shape'])}, normalize={info['normalize']}; onnxruntime vs "
+        f"PyTorch max |diff| {info['verification']['max_abs_diff']:.1e}",
+        highlight=False,
+    )
 
 
 @app.command()

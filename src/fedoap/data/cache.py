@@ -20,6 +20,7 @@ so a bad source raises the same :class:`~fedoap.data.errors.DataError` with or w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fedoap.config import ClientSpec, DataConfig
+from fedoap.config import VOLUME_SOURCES, ClientSpec, DataConfig
 from fedoap.data.dataset import resolve_path
 from fedoap.data.sources import RawClient
 
@@ -43,7 +44,7 @@ from fedoap.data.sources import RawClient
 CACHE_VERSION = 1
 
 #: Modules whose code decides the cached arrays; editing one of them invalidates every entry.
-CODE_MODULES = ("sources.py", "transforms.py", "synthetic.py", "dataset.py")
+CODE_MODULES = ("sources.py", "transforms.py", "synthetic.py", "dataset.py", "volumes.py")
 
 #: The arrays of a :class:`RawClient`, stored under these names (plus the JSON string ``meta``).
 ARRAYS = ("images", "masks", "case_ids", "names")
@@ -140,6 +141,7 @@ def cache_key(spec: ClientSpec, cfg: DataConfig) -> tuple[str, dict[str, Any], l
         "mask_suffix": spec.mask_suffix,
         "case_regex": spec.case_regex,
         "channel": spec.channel,
+        "volume": dataclasses.asdict(spec.volume) if spec.source in VOLUME_SOURCES else None,
         "style": spec.style,
         "num_images": spec.num_images,
         "seed": spec.seed,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedoap.config import ClientSpec, DataConfig
+from fedoap.config import VOLUME_SOURCES, ClientSpec, DataConfig
 from fedoap.data.errors import DataError
 from fedoap.data.sources import RawClient, load_folder, load_npz
 from fedoap.data.splits import SPLITS, cap_cases, cap_images, split_by_case
@@ -110,7 +110,11 @@ def _load_raw_uncached(spec: ClientSpec, cfg: DataConfig) -> RawClient:
         return generate_client(spec.style, spec.num_images, cfg.image_size, spec.name, spec.seed)
     assert spec.path is not None
     path = resolve_path(cfg.root, spec.path)
-    if spec.source == "npz":
+    if spec.source in VOLUME_SOURCES:
+        from fedoap.data.volumes import load_volumes  # local: nibabel only for volume sources
+
+        raw = load_volumes(spec, path, cfg.image_size, cfg.max_image_pixels)
+    elif spec.source == "npz":
         raw = load_npz(
             path, use_rgb=spec.use_rgb, max_pixels=cfg.max_image_pixels, where=spec.where
         )
@@ -159,13 +163,22 @@ def check_value_range(raw: RawClient, where: str, mode: str) -> None:
         )
 
 
+def image_normalization(spec: ClientSpec, cfg: DataConfig) -> str:
+    """How a client's images are normalised per image on their way to the network:
+    ``data.normalize``, except for volume sources, whose slices come normalised per volume
+    (:func:`fedoap.data.volumes.normalise_volume`) and pass as they are (``unit`` on float)."""
+    return "unit" if spec.source in VOLUME_SOURCES else cfg.normalize
+
+
 def make_client(spec: ClientSpec, cfg: DataConfig) -> ClientData:
     raw = load_raw(spec, cfg)
+    mode = image_normalization(spec, cfg)
     if spec.source == "synthetic":
         where = f"client '{spec.name}'"
     else:
         path = resolve_path(cfg.root, spec.path or "")
-        check_value_range(raw, str(path), cfg.normalize)
+        if spec.source not in VOLUME_SOURCES:
+            check_value_range(raw, str(path), cfg.normalize)
         where = f"client '{spec.name}': {path}"
     idx = split_by_case(raw.case_ids, cfg.split, where)
     seed = cfg.split.seed
@@ -175,7 +188,7 @@ def make_client(spec: ClientSpec, cfg: DataConfig) -> ClientData:
     splits = {}
     for name, sel in idx.items():
         splits[name] = Split(
-            x=normalize(raw.images[sel], cfg.normalize),
+            x=normalize(raw.images[sel], mode),
             y=torch.from_numpy(raw.masks[sel].astype(np.float32)).unsqueeze(1),
             case_ids=raw.case_ids[sel],
             names=raw.names[sel],

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedoap.config import DataConfig
+from fedoap.config import VOLUME_SOURCES, DataConfig
 from fedoap.data.cache import save_npz_atomic
 from fedoap.data.dataset import load_raw
 from fedoap.data.errors import DataError
@@ -114,6 +114,16 @@ def prepare_data(
             f"{out} is not empty; choose a new folder or pass --force to write into it "
             "(files of the same name are replaced)"
         )
+    for spec in cfg.clients:
+        if spec.source in VOLUME_SOURCES:
+            # Its slices are normalised per volume and pass to the network as they are; an npz
+            # client's images are normalised per image (data.normalize), so the copy would
+            # train on other inputs.
+            raise DataError(
+                f"client '{spec.name}': source={spec.source}: volume clients cannot be prepared "
+                "as npz yet (their slices are normalised per volume, an npz client's per image); "
+                "carry the volume dataset itself"
+            )
     loaded: list[tuple[str, RawClient]] = []
     for spec in cfg.clients:
         try:

@@ -49,7 +49,15 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 
 from fedoap.algorithms import Algorithm, Update, build_algorithm
-from fedoap.config import ClientSpec, Config, ConfigError, from_dict, load_yaml, validate
+from fedoap.config import (
+    VOLUME_SOURCES,
+    ClientSpec,
+    Config,
+    ConfigError,
+    from_dict,
+    load_yaml,
+    validate,
+)
 from fedoap.data.dataset import make_client
 from fedoap.errors import CheckpointError, FederationError
 from fedoap.federation.flower_client import (
@@ -154,7 +162,11 @@ def _build(nc: Mapping[str, Any], cfg_yaml: str, run_dir: str) -> tuple[_Built, 
     spec = next(c for c in cfg.data.clients if c.name == name)
     if "data-path" in nc:  # the site's own copy of its data
         path = _s(nc, "data-path")
-        source = "folder" if Path(path).is_dir() else "npz"
+        # A volume dataset stays one (with its channel, labels and slicing); otherwise a folder
+        # holds image/mask pairs and a file is an npz.
+        source = spec.source
+        if source not in VOLUME_SOURCES:
+            source = "folder" if Path(path).is_dir() else "npz"
         spec = ClientSpec(**{**spec.__dict__, "path": path, "source": source})
     device = setup(cfg.train)
     if cfg.train.compile:

@@ -276,6 +276,12 @@ def save_selected(
     )
 
 
+def selected_info(rd: RunDir, client: str) -> dict[str, Any]:
+    """What was saved with a client's selected model: ``best_round`` and ``method``."""
+    _, meta = load_tensors(rd.best(client))
+    return {k: meta[k] for k in ("best_round", "method") if k in meta}
+
+
 def load_selected(rd: RunDir, client: str) -> tuple[StateDict, StateDict]:
     """A client's selected model: (model state dict, its ``kv.*`` arrays)."""
     tensors, _ = load_tensors(rd.best(client))
