@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -35,6 +36,21 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 SITES = ("DU", "HT", "CS", "FG")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if np.isfinite(x) else None
 
 
 def main() -> None:
@@ -129,17 +145,17 @@ def main() -> None:
                         "site": spec.name,
                         "case": case,
                         "slices": int(label.shape[2]),
-                        "dice_file": 2 * inter / total if total else float("nan"),
-                        "dice_memory": memory[case],
+                        # Both empty: no Dice (NaN in memory), None here and in the JSON.
+                        "dice_file": 2 * inter / total if total else None,
+                        "dice_memory": finite_or_none(memory[case]),
                     }
                 )
-        diffs = [
-            abs(c["dice_file"] - c["dice_memory"])
-            for c in per_case
-            if np.isfinite(c["dice_file"]) and np.isfinite(c["dice_memory"])
-        ]
+        both = [c for c in per_case if c["dice_file"] is not None]
+        if any((c["dice_memory"] is None) != (c["dice_file"] is None) for c in per_case):
+            raise SystemExit("a patient has a Dice in one place and none in the other")
+        diffs = [abs(c["dice_file"] - c["dice_memory"]) for c in both]
         result = {
-            "machine": f"{platform.processor() or platform.machine()}, "
+            "machine": f"{cpu_name()}, {os.cpu_count()} cores, "
             f"{torch.get_num_threads()} torch threads, no GPU",
             "torch": torch.__version__,
             "patients": patients,
@@ -165,7 +181,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lgg_nnunet.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "lgg_nnunet.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     lines = [
         "# LGG as four nnU-Net datasets (`python benchmarks/volumes/lgg_nnunet.py`)",
         "",

@@ -52,7 +52,8 @@ MIN_STD = 1e-8
 
 @dataclass
 class Volume:
-    """One NIfTI file: its voxels (as stored: 3D, or 4D with channels last) and its geometry."""
+    """One volume (a NIfTI file, or a DICOM series read by :mod:`fedoap.data.dicom`): its voxels
+    (as stored: 3D, or 4D with channels last) and its geometry."""
 
     data: np.ndarray
     affine: np.ndarray  # (4, 4) voxel -> world (mm)
@@ -64,7 +65,7 @@ class Volume:
     def spatial_shape(self) -> tuple[int, ...]:
         """The file's shape without its channel axis: what a mask of it has (a 2D file's
         data is read as one slice, (X, Y, 1), and its mask is written back as (X, Y))."""
-        dims = int(self.header["dim"][0]) if self.header is not None else self.data.ndim
+        dims = int(self.header["dim"][0]) or self.data.ndim
         return tuple(int(n) for n in self.data.shape[: min(dims, 3)])
 
 
@@ -555,9 +556,12 @@ def _read_case(
 ) -> tuple[Volume, np.ndarray, np.ndarray]:
     """(image volume, 3D image, 3D mask) of one case, checked against each other."""
     where = f"case '{case.case_id}'"
-    vol = read_volume(case.image, max_pixels)
+    try:
+        vol = read_volume(case.image, max_pixels)
+        lab = read_volume(case.label, max_pixels)
+    except DataError as err:  # name the case as well as the file
+        raise DataError(f"{where}: {err}") from None
     image = image_3d(vol, case.channel_index, where)
-    lab = read_volume(case.label, max_pixels)
     if lab.data.ndim == 4:
         raise DataError(f"{where}: label {case.label} is 4D {lab.data.shape}; labels are 3D")
     if lab.data.shape[:3] != image.shape[:3]:
