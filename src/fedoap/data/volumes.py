@@ -463,12 +463,21 @@ class PreparedVolume:
 
 
 def prepare_volume(
-    image: np.ndarray, zooms: Sequence[float], kind: str, v: VolumeSpec, size: int, where: str
+    image: np.ndarray,
+    zooms: Sequence[float],
+    kind: str,
+    v: VolumeSpec,
+    size: int,
+    where: str,
+    keep: np.ndarray | None = None,
 ) -> PreparedVolume:
-    """Normalise a 3D image, cut it along its axis and letterbox each slice to ``size``."""
+    """Normalise a 3D image, cut it along its axis and letterbox each slice to ``size`` (only
+    the slices ``keep`` indexes, when given: letterboxing is most of the cost)."""
     axis = slice_axis(v, zooms)
     x = np.moveaxis(normalise_volume(image, kind, v, where), axis, 0)  # (N, H, W)
     plane = (int(x.shape[1]), int(x.shape[2]))
+    if keep is not None:
+        x = x[keep]
     slices = np.stack([letterbox(s, size, is_mask=False) for s in x]) if len(x) else x
     return PreparedVolume(slices.astype(np.float32), axis, plane, tuple(image.shape[:3]))  # type: ignore[arg-type]
 
@@ -603,11 +612,11 @@ def load_volumes(spec: ClientSpec, path: Path, size: int, max_pixels: int) -> Ra
     for case in layout.cases:
         vol, image, mask3d = _read_case(case, layout, tumour, max_pixels)
         where = f"case '{case.case_id}': {case.image}"
-        prepared = prepare_volume(image, vol.zooms, kind, v, size, where)
-        axes.add(prepared.axis)
-        m = np.moveaxis(mask3d, prepared.axis, 0)
+        axis = slice_axis(v, vol.zooms)
+        axes.add(axis)
+        m = np.moveaxis(mask3d, axis, 0)
         keep = _keep_slices(m, v, case.case_id)
-        images.append(prepared.slices[keep])
+        images.append(prepare_volume(image, vol.zooms, kind, v, size, where, keep).slices)
         masks.append(
             np.stack([letterbox(m[k], size, is_mask=True) for k in keep])
             if len(keep)
