@@ -286,6 +286,8 @@ def test_volume_options_where_no_volumes_are_read_are_errors():
     nn = {"name": "a", "source": "nnunet", "path": "x"}
     with pytest.raises(ConfigError, match=r"volume.window: intensity=ct needs a HU window"):
         tiny_config(data={"clients": [{**nn, "volume": {"intensity": "ct"}}]})
+    with pytest.raises(ConfigError, match=r"mask_dir: source=nnunet reads its layout's own"):
+        tiny_config(data={"clients": [{**nn, "mask_dir": "labels"}]})
     with pytest.raises(ConfigError, match=r"volume.empty_fraction: only used with slices"):
         tiny_config(data={"clients": [{**nn, "volume": {"empty_fraction": 0.2}}]})
     with pytest.raises(ConfigError, match=r"volume.labels: must be >= 1 .*got \(0,\)"):

@@ -733,6 +733,14 @@ def _validate_volume_options(c: ClientSpec, key: str, need: Callable[[bool, str]
         f"{key}.channel: source=volumes has no dataset.json to name channels; give the index",
     )
     need(not c.use_rgb, f"{key}.use_rgb: volumes are single-channel; use channel to pick one")
+    if c.source in ("nnunet", "msd"):  # their layout fixes the folders and names
+        for opt, default in (("image_dir", "images"), ("mask_dir", "masks"), ("mask_suffix", "")):
+            need(
+                getattr(c, opt) == default,
+                f"{key}.{opt}: source={c.source} reads its layout's own folders "
+                "(imagesTr/labelsTr, or dataset.json's training list); only source=volumes "
+                f"takes {opt}",
+            )
     need(
         c.case_regex is None or c.source == "volumes",
         f"{key}.case_regex: source={c.source} takes case ids from its layout",
