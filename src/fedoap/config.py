@@ -356,6 +356,13 @@ class FederationConfig:
     # (fewer: the run stops, resumable). In-process no site can be lost: both are unused there.
     round_timeout_s: float = ranged(3600.0, gt=0)
     min_fit_fraction: float = ranged(1.0, gt=0, le=1)
+    # How the server combines the accepted uploads of the shared parts (fedoap.federation.robust):
+    # the example-weighted mean, or a rule robust to a minority of bad sites.
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = "mean"
+    # trimmed_mean: the share of uploads dropped at each end, per coordinate (floor(beta * n)).
+    trim_beta: float = ranged(0.25, gt=0, lt=0.5)
+    # krum, multi_krum: how many bad sites f to tolerate; needs more than 2 f + 2 sampled sites.
+    byzantine: int = ranged(1, ge=0, le=100_000)
 
 
 @dataclass(frozen=True)
@@ -402,6 +409,9 @@ DIGEST_WHEN_SET: dict[str, Any] = {
     "data.clients[].where": {},
     # As the plain form Config.to_dict gives it (tuples as lists).
     "data.clients[].volume": json.loads(json.dumps(dataclasses.asdict(VolumeSpec()))),
+    "federation.aggregator": "mean",
+    "federation.trim_beta": 0.25,
+    "federation.byzantine": 1,
 }
 
 #: Settings that decide where and how fast a run executes, not what it computes (up to float
@@ -687,6 +697,7 @@ def validate(cfg: Config) -> None:
             not (c.use_rgb and d.channels != 3), f"data.clients[{i}].use_rgb needs data.channels=3"
         )
         _validate_volume_options(c, f"data.clients[{i}]", need)
+    _validate_aggregator(cfg, need)
     need(d.channels in (1, 3), f"data.channels: must be 1 or 3, got {d.channels}")
     s = d.split
     need(abs(s.train + s.val + s.test - 1.0) < 1e-6, "data.split: train + val + test must sum to 1")
@@ -711,6 +722,32 @@ def validate(cfg: Config) -> None:
         "train.on_divergence=exclude: only the inprocess runtime can drop a client; on Flower a "
         "diverged client fails the round (use train.on_divergence=stop)",
     )
+
+
+def _validate_aggregator(cfg: Config, need: Callable[[bool, str], None]) -> None:
+    """An aggregator's option only with that aggregator; Krum only where it can hold."""
+    f = cfg.federation
+    defaults = FederationConfig()
+    need(
+        f.aggregator == "trimmed_mean" or f.trim_beta == defaults.trim_beta,
+        f"federation.trim_beta: only used by federation.aggregator=trimmed_mean, not "
+        f"{f.aggregator}",
+    )
+    krum = f.aggregator in ("krum", "multi_krum")
+    need(
+        krum or f.byzantine == defaults.byzantine,
+        f"federation.byzantine: only used by federation.aggregator=krum or multi_krum, not "
+        f"{f.aggregator}",
+    )
+    if krum:
+        n = len(cfg.data.clients)
+        sampled = max(1, round(f.fraction * n))
+        need(
+            sampled > 2 * f.byzantine + 2,
+            f"federation.byzantine={f.byzantine}: {f.aggregator} needs more than 2 f + 2 = "
+            f"{2 * f.byzantine + 2} sites per round (f < n/2 - 1), and {sampled} are sampled "
+            f"of {n}; lower f, or use median or trimmed_mean",
+        )
 
 
 def _validate_volume_options(c: ClientSpec, key: str, need: Callable[[bool, str], None]) -> None:

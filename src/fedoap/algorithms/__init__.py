@@ -30,10 +30,10 @@ from fedoap.algorithms.base import (
     FitContext,
     Update,
     nbytes,
-    weighted_mean,
 )
 from fedoap.algorithms.registry import ALGORITHMS
 from fedoap.config import Config, ConfigError
+from fedoap.federation.robust import weighted_mean
 
 
 def build_algorithm(cfg: Config) -> Algorithm:

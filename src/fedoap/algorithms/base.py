@@ -31,6 +31,7 @@ from torch import nn
 from fedoap.config import Config, ConfigError, check_ranges, from_dict
 from fedoap.data.dataset import ClientData, Split
 from fedoap.errors import DivergedError
+from fedoap.federation.robust import combine
 from fedoap.losses import SegLoss
 from fedoap.models import FedOAPNet, Partition, StateDict
 from fedoap.models.net import AttentionKind
@@ -164,15 +165,19 @@ class Algorithm:
     ) -> StateDict:
         """New global arrays from the round's uploads. Default: mean weighted by examples,
 
-        ``w_{t+1} = sum_k n_k w_k / sum_k n_k``   (FedAvg, McMahan et al. 2017, Alg. 1).
+        ``w_{t+1} = sum_k n_k w_k / sum_k n_k``   (FedAvg, McMahan et al. 2017, Alg. 1),
+
+        or the robust rule ``federation.aggregator`` names (:mod:`fedoap.federation.robust`).
 
         ``server`` is a mutable dict of tensors for server-side state (momentum buffers, ...);
         it is saved in checkpoints.
         """
         if not updates:
             return global_arrays
+        f = self.cfg.federation
+        keys = [k for k in updates[0].arrays if k.startswith(SHARED)]
         new = dict(global_arrays)
-        new.update(weighted_mean(updates, [k for k in updates[0].arrays if k.startswith(SHARED)]))
+        new.update(combine(updates, keys, f.aggregator, f.trim_beta, f.byzantine))
         return new
 
     # ------------------------------------------------------------------ client
@@ -533,22 +538,3 @@ def only_these_train(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iter
     finally:
         for p in frozen:
             p.requires_grad_(True)
-
-
-def weighted_mean(updates: Sequence[Update], keys: Sequence[str]) -> StateDict:
-    """``sum_k n_k a_k / sum_k n_k`` for each key; integer tensors (e.g. BN's
-    ``num_batches_tracked``) take the maximum instead."""
-    total = sum(u.num_examples for u in updates)
-    if total <= 0:
-        raise ValueError("aggregation needs at least one example in the round")
-    out: StateDict = {}
-    for k in keys:
-        first = updates[0].arrays[k]
-        if not first.is_floating_point():
-            out[k] = torch.stack([u.arrays[k] for u in updates]).max(0).values
-            continue
-        acc = torch.zeros_like(first, dtype=torch.float64)
-        for u in updates:
-            acc += u.arrays[k].double() * (u.num_examples / total)
-        out[k] = acc.to(first.dtype)
-    return out
