@@ -340,6 +340,18 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """A simulated attack, for measuring defences only (``federation.attack``): the named sites
+    poison what they send (fedoap.federation.attacks)."""
+
+    sites: tuple[str, ...] = ()
+    # nan: NaN uploads. scale: the update (upload - global) x1000. sign_flip: the update negated.
+    # noise: Gaussian noise with the update's norm, instead of the update. invert_masks: honest
+    # training on inverted training masks (data poisoning).
+    kind: Literal["nan", "scale", "sign_flip", "noise", "invert_masks"] = "scale"
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     rounds: int = ranged(5, ge=1, le=1_000_000)
     fraction: float = ranged(1.0, gt=0, le=1)  # share of clients sampled each round (at least one)
@@ -363,6 +375,11 @@ class FederationConfig:
     trim_beta: float = ranged(0.25, gt=0, lt=0.5)
     # krum, multi_krum: how many bad sites f to tolerate; needs more than 2 f + 2 sampled sites.
     byzantine: int = ranged(1, ge=0, le=100_000)
+    # An upload whose update norm ||upload - global|| exceeds this many times the round's median
+    # update norm is refused (recorded in summary.json ``refused``). None: no norm check.
+    max_update_norm_ratio: float | None = ranged(10.0, gt=1)
+    # Measurement only: sites that attack (see AttackConfig); none by default.
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 @dataclass(frozen=True)
@@ -412,6 +429,8 @@ DIGEST_WHEN_SET: dict[str, Any] = {
     "federation.aggregator": "mean",
     "federation.trim_beta": 0.25,
     "federation.byzantine": 1,
+    "federation.max_update_norm_ratio": 10.0,
+    "federation.attack": {"sites": [], "kind": "scale"},
 }
 
 #: Settings that decide where and how fast a run executes, not what it computes (up to float
@@ -738,6 +757,16 @@ def _validate_aggregator(cfg: Config, need: Callable[[bool, str], None]) -> None
         krum or f.byzantine == defaults.byzantine,
         f"federation.byzantine: only used by federation.aggregator=krum or multi_krum, not "
         f"{f.aggregator}",
+    )
+    names = [c.name for c in cfg.data.clients]
+    for i, site in enumerate(f.attack.sites):
+        need(
+            site in names,
+            f"federation.attack.sites[{i}]: {site!r} is not a client; clients: {', '.join(names)}",
+        )
+    need(
+        bool(f.attack.sites) or f.attack.kind == defaults.attack.kind,
+        "federation.attack.kind: no federation.attack.sites attack",
     )
     if krum:
         n = len(cfg.data.clients)

@@ -2,7 +2,8 @@
 
 Every rule works per key over the uploads' tensors of that key (``shared.*``), in float64, and
 returns tensors of the key's dtype. Integer tensors (batch norm's ``num_batches_tracked``) take
-the maximum over the uploads the rule uses (all of them, except under Krum and multi-Krum). ``federation.aggregator`` picks the rule:
+the maximum over the uploads the rule uses (all of them, except under Krum and multi-Krum).
+``federation.aggregator`` picks the rule:
 
 - ``mean``: ``sum_k n_k w_k / sum_k n_k`` (FedAvg; McMahan et al. 2017). Breakdown point 0: one
   upload can move the result anywhere.

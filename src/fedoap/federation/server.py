@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedoap.algorithms import KV, Algorithm, Update, nbytes
+from fedoap.algorithms import KV, SHARED, Algorithm, Update, nbytes
 from fedoap.config import Config
 from fedoap.errors import DivergedError, FederationError
 from fedoap.federation.protocol import Template, check_upload
@@ -38,6 +38,15 @@ from fedoap.training.device import Timer
 from fedoap.training.engine import nonfinite_keys
 
 POOLED = "__pooled__"  # the single trainer of ``centralized`` (not a client name: has '_' x2)
+
+
+def update_norm(arrays: StateDict, global_arrays: StateDict) -> float:
+    """``||upload - global||_2`` over the shared floating tensors both hold (in float64)."""
+    total = 0.0
+    for k, v in arrays.items():
+        if k.startswith(SHARED) and v.is_floating_point() and k in global_arrays:
+            total += float((v.double() - global_arrays[k].double().to(v.device)).square().sum())
+    return math.sqrt(total)
 
 
 def sample_clients(names: list[str], fraction: float, seed: int, rnd: int) -> list[str]:
@@ -248,6 +257,7 @@ class Server:
             steps[POOLED] = Step(rnd, "federated", fit=True)
         replies = self._exchange(steps, self.global_arrays)
         updates: list[Update] = []
+        senders: list[str] = []
         self.losses = {}
         for name in trainers:
             reply = replies.get(name)
@@ -265,8 +275,9 @@ class Server:
             loss = update.metrics.get("train_loss")
             if reason is None and not (isinstance(loss, float | int) and math.isfinite(loss)):
                 reason = f"train loss {loss!r} is not a finite number"
+            attacker = name in cfg.federation.attack.sites  # measurement: a poisoned upload
             if reason is not None:
-                if self.transport.trusted:  # fedoap's own code made it: a bug, not a bad site
+                if self.transport.trusted and not attacker:  # fedoap's own code: a bug
                     raise FederationError(
                         f"client '{name}', round {rnd}: method {self.alg.name} produced an "
                         f"upload the server must refuse ({reason}); this is a bug in the method"
@@ -274,9 +285,11 @@ class Server:
                 self._refuse(rnd, name, reason)
                 continue
             updates.append(update)
+            senders.append(name)
             self.losses[name] = float(loss)  # type: ignore[arg-type]
             if name != POOLED:  # pooling moves raw data, not model messages
                 self.bytes_up.append(nbytes(update.arrays))
+        updates = self._check_norms(rnd, senders, updates)
         replied = sum(1 for n in trainers if n in replies)
         need = math.ceil(cfg.federation.min_fit_fraction * len(trainers) - 1e-9)
         if trainers and replied < need:
@@ -303,6 +316,30 @@ class Server:
             self.global_arrays = new
         elif trainers:
             self.log(f"warning: round {rnd}: no upload was accepted; the global model is kept")
+
+    def _check_norms(self, rnd: int, senders: list[str], updates: list[Update]) -> list[Update]:
+        """Refuse the uploads whose update norm ``||upload - global||`` (over the shared floating
+        tensors) exceeds ``federation.max_update_norm_ratio`` times the round's median, and
+        return the others. A judgement on values, not a malformed upload: recorded as refused on
+        either transport, never taken for a bug."""
+        ratio = self.cfg.federation.max_update_norm_ratio
+        if ratio is None or len(updates) < 3:  # with two, neither is an outlier of the other
+            return updates
+        norms = [update_norm(u.arrays, self.global_arrays) for u in updates]
+        median = float(np.median(norms))
+        kept = []
+        for name, u, norm in zip(senders, updates, norms, strict=True):
+            if norm > ratio * median:
+                self._refuse(
+                    rnd,
+                    name,
+                    f"update norm {norm:.4g} is {norm / median:.3g} x the round's median "
+                    f"{median:.4g} (federation.max_update_norm_ratio={ratio:g})",
+                )
+                self.losses.pop(name, None)
+                continue
+            kept.append(u)
+        return kept
 
     def _exchange(self, steps: dict[str, Step], global_arrays: StateDict) -> dict[str, Reply]:
         """Send the steps; record validation rows, divergence and lost sites."""

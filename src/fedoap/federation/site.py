@@ -32,6 +32,7 @@ from fedoap.algorithms.base import to_device
 from fedoap.config import Config
 from fedoap.data.dataset import ClientData
 from fedoap.errors import DivergedError
+from fedoap.federation.attacks import invert_training_masks, poison_update
 from fedoap.federation.state import SiteState
 from fedoap.models import FedOAPNet, StateDict
 from fedoap.training import evaluate
@@ -94,6 +95,10 @@ class Site:
         bar: BarFactory = _no_bar,
         on_selected: Callable[[Site], None] | None = None,
     ) -> None:
+        attack = cfg.federation.attack
+        self.attacker = data.name in attack.sites  # federation.attack: measurement only
+        if self.attacker and attack.kind == "invert_masks":
+            data = invert_training_masks(data)
         self.cfg, self.alg, self.model, self.data = cfg, alg, model, data
         self.record = record
         self.timer = timer
@@ -137,6 +142,9 @@ class Site:
             update, self.record.state = self.alg.run_fit(
                 self.model, global_arrays, self.record.state, self.data, ctx
             )
+        if self.attacker:
+            kind = self.cfg.federation.attack.kind
+            update = poison_update(update, global_arrays, kind, self.cfg.seed, rnd, self.name)
         return update
 
     def _finetune(self, step: Step, ft_extra: StateDict) -> dict[str, Any]:
