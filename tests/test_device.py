@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from fedoap.algorithms import build_algorithm
-from fedoap.algorithms.base import FitContext, weighted_mean
+from fedoap.algorithms.base import FitContext
 from fedoap.api import run_experiment
 from fedoap.config import ConfigError, TrainConfig
 from fedoap.data import prepare_clients
 from fedoap.data.dataset import Split
+from fedoap.federation.robust import weighted_mean
 from fedoap.training import evaluate, train_epochs
 from fedoap.training.device import (
     DeviceOutOfMemory,

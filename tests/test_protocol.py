@@ -174,3 +174,35 @@ def test_a_lost_site_is_recorded_and_min_fit_fraction_decides_the_round(fedoap_b
     server, _ = _server(fedoap_bank, tmp_path, ["lost", "lost", script[0]])
     with pytest.raises(FederationError, match=r"1 of 3 sampled site\(s\) replied"):
         server._federated_step(1)  # default min_fit_fraction=1.0: every sampled site
+
+
+def test_outlying_update_and_summary_norms_are_refused_the_rest_aggregated(fedoap_bank, tmp_path):
+    """``federation.max_update_norm_ratio``: an update (upload - global) or a K/V summary with
+    more than 10x the round's median norm is refused as a value judgement, on either transport;
+    the others are aggregated."""
+    template = fedoap_bank[1].upload_template(fedoap_bank[2])
+
+    def upload(shared: float, summary: float) -> dict:
+        arrays = good_upload(template, shared)
+        for k in arrays:
+            if k.startswith("kv."):
+                arrays[k] = torch.full_like(arrays[k], summary)
+        return arrays
+
+    for bad, why in ((upload(100.0, 0.5), "update norm"), (upload(1.0, 1e4), "K/V summary norm")):
+        script = [(upload(1.0, 0.5), 10, 0.5), (upload(1.2, 0.6), 20, 0.5), (bad, 30, 0.5)]
+        server, names = _server(fedoap_bank, tmp_path, script)
+        server.transport.trusted = True  # in-process too: not a bug, a judgement on values
+        server._federated_step(1)
+        assert [(r["round"], r["client"]) for r in server.refused] == [(1, names[2])]
+        assert why in server.refused[0]["reason"] and "10 x" not in server.refused[0]["reason"]
+        assert set(server.losses) == set(names[:2])
+        key = next(
+            k for k in template if k.startswith("shared.") and template[k][1].is_floating_point
+        )
+        # The example-weighted mean of the two accepted uploads: (10 * 1.0 + 20 * 1.2) / 30.
+        assert torch.allclose(
+            server.global_arrays[key], torch.full_like(server.global_arrays[key], 34 / 30)
+        )
+        bank = server.global_arrays["kv.bank"]
+        assert bank.shape[0] == 2 * template["kv.summary"][0][0]  # two sites' prototypes

@@ -167,3 +167,19 @@ def test_a_run_with_the_median_learns(tmp_path):
     loss = {int(r["round"]): float(r["train_loss"]) for r in rows if r["train_loss"]}
     assert loss[2] < loss[1]  # the median of the sites' models still trains
     assert summary["mean"]["test"]["dice"] > 0
+
+
+def test_the_token_mean_bank_is_combined_by_the_same_rule():
+    cfg = tiny_config(
+        "model.kv.mode=bank", "model.kv.summary=token_mean", "federation.aggregator=median"
+    )
+    alg = build_algorithm(cfg)
+    model = alg.build_model()
+    template = alg.upload_template(model)
+    glob = alg.init_global(model)
+    ups_ = []
+    for fill in (1.0, 2.0, 500.0):
+        arrays = {k: torch.full(shape, fill, dtype=dtype) for k, (shape, dtype) in template.items()}
+        ups_.append(Update(arrays, 1))
+    bank = alg.aggregate(glob, ups_, {})["kv.bank"]
+    assert torch.equal(bank, torch.full_like(bank, 2.0))  # the median, not the mean (167.7)

@@ -37,6 +37,7 @@ from fedoap.algorithms.base import KV, Algorithm, ClientState, FitContext, Updat
 from fedoap.algorithms.registry import ALGORITHMS
 from fedoap.config import KVConfig
 from fedoap.data.dataset import ClientData
+from fedoap.federation.robust import combine
 from fedoap.losses import PerturbedBoundaryLoss
 from fedoap.models import FedOAPNet, StateDict
 from fedoap.models.net import AttentionKind
@@ -114,11 +115,11 @@ class FedOAP(Algorithm):
             summaries = [u.arrays[SUMMARY] for u in updates]
             if self.cfg.model.kv.summary == "kmeans":
                 new[BANK] = torch.cat(summaries, dim=0)  # (K * bank_size, C)
-            else:
-                total = sum(u.num_examples for u in updates)
-                new[BANK] = sum(
-                    s * (u.num_examples / total) for s, u in zip(summaries, updates, strict=True)
-                )  # type: ignore[assignment]
+            else:  # per-position token means: one more tensor to combine, by the same rule
+                f = self.cfg.federation
+                new[BANK] = combine(updates, [SUMMARY], f.aggregator, f.trim_beta, f.byzantine)[
+                    SUMMARY
+                ]
         return new
 
 

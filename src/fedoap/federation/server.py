@@ -49,6 +49,15 @@ def update_norm(arrays: StateDict, global_arrays: StateDict) -> float:
     return math.sqrt(total)
 
 
+def summary_norm(arrays: StateDict) -> float:
+    """``||summary||_2`` of an upload's floating ``kv.*`` tensors (0 without any)."""
+    total = 0.0
+    for k, v in arrays.items():
+        if k.startswith(KV) and v.is_floating_point():
+            total += float(v.double().square().sum())
+    return math.sqrt(total)
+
+
 def sample_clients(names: list[str], fraction: float, seed: int, rnd: int) -> list[str]:
     """The clients that train in round ``rnd`` (in their configured order)."""
     k = max(1, round(fraction * len(names)))
@@ -326,16 +335,25 @@ class Server:
         if ratio is None or len(updates) < 3:  # with two, neither is an outlier of the other
             return updates
         norms = [update_norm(u.arrays, self.global_arrays) for u in updates]
+        # K/V summaries (bank mode) have no global counterpart to subtract: their own norms.
+        summaries = [summary_norm(u.arrays) for u in updates]
         median = float(np.median(norms))
+        median_s = float(np.median(summaries))
         kept = []
-        for name, u, norm in zip(senders, updates, norms, strict=True):
+        for name, u, norm, snorm in zip(senders, updates, norms, summaries, strict=True):
+            why = None
             if norm > ratio * median:
-                self._refuse(
-                    rnd,
-                    name,
+                why = (
                     f"update norm {norm:.4g} is {norm / median:.3g} x the round's median "
-                    f"{median:.4g} (federation.max_update_norm_ratio={ratio:g})",
+                    f"{median:.4g} (federation.max_update_norm_ratio={ratio:g})"
                 )
+            elif snorm > ratio * median_s:
+                why = (
+                    f"K/V summary norm {snorm:.4g} is {snorm / median_s:.3g} x the round's "
+                    f"median {median_s:.4g} (federation.max_update_norm_ratio={ratio:g})"
+                )
+            if why is not None:
+                self._refuse(rnd, name, why)
                 self.losses.pop(name, None)
                 continue
             kept.append(u)
