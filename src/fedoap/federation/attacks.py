@@ -40,18 +40,15 @@ def poison_update(
         if k.startswith(SHARED) and v.is_floating_point() and k in global_arrays
     ]
     out = dict(update.arrays)
-    deltas = {
-        k: update.arrays[k].double() - global_arrays[k].double().to(update.arrays[k].device)
-        for k in keys
-    }
+    start = {k: global_arrays[k].double().to(update.arrays[k].device) for k in keys}  # g
+    deltas = {k: update.arrays[k].double() - start[k] for k in keys}  # u - g
     if kind == "nan":
         for k in keys:
             out[k] = torch.full_like(update.arrays[k], float("nan"))
     elif kind in ("scale", "sign_flip"):
         factor = SCALE if kind == "scale" else -1.0
         for k in keys:
-            g = update.arrays[k].double() - deltas[k]
-            out[k] = (g + factor * deltas[k]).to(update.arrays[k].dtype)
+            out[k] = (start[k] + factor * deltas[k]).to(update.arrays[k].dtype)
     elif kind == "noise":
         gen = torch.Generator().manual_seed(
             seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.encode())
@@ -60,8 +57,7 @@ def poison_update(
         norm = torch.sqrt(sum(d.square().sum() for d in deltas.values()))  # type: ignore[arg-type]
         scale = norm / torch.sqrt(sum(n.square().sum() for n in noise.values()))  # type: ignore[arg-type]
         for k in keys:
-            g = update.arrays[k].double() - deltas[k]
-            out[k] = (g + scale * noise[k].to(g.device)).to(update.arrays[k].dtype)
+            out[k] = (start[k] + scale * noise[k].to(start[k].device)).to(update.arrays[k].dtype)
     else:
         raise ValueError(f"unknown attack {kind!r}")
     return Update(out, update.num_examples, dict(update.metrics))
