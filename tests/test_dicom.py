@@ -114,21 +114,14 @@ def test_a_file_that_is_not_dicom_is_named(tmp_path):
 def test_predict_on_a_series_folder_writes_a_nifti_mask_in_its_geometry(tmp_path):
     import nibabel as nib
 
-    from fedoap.api import predict_images, run_experiment
-    from tests.conftest import tiny_config
-    from tests.test_volumes import make_nnunet
+    from fedoap.api import predict_images
+    from tests.test_volumes import make_nnunet, one_round
 
     clients = [
         {"name": f"s{k}", "source": "nnunet", "path": str(make_nnunet(tmp_path / f"nn{k}", n=6))}
         for k in range(2)
     ]
-    cfg = tiny_config(
-        "train.precision=fp32",
-        "federation.rounds=1",
-        "finetune.epochs=0",
-        data={"image_size": 32, "clients": clients},
-    )
-    run_experiment(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    one_round(tmp_path / "run", clients)
     write_series(tmp_path / "in" / "CT.1.2", iop=(0, 1, 0, 0, 0, -1), n=7)
     (out,) = predict_images(tmp_path / "run", "s0", [tmp_path / "in" / "CT.1.2"], tmp_path / "o")
     assert out == (tmp_path / "o" / "CT.1.2_mask.nii.gz",)

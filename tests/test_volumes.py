@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from fedoap.api import predict_images, predict_volume
-from fedoap.config import ClientSpec, ConfigError, DataConfig, VolumeSpec
+from fedoap.config import ClientSpec, Config, ConfigError, DataConfig, VolumeSpec
 from fedoap.data import prepare_clients
 from fedoap.data.cache import cache_key
 from fedoap.data.dataset import load_raw
@@ -83,9 +83,40 @@ def make_nnunet(
     return root
 
 
+def make_msd(root: Path, n: int = 6) -> Path:
+    """A Decathlon task of ``n`` cases: 4D images (FLAIR, T1w = 2 x FLAIR + 7), 3D labels."""
+    training = []
+    for k in range(n):
+        image, label = case_arrays(k)
+        save(root / "imagesTr" / f"b{k}.nii.gz", np.stack([image, image * 2 + 7], axis=-1))
+        save(root / "labelsTr" / f"b{k}.nii.gz", label)
+        training.append({"image": f"./imagesTr/b{k}.nii.gz", "label": f"./labelsTr/b{k}.nii.gz"})
+    meta = {
+        "modality": {"0": "FLAIR", "1": "T1w"},
+        "labels": {"0": "background", "1": "edema", "2": "core"},
+        "training": training,
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
 def spec(source: str, path: Path, **kw: Any) -> ClientSpec:
     vol = kw.pop("volume", {})
     return ClientSpec(name="v", source=source, path=str(path), volume=VolumeSpec(**vol), **kw)  # type: ignore[arg-type]
+
+
+def one_round(run_dir: Path, clients: list[dict[str, Any]]) -> Config:
+    """Train a one-round fp32 run of ``clients`` at 32 x 32 into ``run_dir``; its config."""
+    from fedoap.api import run_experiment
+
+    cfg = tiny_config(
+        "train.precision=fp32",
+        "federation.rounds=1",
+        "finetune.epochs=0",
+        data={"image_size": 32, "clients": clients},
+    )
+    run_experiment(cfg, run_dir, progress=False, log=lambda s: None)
+    return cfg
 
 
 def load(s: ClientSpec, size: int = 32) -> Any:
@@ -141,20 +172,7 @@ def test_channel_is_chosen_by_name(tmp_path):
 
 
 def test_msd_4d_images_give_the_named_modality(tmp_path):
-    root = tmp_path / "Task01"
-    training = []
-    for k in range(3):
-        image, label = case_arrays(k)
-        four = np.stack([image, image * 2 + 7], axis=-1)
-        save(root / "imagesTr" / f"b{k}.nii.gz", four)
-        save(root / "labelsTr" / f"b{k}.nii.gz", label)
-        training.append({"image": f"./imagesTr/b{k}.nii.gz", "label": f"./labelsTr/b{k}.nii.gz"})
-    meta = {
-        "modality": {"0": "FLAIR", "1": "T1w"},
-        "labels": {"0": "background", "1": "edema", "2": "core"},
-        "training": training,
-    }
-    (root / "dataset.json").write_text(json.dumps(meta))
+    root = make_msd(tmp_path / "Task01", n=3)
     raw = load(spec("msd", root, channel="T1w"))
     image, _ = case_arrays(0)
     want = prepare_volume(image * 2 + 7, (0.9, 0.8, 3.0), "mr", VolumeSpec(), 32, "x").slices
@@ -370,9 +388,7 @@ def test_restore_slices_inverts_the_axis_move():
     masks[2, 1, 3] = 1
     from fedoap.data.volumes import PreparedVolume
 
-    out = restore_slices(
-        masks, PreparedVolume(np.zeros((5, 8, 8), np.float32), 1, (8, 8), (8, 5, 8))
-    )
+    out = restore_slices(masks, PreparedVolume(np.zeros((5, 8, 8), np.float32), 1, (8, 8)))
     assert out.shape == (8, 5, 8) and out[1, 2, 3] == 1 and out.sum() == 1
 
 
@@ -508,37 +524,15 @@ def test_the_readme_volume_example_is_a_valid_config():
     assert cfg.data.clients[2].case_regex == r"^(P\d+)_"
 
 
-def make_msd(root: Path, n: int = 6) -> Path:
-    training = []
-    for k in range(n):
-        image, label = case_arrays(k)
-        save(root / "imagesTr" / f"b{k}.nii.gz", np.stack([image, image * 2 + 7], axis=-1))
-        save(root / "labelsTr" / f"b{k}.nii.gz", label)
-        training.append({"image": f"./imagesTr/b{k}.nii.gz", "label": f"./labelsTr/b{k}.nii.gz"})
-    meta = {
-        "modality": {"0": "FLAIR", "1": "T1w"},
-        "labels": {"0": "background", "1": "edema", "2": "core"},
-        "training": training,
-    }
-    (root / "dataset.json").write_text(json.dumps(meta))
-    return root
-
-
 def test_predict_on_a_4d_decathlon_image_writes_a_3d_mask_of_the_models_channel(tmp_path):
-    from fedoap.api import load_client_model, run_experiment
+    from fedoap.api import load_client_model
 
     root = make_msd(tmp_path / "Task01")
     clients = [
         {"name": "a", "source": "msd", "path": str(root), "channel": "T1w"},
         {"name": "b", "source": "nnunet", "path": str(make_nnunet(tmp_path / "nn", n=6))},
     ]
-    cfg = tiny_config(
-        "train.precision=fp32",
-        "federation.rounds=1",
-        "finetune.epochs=0",
-        data={"image_size": 32, "clients": clients},
-    )
-    run_experiment(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    cfg = one_round(tmp_path / "run", clients)
     src = root / "imagesTr" / "b0.nii.gz"
     (out,) = predict_images(tmp_path / "run", "a", [src], tmp_path / "pred")
     img: Any = nib.load(out[0])

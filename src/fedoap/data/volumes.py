@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,21 @@ def _channel_names(meta: Mapping[str, Any], key: str, path: Path) -> dict[int, s
     return dict(sorted(out.items()))
 
 
+#: The ``dataset.json`` key that names each layout's channels.
+CHANNEL_KEYS = {"nnunet": "channel_names", "msd": "modality"}
+
+
+def dataset_channel(
+    root: Path, source: str, channel: int | str | None
+) -> tuple[dict[str, Any], Path, dict[int, str], int, str]:
+    """(dataset.json, its path, its channels {index: name}, the chosen index and name)."""
+    meta = _read_dataset_json(root)
+    jpath = root / "dataset.json"
+    names = _channel_names(meta, CHANNEL_KEYS[source], jpath)
+    index, name = choose_channel(names, channel, str(jpath))
+    return meta, jpath, names, index, name
+
+
 def choose_channel(
     names: Mapping[int, str], wanted: int | str | None, where: str
 ) -> tuple[int, str]:
@@ -237,10 +252,7 @@ def detect_layout(path: Path) -> str | None:
 
 def nnunet_layout(root: Path, channel: int | str | None) -> Layout:
     """Cases of an nnU-Net v2 raw dataset folder (``imagesTr``, ``labelsTr``, ``dataset.json``)."""
-    meta = _read_dataset_json(root)
-    jpath = root / "dataset.json"
-    names = _channel_names(meta, "channel_names", jpath)
-    index, name = choose_channel(names, channel, str(jpath))
+    meta, jpath, names, index, name = dataset_channel(root, "nnunet", channel)
     labels = _nnunet_labels(meta, jpath)
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in NIFTI_ENDINGS:
@@ -296,10 +308,7 @@ def _check_no_orphan_labels(labels_dir: Path, cases: set[str], ending: str) -> N
 
 def msd_layout(root: Path, channel: int | str | None) -> Layout:
     """Cases of a Decathlon task folder: ``dataset.json``'s ``training`` list, ``modality``."""
-    meta = _read_dataset_json(root)
-    jpath = root / "dataset.json"
-    names = _channel_names(meta, "modality", jpath)
-    index, name = choose_channel(names, channel, str(jpath))
+    meta, jpath, names, index, name = dataset_channel(root, "msd", channel)
     labels = _msd_labels(meta, jpath)
     training = meta.get("training")
     if not isinstance(training, list) or not training:
@@ -459,7 +468,6 @@ class PreparedVolume:
     slices: np.ndarray  # (N, S, S) float32, normalised, letterboxed
     axis: int
     plane: tuple[int, int]  # (H, W) of a slice before letterboxing
-    shape: tuple[int, int, int]  # the 3D shape the slices came from
 
 
 def prepare_volume(
@@ -479,7 +487,7 @@ def prepare_volume(
     if keep is not None:
         x = x[keep]
     slices = np.stack([letterbox(s, size, is_mask=False) for s in x]) if len(x) else x
-    return PreparedVolume(slices.astype(np.float32), axis, plane, tuple(image.shape[:3]))  # type: ignore[arg-type]
+    return PreparedVolume(slices.astype(np.float32, copy=False), axis, plane)
 
 
 def restore_slices(masks: np.ndarray, prepared: PreparedVolume) -> np.ndarray:
@@ -640,15 +648,6 @@ def load_volumes(spec: ClientSpec, path: Path, size: int, max_pixels: int) -> Ra
     )
 
 
-def iter_volume_files(paths: Sequence[Path]) -> Iterator[Path]:
-    """NIfTI files among ``paths``; a folder gives the NIfTI files under it, sorted."""
-    for p in paths:
-        if p.is_dir():
-            yield from sorted(f for f in p.rglob("*") if f.is_file() and nifti_stem(f) is not None)
-        else:
-            yield p
-
-
 @dataclass(frozen=True)
 class VolumeInput:
     """How ``fedoap predict`` turns a client's new volumes into slices, as training did."""
@@ -672,10 +671,7 @@ def volume_input(spec: ClientSpec, dataset_root: Path) -> VolumeInput:
         return VolumeInput(index, None, None, intensity_kind(v, None))
     jpath = dataset_root / "dataset.json"
     if jpath.is_file():
-        meta = _read_dataset_json(dataset_root)
-        key = "channel_names" if spec.source == "nnunet" else "modality"
-        names = _channel_names(meta, key, jpath)
-        index, name = choose_channel(names, spec.channel, str(jpath))
+        _, _, names, index, name = dataset_channel(dataset_root, spec.source, spec.channel)
         if spec.source == "nnunet":
             return VolumeInput(None, index, name, intensity_kind(v, name))
         return VolumeInput(index if len(names) > 1 else None, None, name, intensity_kind(v, name))
@@ -692,15 +688,14 @@ def volume_input(spec: ClientSpec, dataset_root: Path) -> VolumeInput:
 
 def check_input_channel(path: Path, how: VolumeInput) -> None:
     """Refuse an nnU-Net-named input of another channel than the one the model was trained on."""
-    stem = nifti_stem(path)
-    hit = NNUNET_IMAGE.match(stem or "")
-    if how.channel_file is None or hit is None:
-        return
-    if int(hit["channel"]) != how.channel_file:
+    if is_other_channel(path, how):
+        stem = nifti_stem(path) or ""
+        hit = NNUNET_IMAGE.match(stem)
+        assert hit is not None and how.channel_file is not None
         raise DataError(
             f"{path}: is channel {hit['channel']} by its name, but the model was trained on "
             f"channel {how.channel_file:04d} ({how.channel_name}); give "
-            f"{hit['case']}_{how.channel_file:04d}{path.name[len(stem or '') :]}"
+            f"{hit['case']}_{how.channel_file:04d}{path.name[len(stem) :]}"
         )
 
 
