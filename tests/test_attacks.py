@@ -62,7 +62,7 @@ def test_refused_attackers_leave_the_honest_sites_as_if_they_sent_nothing(tmp_pa
     nan = run(tmp_path, "nan", "federation.attack.sites=[ct]", "federation.attack.kind=nan")
     for summary, why in ((scaled, "update norm"), (nan, "not finite")):
         refused = summary["refused"]
-        assert [(r["round"], r["client"]) for r in refused] == [(1, "ct"), (2, "ct")]
+        assert [(r["round"], r["site"]) for r in refused] == [(1, "ct"), (2, "ct")]
         assert all(why in r["reason"] for r in refused)
     a, b = shared(tmp_path / "scale"), shared(tmp_path / "nan")
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -92,3 +92,25 @@ def test_an_attack_on_an_unknown_site_is_a_config_error():
         tiny_config("federation.attack.sites=[xx]")
     with pytest.raises(ConfigError, match="federation.attack.kind: no federation.attack.sites"):
         tiny_config("federation.attack.kind=nan")
+
+
+def test_refusals_are_in_metrics_csv_and_no_defence_lets_the_attack_in(tmp_path):
+    import csv
+
+    run(tmp_path, "nan", "federation.attack.sites=[ct]", "federation.attack.kind=nan")
+    rows = list(csv.DictReader((tmp_path / "nan" / "metrics.csv").open()))
+    fed = [r for r in rows if r["stage"] == "federated"]
+    assert {r["round"] for r in fed} == {"1", "2"}
+    for r in fed:  # the attacker's rows carry the server's reason, the honest rows nothing
+        assert ("not finite" in r["refused"]) == (r["client"] == "ct"), r
+    # Without the checks the NaN upload reaches the mean, and the run stops, saying why.
+    with pytest.raises(Exception, match="validate_updates=false let every upload in"):
+        run(
+            tmp_path,
+            "open",
+            "federation.attack.sites=[ct]",
+            "federation.attack.kind=nan",
+            "federation.validate_updates=false",
+        )
+    with pytest.raises(ConfigError, match="federation.max_update_norm_ratio: not used"):
+        tiny_config("federation.validate_updates=false", "federation.max_update_norm_ratio=5")

@@ -264,3 +264,67 @@ def test_a_flower_run_is_never_adapted_or_resumed_from_parts_the_server_lacks(
     (flower_run / "summary.json").unlink()  # as if the server had been killed
     with pytest.raises(ConfigError, match="was run on a Flower deployment: resume it there"):
         resume_experiment(flower_run, progress=False, log=print)
+
+
+def test_an_attack_grid_runs_every_defence_and_keeps_a_divergence_as_its_outcome(
+    npz_clients, tmp_path
+):
+    from fedoap.report import make_report
+
+    base = tiny_npz_config(npz_clients, "federation.rounds=2", "finetune.epochs=0")
+    base["train"]["precision"] = "fp32"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec_path = tmp_path / "spec.yaml"
+    grid = {
+        "sites": ["ct"],
+        "kinds": ["nan"],
+        "defences": [
+            {"name": "none", "overrides": ["federation.validate_updates=false"]},
+            {"name": "validation", "overrides": []},
+            {"name": "median", "overrides": ["federation.aggregator=median"]},
+        ],
+    }
+    spec_path.write_text(
+        yaml.safe_dump({"base": "base.yaml", "methods": ["fedavg"], "seeds": [0], "attacks": grid})
+    )
+    spec, bases = load_spec(spec_path)
+    cells = plan(spec, bases, kinds=("main", "attack"))
+    # validation's clean run is the main cell, so it is not run twice.
+    assert [c.variant for c in cells] == [
+        "fedavg",
+        "fedavg.none.clean",
+        "fedavg.none.nan",
+        "fedavg.validation.nan",
+        "fedavg.median.clean",
+        "fedavg.median.nan",
+    ]
+    out = tmp_path / "out"
+    run_bench(spec, bases, out, cells, jobs=2, log=lambda s: None)  # a divergence is no failure
+    assert all(is_done(c, out, spec) for c in cells)
+    diverged = (out / "cells" / cells[2].key / "diverged.txt").read_text()
+    assert "validate_updates=false let every upload in" in diverged
+    with open(out / "results.csv") as fh:
+        rows = {(r["variant"], r["client"]): r for r in csv.DictReader(fh)}
+    assert (
+        rows[("fedavg.none.nan", "mri")]["diverged"]
+        and not rows[("fedavg.none.nan", "mri")]["test_dice"]
+    )
+    assert rows[("fedavg.validation.nan", "ct")]["attacker"] == "1"
+    assert rows[("fedavg.validation.nan", "mri")]["attacker"] == "0"
+    assert rows[("fedavg.validation.nan", "mri")]["refused"] == "2"  # ct, both rounds
+    # Refusing the NaN site leaves the honest two as if ct had sent nothing: validation + mean
+    # and validation + median of two are both their mean, so the two rows agree exactly.
+    for c in ("mri", "us"):
+        assert (
+            rows[("fedavg.validation.nan", c)]["test_dice"]
+            == rows[("fedavg.median.nan", c)]["test_dice"]
+        )
+    report = make_report(out).read_text()
+    section = report[report.index("## Robustness") :]
+    nan_row = next(ln for ln in section.splitlines() if ln.startswith("| nan"))
+    assert nan_row.split("|")[2].strip() == "diverged"
+    honest = np.mean(
+        [float(rows[("fedavg.validation.nan", c)]["test_dice"]) for c in ("mri", "us")]
+    )
+    assert nan_row.split("|")[3].strip().startswith(f"{honest:.3f}")
+    assert (out / "figures" / "robustness_fedavg.png").stat().st_size > 1000

@@ -149,7 +149,7 @@ def test_the_server_refuses_bad_replies_and_aggregates_the_rest(fedoap_bank, tmp
         if k.startswith("shared.") and template[k][1].is_floating_point:
             assert torch.equal(server.global_arrays[k], torch.ones_like(server.global_arrays[k]))
     assert server.losses == {names[0]: 0.5}
-    assert [(r["client"], r["round"]) for r in server.refused] == [(names[1], 1), (names[2], 1)]
+    assert [(r["site"], r["round"]) for r in server.refused] == [(names[1], 1), (names[2], 1)]
     assert "not finite" in server.refused[0]["reason"]
     assert "30 training images" in server.refused[1]["reason"]
     # Nothing acceptable: the global model stays as it was.
@@ -194,7 +194,7 @@ def test_outlying_update_and_summary_norms_are_refused_the_rest_aggregated(fedoa
         server, names = _server(fedoap_bank, tmp_path, script)
         server.transport.trusted = True  # in-process too: not a bug, a judgement on values
         server._federated_step(1)
-        assert [(r["round"], r["client"]) for r in server.refused] == [(1, names[2])]
+        assert [(r["round"], r["site"]) for r in server.refused] == [(1, names[2])]
         assert why in server.refused[0]["reason"] and "10 x" not in server.refused[0]["reason"]
         assert set(server.losses) == set(names[:2])
         key = next(

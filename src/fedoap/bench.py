@@ -66,6 +66,9 @@ RESULT_FIELDS = [
     "device_name",
     "peak_memory_gib",
     "regime",
+    "attacker",  # attack cells: 1 for a client that attacks in this cell
+    "refused",  # attack cells: how many uploads the server refused over the run
+    "diverged",  # attack cells: why the run stopped with a non-finite model (no scores)
 ]
 
 
@@ -99,6 +102,17 @@ class RegimeSpec:
 
 
 @dataclass(frozen=True)
+class AttackGridSpec:
+    """Attacks x defences (issue 15): each ``kinds`` attack by ``sites``, and the clean run,
+    under each defence (a name and config overrides), for each method and seed. Every cell is a
+    full run; the report compares the honest sites' test Dice with the clean run's."""
+
+    sites: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ("nan", "scale", "sign_flip", "noise", "invert_masks")
+    defences: tuple[AblationSpec, ...] = ()
+
+
+@dataclass(frozen=True)
 class BenchSpec:
     # The run config (relative to the spec file) that every cell derives from; or, instead,
     # ``regimes``: the whole matrix once per regime (e.g. one organ at four institutions, and
@@ -111,6 +125,7 @@ class BenchSpec:
     ablation_method: str = "fedoap"
     ablations: tuple[AblationSpec, ...] = ()
     loo: LOOSpec | None = None
+    attacks: AttackGridSpec | None = None
     examples_per_client: int = 4  # test images per client kept for the report's grid
 
 
@@ -188,7 +203,7 @@ def plan(
     bases: dict[str, Config],
     methods: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
-    kinds: Sequence[str] = ("main", "ablation", "loo"),
+    kinds: Sequence[str] = ("main", "ablation", "loo", "attack"),
 ) -> list[Cell]:
     """Every cell of the matrix, regime by regime."""
     subsets = {r.name: r.methods for r in spec.regimes}
@@ -241,6 +256,40 @@ def _plan_one(
                         cfg,
                     )
                 )
+    if "attack" in kinds and spec.attacks is not None:
+        grid = spec.attacks
+        if not grid.sites or not grid.defences:
+            raise ConfigError("attacks: needs sites (the attackers) and defences")
+        names = [d.name for d in grid.defences]
+        if len(set(names)) != len(names) or not all(
+            re.fullmatch(r"[A-Za-z0-9_-]+", n) for n in names
+        ):
+            raise ConfigError(f"attacks.defences: names must be distinct words, got {names}")
+        sites = "[" + ", ".join(grid.sites) + "]"
+        for seed in seeds:
+            for m in methods:
+                # A clean run under a defence with no overrides is the method's main cell.
+                main = digest(derive(base, [f"method={m}", f"seed={seed}"]))
+                for d in grid.defences:
+                    for kind in ("clean", *grid.kinds):
+                        attack = (
+                            []
+                            if kind == "clean"
+                            else [
+                                f"federation.attack.sites={sites}",
+                                f"federation.attack.kind={kind}",
+                            ]
+                        )
+                        # Errors name the defence: "attacks.defences[name]: federation...".
+                        try:
+                            cfg = derive(
+                                base, [f"method={m}", f"seed={seed}", *d.overrides, *attack]
+                            )
+                        except ConfigError as err:
+                            raise ConfigError(f"attacks.defences[{d.name}], {kind}: {err}") from err
+                        if kind == "clean" and digest(cfg) == main:
+                            continue
+                        cells.append(Cell("attack", f"{m}.{d.name}.{kind}", m, seed, cfg))
     if "loo" in kinds and spec.loo is not None:
         selected = [c.name for c in base.data.clients if c.where]
         if selected:
@@ -326,7 +375,25 @@ def _run_cell_steps(
 
 def needs_examples(cell: Cell, spec: BenchSpec) -> bool:
     """Whether the cell keeps test images for the report's grid (the spec's first seed)."""
-    return cell.kind != "loo" and cell.seed == min(spec.seeds)
+    return cell.kind in ("main", "ablation") and cell.seed == min(spec.seeds)
+
+
+#: An attack cell whose run stopped because the model became non-finite (an attack let in
+#: without defence): an outcome to report, not a failure. Holds the run's error line.
+DIVERGED = "diverged.txt"
+
+
+def record_divergence(cell: Cell, folder: Path) -> bool:
+    """For an attack cell whose run failed: keep its divergence as the cell's outcome (True),
+    or leave it a failure (False) when the log's last error is anything else."""
+    if cell.kind != "attack":
+        return False
+    log = (folder / "log.txt").read_text(errors="replace").splitlines()
+    errors = [line for line in log if line.startswith("error:")]
+    if not errors or "not finite" not in errors[-1]:
+        return False
+    atomic_write_text(folder / DIVERGED, errors[-1].removeprefix("error:").strip() + "\n")
+    return True
 
 
 def is_done(cell: Cell, out: Path, spec: BenchSpec | None = None) -> bool:
@@ -336,6 +403,8 @@ def is_done(cell: Cell, out: Path, spec: BenchSpec | None = None) -> bool:
     folder = out / "cells" / cell.key
     if cell.kind == "loo":
         return (folder / "adapt" / "summary.json").is_file()
+    if (folder / DIVERGED).is_file():
+        return True
     examples_missing = not (folder / "examples.npz").is_file()
     if spec is not None and needs_examples(cell, spec) and examples_missing:
         return False
@@ -368,8 +437,11 @@ def run_bench(
                 fut.result()
                 status = "done"
             except subprocess.CalledProcessError:
-                failures.append(cell.key)
-                status = f"FAILED (see {out / 'cells' / cell.key / 'log.txt'})"
+                if record_divergence(cell, out / "cells" / cell.key):
+                    status = "diverged (an outcome of this attack; see its diverged.txt)"
+                else:
+                    failures.append(cell.key)
+                    status = f"FAILED (see {out / 'cells' / cell.key / 'log.txt'})"
             write_results(out)
             minutes = (time.perf_counter() - t0) / 60
             log(f"[{i}/{len(todo)}] {cell.key}: {status} ({minutes:.1f} min)")
@@ -385,6 +457,22 @@ def run_bench(
 
 
 def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
+    if (folder / DIVERGED).is_file():  # an attack let in: no scores, the reason instead
+        why = (folder / DIVERGED).read_text().strip()
+        return [
+            {
+                "kind": cell.kind,
+                "variant": cell.variant,
+                "method": cell.method,
+                "seed": cell.seed,
+                "client": c.name,
+                "config_digest": digest(cell.cfg),
+                "regime": cell.regime,
+                "diverged": why,
+                "attacker": int(c.name in cell.cfg.federation.attack.sites),
+            }
+            for c in cell.cfg.data.clients
+        ]
     summary = json.loads((folder / "run" / "summary.json").read_text())
     metrics = read_metrics(folder / "run" / "metrics.csv")
     execution = summary.get("execution", {})
@@ -403,6 +491,7 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
         # Where the cell ran (a GPU's name, or cpu) and its peak GPU memory (empty on the CPU).
         "device_name": execution.get("name", execution.get("device", "")),
         "peak_memory_gib": execution.get("peak_memory_gib"),
+        "refused": len(summary.get("refused", [])) if cell.kind == "attack" else None,
     }
     if cell.kind != "loo":
         for name, c in summary["clients"].items():
@@ -416,6 +505,9 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
                     "best_round": c["best_round"],
                     "val_dice": next(iter(c["val"].values())),
                     "val_curve": ";".join(curve),
+                    "attacker": int(name in cell.cfg.federation.attack.sites)
+                    if cell.kind == "attack"
+                    else None,
                 }
             )
         return rows
@@ -459,7 +551,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
         done = (
             (folder / "adapt" / "summary.json").is_file()
             if cell.kind == "loo"
-            else (folder / "run" / "summary.json").is_file()
+            else (folder / "run" / "summary.json").is_file() or (folder / DIVERGED).is_file()
         )
         if done:
             rows.extend(cell_rows(cell, folder))

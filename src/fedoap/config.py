@@ -378,6 +378,10 @@ class FederationConfig:
     # An upload whose update norm ||upload - global|| exceeds this many times the round's median
     # update norm is refused (recorded in summary.json ``refused``). None: no norm check.
     max_update_norm_ratio: float | None = ranged(10.0, gt=1)
+    # False: no defence, for measuring what an attack does without one. The server then checks
+    # only what aggregation needs to run at all (keys, shapes, dtypes): non-finite values, a
+    # wrong example count and outlying norms go into the aggregate.
+    validate_updates: bool = True
     # Measurement only: sites that attack (see AttackConfig); none by default.
     attack: AttackConfig = field(default_factory=AttackConfig)
 
@@ -430,6 +434,7 @@ DIGEST_WHEN_SET: dict[str, Any] = {
     "federation.trim_beta": 0.25,
     "federation.byzantine": 1,
     "federation.max_update_norm_ratio": 10.0,
+    "federation.validate_updates": True,
     "federation.attack": {"sites": [], "kind": "scale"},
 }
 
@@ -757,6 +762,11 @@ def _validate_aggregator(cfg: Config, need: Callable[[bool, str], None]) -> None
         krum or f.byzantine == defaults.byzantine,
         f"federation.byzantine: only used by federation.aggregator=krum or multi_krum, not "
         f"{f.aggregator}",
+    )
+    need(
+        f.validate_updates or f.max_update_norm_ratio == defaults.max_update_norm_ratio,
+        "federation.max_update_norm_ratio: not used with federation.validate_updates=false (no "
+        "update is checked)",
     )
     names = [c.name for c in cfg.data.clients]
     for i, site in enumerate(f.attack.sites):

@@ -411,7 +411,155 @@ def sections(
     loo = Table(rows, "loo")
     if loo.rows:
         lines += loo_table(loo, figs, rel)
+    if any(r["kind"] == "attack" for r in rows):
+        lines += robustness_section(rows, figs, rel)
     return lines
+
+
+#: The attacks that poison the model a site sends (``invert_masks`` poisons its data instead).
+MODEL_POISONING = ("nan", "scale", "sign_flip", "noise")
+
+
+Honest = dict[int, float | None]  # seed -> honest sites' mean test Dice (None: diverged)
+
+
+def _drop(per: Honest, clean: dict[int, float]) -> Stat:
+    """Clean minus attacked, in points of Dice, paired by seed (diverged seeds excluded)."""
+    return stat(100 * (clean[k] - v) for k, v in per.items() if k in clean and v is not None)
+
+
+def _robust_cell(per: Honest | None, clean: dict[int, float]) -> str:
+    if not per:
+        return "-"
+    if any(v is None for v in per.values()):
+        return "diverged"
+    d = stat(100 * (v - clean[k]) for k, v in per.items() if k in clean and v is not None)
+    return stat(per.values()).fmt() + (f" ({d.mean:+.1f})" if d.n else "")  # type: ignore[arg-type]
+
+
+def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list[str]:
+    """Attacks x defences (``attack`` cells): the honest sites' mean test Dice, against the
+    method's clean run (its ``main`` cell: validation and the mean, no attack), paired by seed.
+    A run the attack made diverge has no scores: it is shown as such, never as a number."""
+    attack = [r for r in rows if r["kind"] == "attack"]
+    attackers = {r["client"] for r in attack if str(r.get("attacker")) == "1"}
+    lines = ["## Robustness: attacks x defences", ""]
+    for method in dict.fromkeys(r["method"] for r in attack):
+        honest: dict[tuple[str, str], Honest] = defaultdict(dict)
+        refused: dict[str, int] = defaultdict(int)
+        by_cell: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+        for r in attack:
+            if r["method"] == method and r["client"] not in attackers:
+                _, defence, kind = r["variant"].split(".")
+                by_cell[(defence, kind, r["seed"])].append(r)
+        for (defence, kind, seed), mine in by_cell.items():
+            if any(r.get("diverged") for r in mine):
+                honest[(defence, kind)][seed] = None
+            else:
+                honest[(defence, kind)][seed] = float(np.mean([r["test_dice"] for r in mine]))
+                refused[defence] += int(_num(mine[0].get("refused", "")) or 0)
+        # No defence and validation alone first, then the robust rules.
+        found = list(dict.fromkeys(d for d, _ in honest))
+        defences = [d for d in ("none", "validation") if d in found]
+        defences += [d for d in found if d not in defences]
+        kinds = list(dict.fromkeys(k for _, k in honest))
+        clean_rows = [
+            r
+            for r in rows
+            if r["kind"] == "main" and r["variant"] == method and r["client"] not in attackers
+        ]
+        clean = {
+            seed: float(np.mean([r["test_dice"] for r in clean_rows if r["seed"] == seed]))
+            for seed in sorted({r["seed"] for r in clean_rows})
+        }
+        for d in defences:  # a defence without overrides: its clean run is the main cell
+            if not honest.get((d, "clean")) and clean:
+                honest[(d, "clean")] = dict(clean)
+        kinds = ["clean", *[k for k in kinds if k != "clean"]]
+        seeds_run = sorted({s for per in honest.values() for s in per})
+        body = [[k, *[_robust_cell(honest.get((d, k)), clean) for d in defences]] for k in kinds]
+        body.append(["uploads refused (all cells)", *[str(refused[d]) for d in defences]])
+        ref = stat(clean[s] for s in seeds_run if s in clean)
+        lines += [
+            f"### {method}",
+            "",
+            f"Attacker(s): {', '.join(sorted(attackers))}; honest sites: the others. Seeds: "
+            f"{seeds_run}. Each cell: the honest sites' mean test Dice (mean ± 95% CI over seeds) "
+            f"and, in brackets, its difference in points from the clean run ({method} with "
+            f"validation and the mean, no attack: {ref.fmt()}), paired by seed. `diverged`: the "
+            "attack made the global model non-finite and the run stopped (no scores).",
+            "",
+            *markdown_table(["attack", *defences], body),
+            "",
+        ]
+        # The goal: with validation and the best robust aggregator, every model-poisoning
+        # attack within 2 points of clean.
+        worst: dict[str, float] = {}
+        for d in defences:
+            drops = [
+                math.inf if any(v is None for v in per.values()) else _drop(per, clean).mean
+                for per in (honest.get((d, k)) for k in MODEL_POISONING)
+                if per
+            ]
+            if drops:
+                worst[d] = max(drops)
+        robust = {d: w for d, w in worst.items() if d not in ("none", "validation")}
+        if robust:
+            best = min(robust, key=lambda d: robust[d])
+            verdict = "met" if robust[best] <= 2.0 else "not met"
+            lines += [
+                "Goal (validation + the best robust aggregator keeps the honest sites within 2 "
+                f"points of clean under every model-poisoning attack: "
+                f"{', '.join(MODEL_POISONING)}): **{verdict}**. The best is `{best}`, whose "
+                f"worst drop is {robust[best]:.1f} points (mean over seeds). Worst drop per "
+                "defence: " + ", ".join(f"{d} {w:.1f}" for d, w in worst.items()) + ".",
+                "",
+            ]
+        fig_robustness(method, honest, clean, defences, kinds, figs / f"robustness_{method}.png")
+        lines += [f"![robustness]({rel}/robustness_{method}.png)", ""]
+    return lines
+
+
+def fig_robustness(
+    method: str,
+    honest: dict[tuple[str, str], Honest],
+    clean: dict[int, float],
+    defences: list[str],
+    kinds: list[str],
+    path: Path,
+) -> None:
+    """Grouped bars: the honest sites' mean test Dice per attack (groups) and defence (bars);
+    a cross at 0 marks a run that diverged, the dashed line is the clean run."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(kinds)), 3.6))
+    width = 0.8 / max(len(defences), 1)
+    colors = _colors(defences)
+    for j, d in enumerate(defences):
+        for i, kind in enumerate(kinds):
+            per = honest.get((d, kind), {})
+            x = i + (j - (len(defences) - 1) / 2) * width
+            if not per:
+                continue
+            if any(v is None for v in per.values()):
+                ax.plot([x], [0.0], marker="x", color=colors[d], markersize=8)
+                continue
+            s = stat(per.values())  # type: ignore[arg-type]
+            ax.bar(
+                x,
+                s.mean,
+                width,
+                yerr=s.ci if s.n > 1 else None,
+                color=colors[d],
+                label=d if i == 0 else None,
+            )
+    if clean:
+        ax.axhline(float(np.mean(list(clean.values()))), ls="--", color="k", lw=1, label="clean")
+    ax.set_xticks(range(len(kinds)), kinds)
+    ax.set_ylabel("honest sites' test Dice")
+    ax.set_title(f"{method}: attacks x defences (x: diverged)")
+    ax.legend(fontsize=7, ncol=3, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _paired_or_dash(t: Table, a: str, b: str) -> str:

@@ -37,6 +37,7 @@ METRIC_FIELDS = [
     "val_case_dice",
     "best",
     "seconds",
+    "refused",  # the server's reason for refusing the site's upload of that round, if it did
 ]
 
 

@@ -177,7 +177,9 @@ class Algorithm:
         f = self.cfg.federation
         keys = [k for k in updates[0].arrays if k.startswith(SHARED)]
         new = dict(global_arrays)
-        new.update(combine(updates, keys, f.aggregator, f.trim_beta, f.byzantine))
+        new.update(
+            combine(updates, keys, f.aggregator, f.trim_beta, f.byzantine, f.validate_updates)
+        )
         return new
 
     # ------------------------------------------------------------------ client

@@ -117,9 +117,8 @@ class FedOAP(Algorithm):
                 new[BANK] = torch.cat(summaries, dim=0)  # (K * bank_size, C)
             else:  # per-position token means: one more tensor to combine, by the same rule
                 f = self.cfg.federation
-                new[BANK] = combine(updates, [SUMMARY], f.aggregator, f.trim_beta, f.byzantine)[
-                    SUMMARY
-                ]
+                rule = (f.aggregator, f.trim_beta, f.byzantine, f.validate_updates)
+                new[BANK] = combine(updates, [SUMMARY], *rule)[SUMMARY]
         return new
 
 

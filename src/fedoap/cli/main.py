@@ -322,7 +322,9 @@ def bench(
         None, "--methods", help="main-matrix methods (default: spec)"
     ),
     seeds: list[int] = typer.Option(None, "--seeds", help="main/ablation seeds (default: spec)"),
-    only: list[str] = typer.Option(None, "--only", help="main | ablation | loo (repeatable)"),
+    only: list[str] = typer.Option(
+        None, "--only", help="main | ablation | loo | attack (repeatable)"
+    ),
     jobs: int = typer.Option(1, "--jobs", "-j", help="cells run in parallel"),
     max_cells: int = typer.Option(None, "--max-cells", help="run at most this many (chunking)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and stop"),
@@ -336,7 +338,11 @@ def bench(
             check_output_dir(out)
         bspec, bases = load_spec(spec)
         cells = plan(
-            bspec, bases, methods or None, seeds or None, only or ("main", "ablation", "loo")
+            bspec,
+            bases,
+            methods or None,
+            seeds or None,
+            only or ("main", "ablation", "loo", "attack"),
         )
     except USER_ERRORS as err:
         fail(err)

@@ -26,9 +26,15 @@ def _few(keys: set[str]) -> str:
 
 
 def check_upload(
-    arrays: StateDict, num_examples: object, template: Template, declared: int | None = None
+    arrays: StateDict,
+    num_examples: object,
+    template: Template,
+    declared: int | None = None,
+    values: bool = True,
 ) -> str | None:
-    """Why this upload must not be aggregated, or None when it may be."""
+    """Why this upload must not be aggregated, or None when it may be. With ``values=False``
+    (``federation.validate_updates=false``, no defence) only its form is checked: keys, shapes
+    and dtypes, which aggregation needs to run at all."""
     missing, extra = set(template) - set(arrays), set(arrays) - set(template)
     if missing or extra:
         parts = [f"missing {_few(missing)}"] if missing else []
@@ -42,6 +48,8 @@ def check_upload(
             return f"{key} has shape {tuple(value.shape)}, expected {tuple(shape)}"
         if value.dtype != dtype:
             return f"{key} has dtype {value.dtype}, expected {dtype}"
+    if not values:
+        return None
     bad = nonfinite_keys(arrays)
     if bad:
         return f"{len(bad)} tensor(s) not finite, e.g. {bad[0]}"

@@ -45,8 +45,10 @@ if TYPE_CHECKING:
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 
 
-def check_round(updates: Sequence[Update], keys: Sequence[str]) -> None:
-    """Refuse a round no rule can combine meaningfully (see the module docstring)."""
+def check_round(updates: Sequence[Update], keys: Sequence[str], finite: bool = True) -> None:
+    """Refuse a round no rule can combine meaningfully (see the module docstring); with
+    ``finite=False`` (``federation.validate_updates=false``: no defence, for measurement)
+    non-finite values pass."""
     if not updates:
         raise ValueError("aggregation needs at least one upload")
     for i, u in enumerate(updates):
@@ -63,7 +65,7 @@ def check_round(updates: Sequence[Update], keys: Sequence[str]) -> None:
                 raise ValueError(
                     f"upload {i}: {k} has shape {tuple(t.shape)}, upload 0 {tuple(first[k].shape)}"
                 )
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"upload {i}: {k} is not finite")
 
 
@@ -85,17 +87,19 @@ def _per_key(
     return out
 
 
-def weighted_mean(updates: Sequence[Update], keys: Sequence[str]) -> StateDict:
+def weighted_mean(updates: Sequence[Update], keys: Sequence[str], finite: bool = True) -> StateDict:
     """``sum_k n_k a_k / sum_k n_k`` for each key (the ``mean`` rule)."""
-    check_round(updates, keys)
+    check_round(updates, keys, finite)
     w = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
     w = w / w.sum()
     return _per_key(updates, keys, lambda s: torch.tensordot(w, s, dims=1))
 
 
-def coordinate_median(updates: Sequence[Update], keys: Sequence[str]) -> StateDict:
+def coordinate_median(
+    updates: Sequence[Update], keys: Sequence[str], finite: bool = True
+) -> StateDict:
     """The coordinate-wise median (the mean of the two middle values for an even count)."""
-    check_round(updates, keys)
+    check_round(updates, keys, finite)
     n = len(updates)
 
     def median(s: torch.Tensor) -> torch.Tensor:
@@ -105,9 +109,11 @@ def coordinate_median(updates: Sequence[Update], keys: Sequence[str]) -> StateDi
     return _per_key(updates, keys, median)
 
 
-def trimmed_mean(updates: Sequence[Update], keys: Sequence[str], beta: float) -> StateDict:
+def trimmed_mean(
+    updates: Sequence[Update], keys: Sequence[str], beta: float, finite: bool = True
+) -> StateDict:
     """Per coordinate, the mean after dropping the ``floor(beta * n)`` largest and smallest."""
-    check_round(updates, keys)
+    check_round(updates, keys, finite)
     n = len(updates)
     cut = math.floor(beta * n)
     if n - 2 * cut < 1:
@@ -131,33 +137,41 @@ def krum_scores(updates: Sequence[Update], keys: Sequence[str], f: int) -> torch
     return nearest.sum(1)
 
 
-def krum(updates: Sequence[Update], keys: Sequence[str], f: int) -> StateDict:
+def krum(updates: Sequence[Update], keys: Sequence[str], f: int, finite: bool = True) -> StateDict:
     """The upload with the lowest Krum score (ties: the first)."""
-    check_round(updates, keys)
+    check_round(updates, keys, finite)
     best = int(torch.argmin(krum_scores(updates, keys, f)))
     return {k: updates[best].arrays[k].clone() for k in keys}
 
 
-def multi_krum(updates: Sequence[Update], keys: Sequence[str], f: int) -> StateDict:
+def multi_krum(
+    updates: Sequence[Update], keys: Sequence[str], f: int, finite: bool = True
+) -> StateDict:
     """The example-weighted mean of the ``n - f`` uploads with the lowest Krum scores."""
-    check_round(updates, keys)
+    check_round(updates, keys, finite)
     order = torch.argsort(krum_scores(updates, keys, f), stable=True)
     chosen = [updates[int(i)] for i in order[: len(updates) - f]]
-    return weighted_mean(chosen, keys)
+    return weighted_mean(chosen, keys, finite)
 
 
 def combine(
-    updates: Sequence[Update], keys: Sequence[str], rule: str, beta: float, f: int
+    updates: Sequence[Update],
+    keys: Sequence[str],
+    rule: str,
+    beta: float,
+    f: int,
+    finite: bool = True,
 ) -> StateDict:
-    """The round's aggregate of ``keys`` under ``rule`` (``federation.aggregator``)."""
+    """The round's aggregate of ``keys`` under ``rule`` (``federation.aggregator``); ``finite``
+    as in :func:`check_round`."""
     if rule == "mean":
-        return weighted_mean(updates, keys)
+        return weighted_mean(updates, keys, finite)
     if rule == "median":
-        return coordinate_median(updates, keys)
+        return coordinate_median(updates, keys, finite)
     if rule == "trimmed_mean":
-        return trimmed_mean(updates, keys, beta)
+        return trimmed_mean(updates, keys, beta, finite)
     if rule == "krum":
-        return krum(updates, keys, f)
+        return krum(updates, keys, f, finite)
     if rule == "multi_krum":
-        return multi_krum(updates, keys, f)
+        return multi_krum(updates, keys, f, finite)
     raise ValueError(f"unknown aggregator {rule!r}; known: {', '.join(AGGREGATORS)}")

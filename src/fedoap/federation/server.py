@@ -158,7 +158,12 @@ class Server:
         self.bytes_up, self.bytes_down = h["bytes_up"], h["bytes_down"]
         self.losses = dict(h.get("losses", {}))
         self.excluded = dict(h.get("excluded", {}))
-        self.refused, self.lost = list(h.get("refused", [])), list(h.get("lost", []))
+        self.lost = list(h.get("lost", []))
+        # Checkpoints before issue 15 named the site "client".
+        self.refused = [
+            {"round": r["round"], "site": r.get("site", r.get("client")), "reason": r["reason"]}
+            for r in h.get("refused", [])
+        ]
         self.transport.restore_history(h.get("transport", {}))
         self.transport.restore_sites(rs)
         # Time already spent per phase; this process's data loading is added to it.
@@ -275,14 +280,17 @@ class Server:
             update = reply.update
             if name != POOLED:  # pooling moves raw data, not model messages
                 self.bytes_down.append(nbytes(self.global_arrays))
+            checked = cfg.federation.validate_updates  # false: no defence (measurement)
             reason = check_upload(
                 update.arrays,
                 update.num_examples,
                 self.template,
                 self.train_sizes.get(name) if name != POOLED else None,
+                values=checked,
             )
             loss = update.metrics.get("train_loss")
-            if reason is None and not (isinstance(loss, float | int) and math.isfinite(loss)):
+            finite = isinstance(loss, float | int) and math.isfinite(loss)
+            if reason is None and checked and not finite:
                 reason = f"train loss {loss!r} is not a finite number"
             attacker = name in cfg.federation.attack.sites  # measurement: a poisoned upload
             if reason is not None:
@@ -295,7 +303,8 @@ class Server:
                 continue
             updates.append(update)
             senders.append(name)
-            self.losses[name] = float(loss)  # type: ignore[arg-type]
+            if finite:
+                self.losses[name] = float(loss)  # type: ignore[arg-type]
             if name != POOLED:  # pooling moves raw data, not model messages
                 self.bytes_up.append(nbytes(update.arrays))
         updates = self._check_norms(rnd, senders, updates)
@@ -314,11 +323,15 @@ class Server:
                 new = self.alg.aggregate(self.global_arrays, updates, self.server)
             bad = nonfinite_keys(new)
             if bad:
+                why = (
+                    "federation.validate_updates=false let every upload in, finite or not"
+                    if not cfg.federation.validate_updates
+                    else f"every upload was finite: the server step of method {self.alg.name} "
+                    "diverged (check its algorithm.server_lr, if it has one)"
+                )
                 raise DivergedError(
                     f"round {rnd}: the aggregated global model is not finite ({len(bad)} "
-                    f"tensor(s), e.g. {bad[0]}) although every upload was: the server step of "
-                    f"method {self.alg.name} diverged (check its algorithm.server_lr, if it has "
-                    "one)",
+                    f"tensor(s), e.g. {bad[0]}); {why}",
                     round=rnd,
                     stage="aggregate",
                 )
@@ -332,6 +345,8 @@ class Server:
         return the others. A judgement on values, not a malformed upload: recorded as refused on
         either transport, never taken for a bug."""
         ratio = self.cfg.federation.max_update_norm_ratio
+        if not self.cfg.federation.validate_updates:
+            ratio = None
         if ratio is None or len(updates) < 3:  # with two, neither is an outlier of the other
             return updates
         norms = [update_norm(u.arrays, self.global_arrays) for u in updates]
@@ -378,6 +393,15 @@ class Server:
                     )
                     row["sampled"] = int(self.alg.pooled or name in sampled)
                     row["train_loss"] = self.losses.get(POOLED, self.losses.get(name))
+                    # Why the server refused this site's upload of that round, if it did.
+                    row["refused"] = next(
+                        (
+                            r["reason"]
+                            for r in self.refused
+                            if (r["round"], r["site"]) == (rnd, name)
+                        ),
+                        None,
+                    )
                 else:
                     row["sampled"] = 1
                 self.rows.append(row)
@@ -388,7 +412,7 @@ class Server:
         return replies
 
     def _refuse(self, rnd: int, site: str, reason: str) -> None:
-        self.refused.append({"round": rnd, "client": site, "reason": reason})
+        self.refused.append({"round": rnd, "site": site, "reason": reason})
         self.log(f"warning: round {rnd}: refused site '{site}''s update: {reason}")
 
     def _exclude(self, name: str, err: DivergedError) -> None:
