@@ -460,7 +460,7 @@ def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list
                 refused[defence] += int(_num(mine[0].get("refused", "")) or 0)
         # No defence and validation alone first, then the robust rules.
         found = list(dict.fromkeys(d for d, _ in honest))
-        defences = [d for d in ("none", "validation") if d in found]
+        defences: list[str] = [d for d in ("none", "validation") if d in found]
         defences += [d for d in found if d not in defences]
         kinds = list(dict.fromkeys(k for _, k in honest))
         clean_rows = [
