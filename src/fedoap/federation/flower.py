@@ -5,7 +5,8 @@ public API only).
 Messages:
 
 * **query** (when a node first appears): the node says which configured site it is and its
-  split sizes. A site that restarts comes back as a new node and is identified again.
+  split sizes. A site that restarts comes back as a new node (with node auth, under its old
+  node id) and is identified again.
 * **train** (one per site per step, see :mod:`fedoap.federation.site`): the
   :class:`~fedoap.federation.site.Step` as JSON in the ConfigRecord, the global arrays in one
   ArrayRecord when the step validates or trains. The node loads its own state from its site
@@ -15,7 +16,37 @@ Messages:
   a MetricRecord (``num-examples``, ``train-loss``, byte counts).
 
 Which site a reply comes from is Flower's routing (the node that sent it), never what the reply
-says. Personal parameters, optimiser state and the selected model stay in the site's folder
+says. A node's claim to a site (its query reply) is checked before any step goes to it
+(:meth:`FlowerTransport.identify`):
+
+* **One node per site.** A site is held by the first node that claims it. A node that claims a
+  site whose node is still connected (in the SuperLink's list of online nodes) is refused and
+  not asked again while that node holds the site; it is asked again once the holder is lost,
+  i.e. when Flower answers a step with NODE_UNAVAILABLE or the holder drops off the SuperLink's
+  list. So a SuperNode cannot evict another site by posing as it, and a site restarted while its
+  old node is still counted online (within Flower's heartbeat patience, 2 x 30 s) takes over one
+  identify later, when the old node is gone. A node that misses a reply, or whose ClientApp
+  crashed, keeps its site.
+* **Sizes are pinned at the first join.** The split sizes a site declares when it first joins
+  are its aggregation weight (the server checks each upload's ``num-examples`` against them);
+  a later node for that site declaring other sizes is refused for good, as is a reply with no
+  valid ``client-index`` (an integer in ``0..K-1``) or sizes. The pins, and every refusal,
+  survive a server restart (the checkpoint's history) and land in ``summary.json``
+  (``transport.refused_nodes``).
+* **What authenticates a node.** Node ids are assigned by the SuperLink, one per registered
+  public key, so routing by node id is authenticated routing when the SuperLink runs with
+  ``--enable-supernode-auth``: only nodes whose keys were registered can connect, and a
+  restarted SuperNode comes back under its key's node id (Flower 1.42 ``activate_node`` by
+  public key), which is why a lost node is asked again when it reappears. The ServerApp sees each
+  node's key (``Grid.get_nodes()`` -> ``NodeInfo.public_key``); its SHA-256 fingerprint is kept
+  per site (``transport.site_keys``). Without node auth every SuperNode start makes a new key
+  pair, so the key adds nothing and is not enforced by default. With node auth on, turn on
+  ``pin_keys`` (run config ``pin-node-keys = "true"``, once the app's ``pyproject.toml``
+  declares the key): a site then stays pinned to the key it first joined with, and a node with
+  another key is refused. What stays open: any admitted node may claim a site that is free,
+  i.e. has never joined, or (without ``pin_keys``) whose node was lost.
+
+Personal parameters, optimiser state and the selected model stay in the site's folder
 (``<output-dir>/checkpoints/site/<name>/``, ``checkpoints/best/<name>.safetensors``) and never
 enter a message. The resolved fedoap config travels from the server in every ConfigRecord, so a
 site needs only its own data path (``--node-config "client-name=... data-path=..."``).
@@ -27,6 +58,7 @@ needs every site's personal query projection, i.e. each client's individual mode
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import time
@@ -309,13 +341,39 @@ def train_handler(msg: Message, context: Context) -> Message:
 # ============================================================================ server side
 
 
+SPLITS = ("train", "val", "test")
+
+
+class _Refused(Exception):
+    """A node's claim to a site that does not hold (``claimed``: the site it named, if any)."""
+
+    def __init__(self, claimed: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.claimed = claimed
+
+
+def _is_count(v: Any) -> bool:
+    """A whole number >= 0 as a record carries it (an int; not a float, not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _fingerprint(public_key: bytes) -> str:
+    """A node's public key as a short SHA-256 hex digest ('' when the Grid gives none)."""
+    return hashlib.sha256(public_key).hexdigest()[:16] if public_key else ""
+
+
 def _size(m: Message) -> int:
     """A message's payload bytes as Flower counts them."""
     return sum(r.count_bytes() for r in m.content.values())
 
 
 class FlowerTransport:
-    """Steps as Flower messages: one per site per step, through the public ``Grid`` API."""
+    """Steps as Flower messages: one per site per step, through the public ``Grid`` API.
+
+    Which node holds which site, and the refusals, are described in the module docstring.
+    ``pin_keys``: keep each site pinned to the public key it first joined with (meaningful only
+    with SuperNode authentication, where a node's key is registered and outlives its process).
+    """
 
     runtime = "flower"
     trusted = False
@@ -327,20 +385,33 @@ class FlowerTransport:
         names: list[str],
         timeout: float,
         log: Any = print,
+        pin_keys: bool = False,
     ) -> None:
         self.grid, self.base, self.names, self.timeout, self.log = grid, base, names, timeout, log
+        self.pin_keys = pin_keys
         self.nodes: dict[int, str] = {}  # node id -> site name (Flower's routing, not a claim)
-        self.dead: set[int] = set()  # nodes that missed a reply: never asked again
-        self.sizes: dict[str, dict[str, int]] = {}
+        self.dead: set[int] = set()  # refused for good, or failed to identify: never asked again
+        self.parked: dict[int, str] = {}  # node -> the site it claimed while another held it
+        self.sizes: dict[str, dict[str, int]] = {}  # pinned at the site's first join
+        self.keys: dict[str, str] = {}  # site -> SHA-256 of its first node's public key
         self.received_keys: list[list[str]] = []
         self.steps: list[dict[str, Any]] = []  # per step: wall seconds, bytes, sites' seconds
         self.rejoined: list[dict[str, Any]] = []
+        self.refused_nodes: list[dict[str, Any]] = []
 
     # -------------------------------------------------------------- nodes
 
     def identify(self, step: int = 0) -> None:
-        """Ask every node not yet known which site it is (a restarted site is a new node)."""
-        new = [n for n in self.grid.get_node_ids() if n not in self.nodes and n not in self.dead]
+        """Ask every node not yet known which site it is (a restarted site is a new node), and
+        give it the site if its claim holds (see the module docstring)."""
+        # Only nodes the SuperLink counts online (heartbeats within its patience) are listed.
+        online = {int(n.node_id): bytes(n.public_key) for n in self.grid.get_nodes()}
+        held = {name for node, name in self.nodes.items() if node in online}
+        new = [
+            n
+            for n in online
+            if n not in self.nodes and n not in self.dead and self.parked.get(n) not in held
+        ]
         if not new:
             return
         msgs = [
@@ -351,29 +422,82 @@ class FlowerTransport:
             )
             for n in new
         ]
-        for _, m in self._send_and_receive(msgs, min(self.timeout, 600)):
-            node = m.metadata.src_node_id
+        for node, m in self._send_and_receive(msgs, min(self.timeout, 600)):
+            self.parked.pop(node, None)
             if m.has_error():
+                if m.error.code == NODE_UNAVAILABLE:
+                    continue  # asked again if the SuperLink lists it again
                 self.log(
                     f"warning: node {node} failed to identify: {client_error(str(m.error.reason))}"
                 )
                 self.dead.add(node)
                 continue
-            r = m.content[METRICS]
-            idx = _i(r, "client-index")
-            if not 0 <= idx < len(self.names):
+            key = _fingerprint(online.get(node, b""))
+            try:
+                name, sizes = self._claim(m, key)
+            except _Refused as refused:
+                self._refuse(step, node, refused.claimed, str(refused))
                 self.dead.add(node)
                 continue
-            name = self.names[idx]
-            old = [k for k, v in self.nodes.items() if v == name]
-            for k in old:  # the site's earlier node is gone
-                del self.nodes[k]
-                self.dead.add(k)
-            if step and (old or name in self.sizes):
+            holder = next((k for k, v in self.nodes.items() if v == name), None)
+            if holder is not None and holder in online:
+                self._refuse(
+                    step,
+                    node,
+                    name,
+                    f"site '{name}' is held by node {holder}, which is still connected "
+                    "(asked again once that node is lost)",
+                )
+                self.parked[node] = name
+                continue
+            if holder is not None:  # the SuperLink no longer lists it: lost
+                del self.nodes[holder]
+                self.log(f"site '{name}': its node {holder} is no longer connected")
+            if step and name in self.sizes:
                 self.rejoined.append({"round": step, "client": name, "node": node})
                 self.log(f"site '{name}' rejoined as node {node} at step {step}")
             self.nodes[node] = name
-            self.sizes[name] = {s: _i(r, f"num-{s}") for s in ("train", "val", "test")}
+            self.sizes.setdefault(name, sizes)
+            if key:
+                self.keys.setdefault(name, key)
+
+    def _claim(self, m: Message, key: str) -> tuple[str, dict[str, int]]:
+        """A query reply's claim, (site, its sizes), checked against what the site joined with
+        (its sizes, and with ``pin_keys`` its node's key); raises :class:`_Refused`."""
+        try:
+            r = m.content.metric_records[METRICS]
+            idx, sizes = r.get("client-index"), {s: r.get(f"num-{s}") for s in SPLITS}
+        except (KeyError, TypeError, AttributeError) as err:
+            raise _Refused(None, f"its reply has no {METRICS} record ({err!r})") from None
+        if not _is_count(idx) or cast(int, idx) >= len(self.names):
+            raise _Refused(
+                None, f"client-index {idx!r} is not an integer in 0..{len(self.names) - 1}"
+            )
+        name = self.names[cast(int, idx)]
+        bad = {s: v for s, v in sizes.items() if not _is_count(v)}
+        if bad:
+            raise _Refused(name, f"its sizes {bad} are not counts")
+        declared = {s: cast(int, v) for s, v in sizes.items()}
+        pinned = self.sizes.get(name)
+        if pinned is not None and declared != pinned:
+            raise _Refused(
+                name,
+                f"it declares sizes {declared}, but site '{name}' joined with {pinned} "
+                "(a site's aggregation weight is fixed at its first join)",
+            )
+        if self.pin_keys and name in self.keys and key != self.keys[name]:
+            raise _Refused(
+                name,
+                f"its public key {key or '(none)'} is not the key site '{name}' joined with "
+                f"({self.keys[name]})",
+            )
+        return name, declared
+
+    def _refuse(self, step: int, node: int, claimed: str | None, reason: str) -> None:
+        self.refused_nodes.append(
+            {"step": step, "node": node, "claimed": claimed, "reason": reason}
+        )
+        self.log(f"warning: node {node} refused: {reason}")
 
     def wait_for_all(self, deadline_s: float = 600) -> None:
         end = time.time() + deadline_s
@@ -383,7 +507,11 @@ class FlowerTransport:
                 return
             if time.time() > end:
                 missing = sorted(set(self.names) - set(self.nodes.values()))
-                raise FederationError(f"site(s) {missing} did not connect within {deadline_s} s")
+                refused = [r for r in self.refused_nodes if r["claimed"] in (None, *missing)]
+                raise FederationError(
+                    f"site(s) {missing} did not connect within {deadline_s} s"
+                    + (f"; refused: {refused}" if refused else "")
+                )
             time.sleep(0.5)
 
     def _send_and_receive(self, msgs: list[Message], timeout: float) -> list[tuple[int, Message]]:
@@ -465,9 +593,10 @@ class FlowerTransport:
                     f"no reply within federation.round_timeout_s={self.timeout:g} s"
                 )
                 if name in gone and gone[name] == SITE_GONE[NODE_UNAVAILABLE]:
-                    # Flower says the node is gone: never ask it again. A node that was only
-                    # slow, or whose ClientApp crashed, keeps its place for the next step.
-                    self.dead.add(node_of[name])
+                    # Flower says the node is gone: the site is free for the node that claims
+                    # it next (this one again if the SuperLink lists it again: with node auth
+                    # a restarted SuperNode keeps its node id). A node that was only slow, or
+                    # whose ClientApp crashed, keeps its place for the next step.
                     del self.nodes[node_of[name]]
         self.steps.append(record)
         return replies, lost
@@ -508,12 +637,28 @@ class FlowerTransport:
             "steps": self.steps,
             "rejoined": self.rejoined,
             "received_keys": self.received_keys,
+            "refused_nodes": self.refused_nodes,
+            "sizes": self.sizes,
+            "site_keys": self.keys,
         }
 
     def restore_history(self, history: dict[str, Any]) -> None:
+        """The checkpoint's history. Call it before the nodes are identified again, so that the
+        sites' pinned sizes and keys apply to them (:func:`server_main` does); refusals made in
+        this process before it are kept after the restored ones, so it may be called twice."""
         self.steps = list(history.get("steps", []))
         self.rejoined = list(history.get("rejoined", []))
         self.received_keys = list(history.get("received_keys", []))
+        restored = list(history.get("refused_nodes", []))
+        self.refused_nodes = restored + [r for r in self.refused_nodes if r not in restored]
+        pinned = {
+            str(n): {s: int(v) for s, v in d.items()} for n, d in history.get("sizes", {}).items()
+        }
+        self.sizes = {**self.sizes, **pinned}  # the first join's sizes win
+        self.keys = {
+            **self.keys,
+            **{str(n): str(k) for n, k in history.get("site_keys", {}).items()},
+        }
 
     def describe(self) -> dict[str, Any]:
         fed = [s for s in self.steps if s["stage"] == "federated"]
@@ -521,6 +666,8 @@ class FlowerTransport:
             "runtime": "flower",
             "transport": {
                 "rejoined": self.rejoined,
+                "refused_nodes": self.refused_nodes,
+                "site_keys": self.keys,
                 "bytes_per_round": {
                     "up": int(sum(s["bytes_up"] for s in fed) / max(1, len(fed))),
                     "down": int(sum(s["bytes_down"] for s in fed) / max(1, len(fed))),
@@ -546,7 +693,17 @@ def server_main(grid: Grid, context: Context) -> None:
         raise ConfigError(f"method {cfg.method} cannot run on Flower: {reason}")
     names = [c.name for c in cfg.data.clients]
     base = {"fedoap-config": cfg_yaml, "run-dir": str(run_dir.resolve())}
-    transport = FlowerTransport(grid, base, names, cfg.federation.round_timeout_s)
+    pin_keys = str(context.run_config.get("pin-node-keys", "false")).lower() in ("1", "true", "yes")
+    transport = FlowerTransport(
+        grid, base, names, cfg.federation.round_timeout_s, pin_keys=pin_keys
+    )
+    rs = None
+    if resume and rd.last.is_file():
+        rs = load_run_state(rd, cfg.digest())
+        if rs.runtime != "flower":
+            raise CheckpointError(f"{rd.last} is not a Flower server's checkpoint")
+        # Before the nodes are asked again: the sizes (and keys) the sites joined with hold.
+        transport.restore_history(rs.history.get("transport", {}))
     transport.wait_for_all()
     model = alg.build_model()
     server = Server(
@@ -559,10 +716,7 @@ def server_main(grid: Grid, context: Context) -> None:
         model,
         Timer(torch.device("cpu")),
     )
-    if resume and rd.last.is_file():
-        rs = load_run_state(rd, cfg.digest())
-        if rs.runtime != "flower":
-            raise CheckpointError(f"{rd.last} is not a Flower server's checkpoint")
+    if rs is not None:
         server.restore(rs)
         print(f"resuming after {rs.stage} step {rs.done}", flush=True)
     server.run()
