@@ -59,3 +59,214 @@ def test_opacus_per_sample_gradients_equal_a_loop_over_single_examples(kv):
     # And the per-sample gradients are not all alike: the check compares real numbers.
     some = next(iter(params.values())).grad_sample  # type: ignore[union-attr]
     assert not torch.allclose(some[0], some[1])
+
+
+# ------------------------------------------------------------------ DP-SGD in the engine
+
+
+def test_the_per_image_loss_is_a_mean_of_per_example_terms_the_batch_dice_is_not():
+    from fedoap.losses import SegLoss
+
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 1, 8, 8, generator=gen)
+    y = (torch.rand(4, 1, 8, 8, generator=gen) > 0.6).float()
+    for per_image, equal in ((True, True), (False, False)):
+        loss = SegLoss(per_image=per_image)
+        mean = torch.stack([loss(z[i : i + 1], y[i : i + 1]) for i in range(4)]).mean()
+        assert torch.isclose(loss(z, y), mean, atol=1e-6).item() is equal
+
+
+def test_a_dp_sgd_step_is_the_mean_of_clipped_per_example_gradients_of_a_poisson_batch():
+    """With zero noise and plain SGD (lr 1) one DP step moves the weights by exactly
+    -(1/B) sum_i clip(g_i) over the examples a Poisson draw took: sampling, clipping and the
+    division by the expected batch size, against a loop over single examples."""
+    from fedoap.data.dataset import Split
+    from fedoap.losses import SegLoss
+    from fedoap.privacy import SiteDP
+    from fedoap.training.dp import dp_train_epochs
+
+    cfg = tiny_config("train.precision=fp32")
+    model = build_algorithm(cfg).build_model().double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 1, 32, 32, generator=gen, dtype=torch.float64)
+    y = (torch.rand(10, 1, 32, 32, generator=gen) > 0.7).double()
+    loss = SegLoss(per_image=True)
+    dp = SiteDP(0.0, 0.05, 0.5, 1, 4, 1e-3, "prv", 1, None)  # C = 0.05: every gradient clipped
+    take = torch.nonzero(torch.rand(10, generator=torch.Generator().manual_seed(7)) < 0.5)
+    assert 1 < len(take) < 10
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = {n: torch.zeros_like(p) for n, p in before.items()}
+    norms = []
+    for i in take.flatten().tolist():
+        model.zero_grad()
+        loss(model(x[i : i + 1]), y[i : i + 1]).backward()
+        g = {n: p.grad.clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
+        norm = torch.sqrt(sum(v.square().sum() for v in g.values()))  # type: ignore[arg-type]
+        norms.append(float(norm))
+        for n in g:
+            expected[n] -= g[n] * min(1.0, 0.05 / (float(norm) + 1e-6)) / 4
+    assert min(norms) > 0.05  # the clip is active for every example
+    model.zero_grad()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    split = Split(x, y, None, None)  # type: ignore[arg-type]
+    dp_train_epochs(
+        model,
+        opt,
+        split,
+        1,
+        lambda z, t, g, xx: loss(z, t),
+        torch.Generator().manual_seed(7),
+        dp,
+        "fp32",
+    )
+    worst = max(
+        float((p.detach() - before[n] - expected[n]).abs().max())
+        for n, p in model.named_parameters()
+    )
+    assert worst < 1e-9, worst
+    # The network is left as it was: in-place activations back, no Opacus attributes.
+    assert any(getattr(m, "inplace", False) for m in model.modules())
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def run_dp(tmp_path, name, *over):
+    from fedoap.api import run_experiment
+
+    cfg = tiny_config("train.precision=fp32", *over)
+    return run_experiment(cfg, tmp_path / name, progress=False, log=lambda s: None)
+
+
+def test_the_budget_covers_every_step_fine_tuning_included_and_meets_the_target(tmp_path):
+    from fedoap.privacy import epsilon_spent
+
+    s = run_dp(
+        tmp_path,
+        "local",
+        "method=local",
+        "federation.rounds=2",
+        "finetune.epochs=1",
+        "privacy.dp.enabled=true",
+        "privacy.dp.epsilon=2",
+    )
+    clients = s["privacy"]["clients"]
+    assert set(clients) == set(s["clients"]) and "privacy" not in s["clients"]["mri"]
+    for name, c in clients.items():
+        n = s["clients"][name]["n"]["train"]
+        per_epoch = max(1, round(n / 8))
+        assert c["steps"] == c["planned_steps"] == (2 * 1 + 1) * per_epoch  # rounds x E + FT
+        assert c["delta"] == pytest.approx(1 / (10 * n))
+        assert 1.9 <= c["epsilon"] <= 2.0  # the target, spent to within the search's tolerance
+        # Recomputed from the reported mechanism: the same epsilon; and more steps cost more.
+        again = epsilon_spent(
+            "prv", c["noise_multiplier"], c["sample_rate"], c["steps"], c["delta"]
+        )
+        assert again == pytest.approx(c["epsilon"], abs=1e-3)
+        assert (
+            epsilon_spent(
+                "prv", c["noise_multiplier"], c["sample_rate"], 2 * c["steps"], c["delta"]
+            )
+            > c["epsilon"]
+        )
+
+
+def test_dp_fedavg_clips_each_update_averages_equally_and_adds_noise_of_z_c_over_k():
+    from fedoap.algorithms import Update
+    from fedoap.privacy import dp_fedavg
+
+    g = {"shared.w": torch.zeros(3)}
+    ups = [
+        Update({"shared.w": torch.tensor([2.0, 0.0, 0.0])}, 100),  # norm 2: halved by C = 1
+        Update({"shared.w": torch.tensor([0.0, 0.5, 0.0])}, 1),  # norm 0.5: kept
+    ]
+    out = dp_fedavg(g, ups, ["shared.w"], 1.0, 0.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(out["shared.w"], torch.tensor([0.5, 0.25, 0.0]))  # weights ignored
+    big = {"shared.w": torch.zeros(200_000)}
+    same = [Update({"shared.w": torch.zeros(200_000)}, 1) for _ in range(4)]
+    noisy = dp_fedavg(big, same, ["shared.w"], 1.0, 2.0, torch.Generator().manual_seed(0))
+    assert float(noisy["shared.w"].std()) == pytest.approx(2.0 * 1.0 / 4, rel=0.01)
+
+
+def test_client_level_dp_is_accounted_per_round(tmp_path):
+    s = run_dp(
+        tmp_path,
+        "cdp",
+        "method=fedavg",
+        "federation.rounds=2",
+        "privacy.client_dp.enabled=true",
+        "privacy.client_dp.noise_multiplier=1.5",
+    )
+    c = s["privacy"]["client_level"]
+    assert c["rounds"] == 2 and c["delta"] == pytest.approx(1 / 30)
+    # RDP of 2 Gaussian mechanisms of multiplier 1.5, converted at delta: below the classic
+    # bound min_a 2 a / (2 s^2) + log(1/delta) / (a - 1) (Mironov 2017; Opacus's is tighter).
+    import math
+
+    classic = min(
+        2 * a / (2 * 1.5**2) + math.log(30) / (a - 1) for a in [1 + i / 10 for i in range(1, 400)]
+    )
+    assert 0.5 * classic < c["epsilon"] <= classic
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["privacy.dp.enabled=true"], "privacy.dp: give exactly one of epsilon"),
+        (
+            ["privacy.dp.enabled=true", "privacy.dp.epsilon=1", "privacy.dp.noise_multiplier=1"],
+            "privacy.dp: give exactly one of epsilon",
+        ),
+        (["privacy.dp.enabled=true", "privacy.dp.epsilon=0"], "privacy.dp.epsilon: must be > 0"),
+        (["privacy.dp.enabled=true", "privacy.dp.epsilon=-1"], "privacy.dp.epsilon: must be > 0"),
+        (["privacy.dp.epsilon=3"], "privacy.dp: options given but privacy.dp.enabled is false"),
+        (
+            ["privacy.dp.enabled=true", "privacy.dp.epsilon=3", "model.kv.mode=bank"],
+            "model.kv.mode=bank: its K/V summaries",
+        ),
+        (
+            ["privacy.dp.enabled=true", "privacy.dp.epsilon=3", "train.precision=fp16"],
+            "train.precision=fp16",
+        ),
+        (
+            ["privacy.client_dp.enabled=true", "federation.aggregator=median"],
+            "privacy.client_dp: DP-FedAvg clips and averages",
+        ),
+        (
+            ["privacy.client_dp.enabled=true", "federation.fraction=0.5"],
+            "privacy.client_dp: its accountant assumes every site",
+        ),
+    ],
+)
+def test_dp_settings_no_accountant_can_use_are_config_errors(overrides, message):
+    from fedoap.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        tiny_config(*overrides)
+
+
+def test_dp_refuses_a_method_it_cannot_account_and_an_unreachable_budget(tmp_path):
+    from fedoap.config import ConfigError
+
+    with pytest.raises(ConfigError, match="privacy.dp: method fedprox is not supported under DP"):
+        build_algorithm(
+            tiny_config("method=fedprox", "privacy.dp.enabled=true", "privacy.dp.epsilon=3")
+        )
+    with pytest.raises(ConfigError, match="privacy.client_dp: method local shares nothing"):
+        build_algorithm(tiny_config("method=local", "privacy.client_dp.enabled=true"))
+    # Before any training: a site whose training set is not above the batch size, and a budget
+    # no noise multiplier reaches.
+    with pytest.raises(ConfigError, match=r"privacy.dp: site 'mri' has \d+ training images"):
+        run_dp(
+            tmp_path,
+            "b",
+            "method=fedavg",
+            "train.batch_size=64",
+            "privacy.dp.enabled=true",
+            "privacy.dp.epsilon=3",
+        )
+    with pytest.raises(
+        ConfigError, match=r"privacy.dp.epsilon=0.0001: the prv accountant finds no"
+    ):
+        run_dp(
+            tmp_path, "e", "method=fedavg", "privacy.dp.enabled=true", "privacy.dp.epsilon=0.0001"
+        )
+    assert not (tmp_path / "e" / "metrics.csv").exists()  # nothing ran

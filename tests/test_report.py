@@ -165,3 +165,54 @@ def test_report_has_a_table_per_regime_and_a_regimes_summary(tmp_path):
     for regime in shift:
         assert (tmp_path / "figures" / regime / "per_client_dice.png").is_file()
         assert f"figures/{regime}/per_client_dice.png" in text
+
+
+def test_privacy_regimes_are_ordered_by_the_epsilon_spent_with_the_gain_over_local(tmp_path):
+    import csv
+
+    from fedoap.bench import RESULT_FIELDS
+    from fedoap.report import make_report
+
+    # Under eps 1, fedoap is local + 4 points; without DP, local + 1 point.
+    gain = {"eps-1": (0.9, 0.04), "eps-inf": (None, 0.01)}
+    out = []
+    for regime, (eps, d) in gain.items():
+        for method in ("local", "fedoap"):
+            for seed in (0, 1):
+                for client in ("a", "b"):
+                    dice = 0.4 + 0.01 * seed + (d if method == "fedoap" else 0.0)
+                    out.append(
+                        {
+                            "kind": "main",
+                            "variant": method,
+                            "method": method,
+                            "seed": seed,
+                            "client": client,
+                            "test_dice": dice,
+                            "test_iou": dice,
+                            "test_hd95_px": 5.0,
+                            "test_case_dice": dice,
+                            "best_round": 1,
+                            "val_dice": dice,
+                            "seconds_total": 10.0,
+                            "seconds_per_round": 1.0,
+                            "bytes_up_per_round": 1,
+                            "bytes_down_per_round": 1,
+                            "breaks_privacy": 0,
+                            "config_digest": f"{regime}{method}{seed}",
+                            "val_curve": f"{dice}",
+                            "regime": regime,
+                            "epsilon": eps,
+                        }
+                    )
+    with open(tmp_path / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(out)
+    text = make_report(tmp_path).read_text()
+    section = text[text.index("## Privacy") :]
+    header = next(ln for ln in section.splitlines() if ln.startswith("| method"))
+    assert header.split("|")[2:4] == [" ε = 0.9 ", " ε = ∞ (no DP) "]
+    gain_row = next(ln for ln in section.splitlines() if ln.startswith("| fedoap − local"))
+    assert gain_row.split("|")[2:4] == [" +4.0 ± 0.0 (n = 2) ", " +1.0 ± 0.0 (n = 2) "]
+    assert (tmp_path / "figures" / "dice_vs_epsilon.png").stat().st_size > 1000

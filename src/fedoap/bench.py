@@ -69,6 +69,8 @@ RESULT_FIELDS = [
     "attacker",  # attack cells: 1 for a client that attacks in this cell
     "refused",  # attack cells: how many uploads the server refused over the run
     "diverged",  # attack cells: why the run stopped with a non-finite model (no scores)
+    "epsilon",  # privacy.dp: the (epsilon, delta) the client spent (summary.json privacy)
+    "delta",
 ]
 
 
@@ -493,6 +495,7 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
         "peak_memory_gib": execution.get("peak_memory_gib"),
         "refused": len(summary.get("refused", [])) if cell.kind == "attack" else None,
     }
+    spent = summary.get("privacy", {}).get("clients", {})
     if cell.kind != "loo":
         for name, c in summary["clients"].items():
             curve = [r["val_dice"] for r in metrics if r["client"] == name]
@@ -508,6 +511,7 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
                     "attacker": int(name in cell.cfg.federation.attack.sites)
                     if cell.kind == "attack"
                     else None,
+                    **{k: spent.get(name, {}).get(k) for k in ("epsilon", "delta")},
                 }
             )
         return rows

@@ -387,6 +387,43 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class SampleDPConfig:
+    """``privacy.dp``: sample-level DP-SGD at every site (Opacus; fedoap.privacy): Poisson
+    sampling, per-example gradient clipping, Gaussian noise, and an accountant over every step
+    the site takes, fine-tuning included. Give a target ``epsilon`` (the noise is chosen to spend
+    it over the run's planned steps) or a ``noise_multiplier`` (the epsilon it spends is
+    reported)."""
+
+    enabled: bool = False
+    epsilon: float | None = ranged(None, gt=0)
+    noise_multiplier: float | None = ranged(None, gt=0)
+    # None: 1 / (10 n) for a site with n training images (stated in summary.json per site).
+    delta: float | None = ranged(None, gt=0, lt=1)
+    max_grad_norm: float = ranged(1.0, gt=0)
+    accountant: Literal["prv", "rdp"] = "prv"
+
+
+@dataclass(frozen=True)
+class ClientDPConfig:
+    """``privacy.client_dp``: client-level DP (DP-FedAvg; McMahan et al. 2018): the server
+    clips each site's update of the shared weights to ``clip_norm``, averages them with equal
+    weights and adds Gaussian noise of std ``noise_multiplier * clip_norm / K`` to the mean;
+    an RDP accountant over the rounds gives the (epsilon, delta) of a whole site's data."""
+
+    enabled: bool = False
+    clip_norm: float = ranged(1.0, gt=0)
+    noise_multiplier: float = ranged(1.0, gt=0)
+    # None: 1 / (10 K) for K sites.
+    delta: float | None = ranged(None, gt=0, lt=1)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    dp: SampleDPConfig = field(default_factory=SampleDPConfig)
+    client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     method: str = "fedoap"
     seed: int = ranged(0, ge=0, le=SEED_MAX)
@@ -395,6 +432,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Method-specific options, validated against the chosen method's ``Options`` dataclass.
     algorithm: Mapping[str, Any] = field(default_factory=dict)
 
@@ -419,6 +457,9 @@ class Config:
                         client.pop(key.removeprefix("clients[]."), None)
             elif plain[section].get(key) == default:
                 plain[section].pop(key, None)
+        for section in DIGEST_SECTIONS_WHEN_SET:  # a later section left empty: as if absent
+            if not plain.get(section):
+                plain.pop(section, None)
         blob = json.dumps(plain, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -436,7 +477,13 @@ DIGEST_WHEN_SET: dict[str, Any] = {
     "federation.max_update_norm_ratio": 10.0,
     "federation.validate_updates": True,
     "federation.attack": {"sites": [], "kind": "scale"},
+    "privacy.dp": json.loads(json.dumps(dataclasses.asdict(SampleDPConfig()))),
+    "privacy.client_dp": json.loads(json.dumps(dataclasses.asdict(ClientDPConfig()))),
 }
+
+#: Sections added after runs already existed: dropped from the digest when every key of them is
+#: at its default (DIGEST_WHEN_SET).
+DIGEST_SECTIONS_WHEN_SET = ("privacy",)
 
 #: Settings that decide where and how fast a run executes, not what it computes (up to float
 #: rounding): left out of :meth:`Config.digest`. ``train.num_threads`` predates this list and
@@ -722,6 +769,7 @@ def validate(cfg: Config) -> None:
         )
         _validate_volume_options(c, f"data.clients[{i}]", need)
     _validate_aggregator(cfg, need)
+    _validate_privacy(cfg, need)
     need(d.channels in (1, 3), f"data.channels: must be 1 or 3, got {d.channels}")
     s = d.split
     need(abs(s.train + s.val + s.test - 1.0) < 1e-6, "data.split: train + val + test must sum to 1")
@@ -786,6 +834,59 @@ def _validate_aggregator(cfg: Config, need: Callable[[bool, str], None]) -> None
             f"federation.byzantine={f.byzantine}: {f.aggregator} needs more than 2 f + 2 = "
             f"{2 * f.byzantine + 2} sites per round (f < n/2 - 1), and {sampled} are sampled "
             f"of {n}; lower f, or use median or trimmed_mean",
+        )
+
+
+def _validate_privacy(cfg: Config, need: Callable[[bool, str], None]) -> None:
+    """DP options only when enabled, and each mechanism with settings its accountant can use.
+    (Which methods support DP is the method's business: fedoap.algorithms.base.)"""
+    p, defaults = cfg.privacy, PrivacyConfig()
+    dp, cdp = p.dp, p.client_dp
+    if not dp.enabled:
+        need(
+            dp == defaults.dp,
+            "privacy.dp: options given but privacy.dp.enabled is false (set it to true)",
+        )
+    else:
+        need(
+            (dp.epsilon is None) != (dp.noise_multiplier is None),
+            "privacy.dp: give exactly one of epsilon (a target over the run) or "
+            "noise_multiplier; the accountant needs the noise, or a budget to choose it from",
+        )
+        need(
+            cfg.train.precision != "fp16",
+            "train.precision=fp16: its loss scaling cannot be combined with per-example "
+            "clipping (privacy.dp); use fp32 or bf16",
+        )
+        need(
+            not cfg.train.compile,
+            "train.compile: per-example gradients (privacy.dp) need Opacus's hooks, which a "
+            "compiled model bypasses; set train.compile=false",
+        )
+        need(
+            cfg.model.kv.mode != "bank",
+            "model.kv.mode=bank: its K/V summaries are computed from private features and are "
+            "not accounted by privacy.dp; use model.kv.mode=weights under DP",
+        )
+    if not cdp.enabled:
+        need(
+            cdp == defaults.client_dp,
+            "privacy.client_dp: options given but privacy.client_dp.enabled is false",
+        )
+    else:
+        need(
+            cfg.federation.aggregator == "mean",
+            f"privacy.client_dp: DP-FedAvg clips and averages the updates itself; "
+            f"federation.aggregator={cfg.federation.aggregator} cannot be combined with it",
+        )
+        need(
+            cfg.federation.fraction == 1.0,
+            "privacy.client_dp: its accountant assumes every site takes part in every round; "
+            f"federation.fraction={cfg.federation.fraction} is not supported yet",
+        )
+        need(
+            cfg.model.kv.mode != "bank",
+            "model.kv.mode=bank: the K/V summaries are not clipped or noised by privacy.client_dp",
         )
 
 

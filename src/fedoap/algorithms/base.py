@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from fedoap.algorithms.registry import ALGORITHMS
 from fedoap.config import Config, ConfigError, check_ranges, from_dict
 from fedoap.data.dataset import ClientData, Split
 from fedoap.errors import DivergedError
@@ -36,6 +37,7 @@ from fedoap.losses import SegLoss
 from fedoap.models import FedOAPNet, Partition, StateDict
 from fedoap.models.net import AttentionKind
 from fedoap.models.partition import keys_of_children, sub
+from fedoap.privacy import CLIENT_DP_ROUNDS, SiteDP, dp_fedavg, plan_site, planned_epochs
 from fedoap.training import make_generator, train_epochs
 from fedoap.training.device import model_device
 from fedoap.training.engine import LossFn, nonfinite_keys
@@ -105,6 +107,15 @@ class Algorithm:
     breaks_privacy: ClassVar[bool] = False
     #: Train one model on the pooled training sets instead of per client (``centralized``).
     pooled: ClassVar[bool] = False
+    #: Whether ``privacy.dp`` / ``privacy.client_dp`` can run it: its local training is
+    #: :meth:`train` with a per-example loss and no penalty, and it aggregates with this
+    #: class's :meth:`aggregate` (set for the methods tested under DP). Not inherited: a
+    #: subclass changes training or aggregation, so it declares its own (:meth:`dp_supported`).
+    supports_dp: ClassVar[bool] = False
+
+    @classmethod
+    def dp_supported(cls) -> bool:
+        return bool(cls.__dict__.get("supports_dp", False))
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -113,7 +124,21 @@ class Algorithm:
             check_ranges(self.options, prefix="algorithm.")
         except ConfigError as err:
             raise ConfigError(f"{err} (method {self.name})") from None
-        self.seg_loss = SegLoss()
+        p = cfg.privacy
+        for key, on in (("privacy.dp", p.dp.enabled), ("privacy.client_dp", p.client_dp.enabled)):
+            if on and not self.dp_supported():
+                supported = ", ".join(
+                    n for n in ALGORITHMS.names() if ALGORITHMS.get(n).dp_supported()
+                )
+                raise ConfigError(
+                    f"{key}: method {self.name} is not supported under DP yet (supported: "
+                    f"{supported})"
+                )
+        if p.client_dp.enabled and self.name == "local":
+            raise ConfigError("privacy.client_dp: method local shares nothing to noise")
+        # Under DP-SGD the loss must be a mean of per-example terms (fedoap.privacy).
+        self.seg_loss = SegLoss(per_image=p.dp.enabled)
+        self._site_dp: dict[tuple[str, int], SiteDP] = {}
 
     # ------------------------------------------------------------------ structure
 
@@ -136,6 +161,15 @@ class Algorithm:
 
     def attention_kind(self) -> AttentionKind:
         return self.attention
+
+    def site_dp(self, client: str, n: int) -> SiteDP:
+        """The DP-SGD parameters of a client with ``n`` training images (``privacy.dp``),
+        fixed for the run: planned over every epoch it may train (fedoap.privacy)."""
+        key = (client, n)
+        if key not in self._site_dp:
+            epochs = planned_epochs(self.cfg, self.has_finetune, self.passes_per_round())
+            self._site_dp[key] = plan_site(self.cfg, client, n, epochs)
+        return self._site_dp[key]
 
     def passes_per_round(self) -> int:
         """Passes over the local training set per round (for progress bars and budgets)."""
@@ -177,6 +211,17 @@ class Algorithm:
         f = self.cfg.federation
         keys = [k for k in updates[0].arrays if k.startswith(SHARED)]
         new = dict(global_arrays)
+        cdp = self.cfg.privacy.client_dp
+        if cdp.enabled:  # DP-FedAvg (fedoap.privacy): clipped, equally weighted, noised
+            done = int(server.get(CLIENT_DP_ROUNDS, torch.zeros((), dtype=torch.int64)))
+            gen = make_generator(self.cfg.seed, "client_dp", done + 1)
+            new.update(
+                dp_fedavg(
+                    global_arrays, list(updates), keys, cdp.clip_norm, cdp.noise_multiplier, gen
+                )
+            )
+            server[CLIENT_DP_ROUNDS] = torch.tensor(done + 1, dtype=torch.int64)
+            return new
         new.update(
             combine(updates, keys, f.aggregator, f.trim_beta, f.byzantine, f.validate_updates)
         )
@@ -264,6 +309,24 @@ class Algorithm:
         them), so head-only or body-only phases cost what they should.
         """
         t = self.cfg.train
+        if self.cfg.privacy.dp.enabled:
+            from fedoap.training.dp import dp_train_epochs
+
+            if penalty is not None:  # supports_dp methods have none
+                raise ConfigError(f"privacy.dp: method {self.name} trains with a penalty")
+            with only_these_train(model, optimizer):
+                return dp_train_epochs(
+                    model,
+                    optimizer,
+                    split,
+                    epochs,
+                    loss_fn,
+                    gen,
+                    self.site_dp(ctx.client, len(split)),
+                    t.precision,
+                    augment=self.cfg.data.augment,
+                    progress=ctx.progress,
+                )
         with only_these_train(model, optimizer):
             return train_epochs(
                 model,

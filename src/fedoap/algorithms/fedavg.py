@@ -15,3 +15,4 @@ from fedoap.algorithms.registry import ALGORITHMS
 @ALGORITHMS.register("fedavg")
 class FedAvg(Algorithm):
     name = "fedavg"
+    supports_dp = True

@@ -54,6 +54,7 @@ class FedOAP(Algorithm):
     uses_adapter = True
     personal_modules = ("bottleneck", "query_proj", "adapter", "head")
     has_finetune = True
+    supports_dp = True
 
     def attention_kind(self) -> AttentionKind:
         return "cross" if self.cfg.model.use_dca else "none"

@@ -18,6 +18,7 @@ from fedoap.algorithms.registry import ALGORITHMS
 class Local(Algorithm):
     name = "local"
     has_finetune = True
+    supports_dp = True
 
     def personal_keys(self, model: nn.Module) -> set[str]:
         return set(model.state_dict())

@@ -33,6 +33,7 @@ from fedoap.federation.site import Reply, Step
 from fedoap.federation.state import RunState, SiteState, save_run_state
 from fedoap.federation.summary import make_summary
 from fedoap.models import FedOAPNet, StateDict
+from fedoap.privacy import privacy_summary
 from fedoap.runs import RunDir
 from fedoap.training.device import Timer
 from fedoap.training.engine import nonfinite_keys
@@ -461,6 +462,11 @@ class Server:
             phases=self.timer.seconds,
         )
         summary.update(described)
+        privacy = privacy_summary(self.cfg, self.tests, self.server)
+        if privacy is not None:  # each site's spent budget, in one place
+            summary["privacy"] = privacy
+            for entry in summary["clients"].values():
+                entry.pop("privacy", None)
         for key in ("excluded", "refused", "lost"):
             if getattr(self, key):
                 summary[key] = getattr(self, key)

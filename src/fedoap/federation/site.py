@@ -20,6 +20,7 @@ it after (:func:`~fedoap.federation.state.save_site_state`). Personal state neve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from fedoap.errors import DivergedError
 from fedoap.federation.attacks import invert_training_masks, poison_update
 from fedoap.federation.state import SiteState
 from fedoap.models import FedOAPNet, StateDict
+from fedoap.privacy import DP_STEPS
 from fedoap.training import evaluate
 from fedoap.training.device import Timer
 
@@ -104,6 +106,9 @@ class Site:
         self.timer = timer
         self.bar = bar
         self.on_selected = on_selected  # called after the test: where the selected model goes
+        # privacy.dp: the site's DP-SGD parameters, fixed (and checked) before its first step;
+        # the steps it takes are counted in its state (DP_STEPS), which its checkpoint keeps.
+        self.dp = alg.site_dp(data.name, len(data.train)) if cfg.privacy.dp.enabled else None
 
     @property
     def name(self) -> str:
@@ -142,6 +147,7 @@ class Site:
             update, self.record.state = self.alg.run_fit(
                 self.model, global_arrays, self.record.state, self.data, ctx
             )
+        self._count_dp_epochs(self.alg.passes_per_round())
         if self.attacker:
             kind = self.cfg.federation.attack.kind
             update = poison_update(update, global_arrays, kind, self.cfg.seed, rnd, self.name)
@@ -165,9 +171,23 @@ class Site:
             loss, rec.state = self.alg.run_finetune_epoch(
                 self.model, payload, rec.state, self.data, ctx, first=step.epoch == 1
             )
+        self._count_dp_epochs(1)
         row = self._validate(step.round, "finetune", payload)
         row["train_loss"] = loss
         return row
+
+    def _count_dp_epochs(self, epochs: int) -> None:
+        """Add ``epochs`` of DP-SGD steps to the site's privacy ledger (``privacy.dp``)."""
+        if self.dp is None:
+            return
+        state = self.record.state
+        done = int(state.extra.get(DP_STEPS, torch.zeros((), dtype=torch.int64)))
+        steps = torch.tensor(done + epochs * self.dp.steps_per_epoch, dtype=torch.int64)
+        self.record.state = dataclasses.replace(state, extra={**state.extra, DP_STEPS: steps})
+
+    def dp_steps(self) -> int:
+        """The DP-SGD steps this site has taken so far."""
+        return int(self.record.state.extra.get(DP_STEPS, torch.zeros((), dtype=torch.int64)))
 
     def _validate(self, rnd: int, stage: str, payload: StateDict) -> dict[str, Any]:
         """Score the personalised model on the validation split; keep it if it is the best."""
@@ -221,4 +241,5 @@ class Site:
             "val": {t.select_metric: rec.best_score},
             "test": test,
             "notes": self.data.notes,
+            **({"privacy": self.dp.report(self.dp_steps())} if self.dp is not None else {}),
         }

@@ -1,0 +1,102 @@
+"""Local training under sample-level DP-SGD (``privacy.dp``; see :mod:`fedoap.privacy`).
+
+The same loop as :func:`fedoap.training.engine.train_epochs`, with Poisson-sampled batches and
+Opacus's per-example clipping and noise (``GradSampleModule`` + ``DPOptimizer`` around the
+method's own optimiser, so its state persists across rounds as without DP). Opacus is imported
+here only, when a DP run trains.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedoap.config import AugmentConfig
+from fedoap.data.augment import augment_batch
+from fedoap.data.dataset import Split
+from fedoap.errors import DivergedError
+from fedoap.privacy import SiteDP
+from fedoap.training.device import autocast
+from fedoap.training.engine import LossFn, all_finite, step_begin
+
+
+def dp_train_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Split,
+    epochs: int,
+    loss_fn: LossFn,
+    gen: torch.Generator,
+    dp: SiteDP,
+    precision: str,
+    augment: AugmentConfig | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> float:
+    """``epochs`` x ``dp.steps_per_epoch`` DP-SGD steps; returns the mean training loss per
+    example seen. ``loss_fn`` must be a mean of per-example terms (fedoap.privacy)."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    model.train()
+    device = data.x.device
+    n = len(data)
+    # Opacus's backward hooks cannot see through in-place activations; out of place they
+    # compute the same function. Restored when the call ends.
+    inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    for m in inplace:
+        m.inplace = False  # type: ignore[assignment]
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    opt = DPOptimizer(
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=dp.expected_batch,
+        loss_reduction="mean",
+        generator=gen,
+    )
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = steps = 0
+    try:
+        for _ in range(epochs):
+            for _ in range(dp.steps_per_epoch):
+                idx = torch.nonzero(
+                    torch.rand(n, generator=gen, device=device) < dp.sample_rate
+                ).flatten()
+                opt.zero_grad(set_to_none=True)
+                steps += 1
+                if len(idx) == 0:  # an empty Poisson batch: the step is noise alone
+                    for p in opt.params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    opt.step()
+                    continue
+                x, y = data.x[idx], data.y[idx]
+                if augment is not None and augment.enabled:
+                    x, y = augment_batch(x, y, augment, gen)
+                step_begin(x)
+                with autocast(precision, device.type):
+                    logits = gsm(x)
+                loss = loss_fn(logits.float(), y, gen, x)
+                with warnings.catch_warnings():
+                    # The first layer's input needs no gradient, which its hook notes each step.
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
+                opt.step()
+                if not bool(torch.isfinite(loss.detach())):
+                    raise DivergedError(
+                        f"the loss was not finite at DP step {steps} ({float(loss)})", step=steps
+                    )
+                total += loss.detach().double() * len(idx)
+                count += len(idx)
+                if progress is not None:
+                    progress(len(idx))
+    finally:
+        opt.zero_grad(set_to_none=True)
+        gsm._close()  # hooks and per-sample attributes off the model
+        for m in inplace:
+            m.inplace = True  # type: ignore[assignment]
+    if not all_finite(model.parameters()):
+        raise DivergedError(f"the weights are not finite after {steps} DP steps", step=steps)
+    return float(total) / max(count, 1)
