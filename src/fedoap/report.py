@@ -438,6 +438,44 @@ def _robust_cell(per: Honest | None, clean: dict[int, float]) -> str:
     return stat(per.values()).fmt() + (f" ({d.mean:+.1f})" if d.n else "")  # type: ignore[arg-type]
 
 
+def _per_site_table(
+    by_cell: dict[tuple[str, str, int], list[dict[str, Any]]],
+    clean_rows: list[dict[str, Any]],
+    defences: list[str],
+    kinds: list[str],
+) -> list[str]:
+    """Each honest site's test Dice per attack and defence (mean over seeds): a mean over sites
+    can hide one site's loss behind another's gain."""
+    clients = list(dict.fromkeys(r["client"] for r in clean_rows))
+    cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    diverged: set[tuple[str, str]] = set()
+    for (defence, kind, _), mine in by_cell.items():
+        if any(r.get("diverged") for r in mine):
+            diverged.add((defence, kind))
+            continue
+        for r in mine:
+            cells[(defence, kind)][r["client"]].append(r["test_dice"])
+    body = [
+        [
+            "clean (validation, mean)",
+            "",
+            *[stat(r["test_dice"] for r in clean_rows if r["client"] == c).fmt() for c in clients],
+        ]
+    ]
+    for kind in kinds:
+        for d in defences:
+            if (d, kind) in diverged:
+                body.append([kind, d, *["diverged"] * len(clients)])
+            elif (d, kind) in cells:
+                body.append([kind, d, *[stat(cells[(d, kind)][c]).fmt() for c in clients]])
+    return [
+        "Per honest site (test Dice, mean over seeds):",
+        "",
+        *markdown_table(["attack", "defence", *clients], body),
+        "",
+    ]
+
+
 def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list[str]:
     """Attacks x defences (``attack`` cells): the honest sites' mean test Dice, against the
     method's clean run (its ``main`` cell: validation and the mean, no attack), paired by seed.
@@ -493,6 +531,7 @@ def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list
             *markdown_table(["attack", *defences], body),
             "",
         ]
+        lines += _per_site_table(by_cell, clean_rows, defences, kinds)
         # The goal: with validation and the best robust aggregator, every model-poisoning
         # attack within 2 points of clean.
         worst: dict[str, float] = {}
