@@ -205,6 +205,12 @@ def test_privacy_regimes_are_ordered_by_the_epsilon_spent_with_the_gain_over_loc
                             "epsilon": eps,
                         }
                     )
+    # DP-FedAvg instead: fedoap alone, its client-level epsilon in its own column.
+    out += [
+        {**r, "regime": "client-dp", "epsilon": None, "client_epsilon": 12.0, "test_dice": 0.1}
+        for r in out
+        if r["regime"] == "eps-inf" and r["method"] == "fedoap"
+    ]
     with open(tmp_path / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
         w.writeheader()
@@ -212,7 +218,13 @@ def test_privacy_regimes_are_ordered_by_the_epsilon_spent_with_the_gain_over_loc
     text = make_report(tmp_path).read_text()
     section = text[text.index("## Privacy") :]
     header = next(ln for ln in section.splitlines() if ln.startswith("| method"))
-    assert header.split("|")[2:4] == [" ε = 0.9 ", " ε = ∞ (no DP) "]
+    assert header.split("|")[2:5] == [
+        " ε = 0.9 ",
+        " ε = ∞ (no DP) ",
+        " client-dp: client-level ε = 12 ",
+    ]
     gain_row = next(ln for ln in section.splitlines() if ln.startswith("| fedoap − local"))
-    assert gain_row.split("|")[2:4] == [" +4.0 ± 0.0 (n = 2) ", " +1.0 ± 0.0 (n = 2) "]
+    assert gain_row.split("|")[2:5] == [" +4.0 ± 0.0 (n = 2) ", " +1.0 ± 0.0 (n = 2) ", " - "]
+    fedoap_row = next(ln for ln in section.splitlines() if ln.startswith("| fedoap |"))
+    assert fedoap_row.split("|")[4].strip() == "0.100 ± 0.000"
     assert (tmp_path / "figures" / "dice_vs_epsilon.png").stat().st_size > 1000

@@ -71,6 +71,7 @@ RESULT_FIELDS = [
     "diverged",  # attack cells: why the run stopped with a non-finite model (no scores)
     "epsilon",  # privacy.dp: the (epsilon, delta) the client spent (summary.json privacy)
     "delta",
+    "client_epsilon",  # privacy.client_dp: the run's client-level epsilon (DP-FedAvg)
 ]
 
 
@@ -494,6 +495,7 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
         "device_name": execution.get("name", execution.get("device", "")),
         "peak_memory_gib": execution.get("peak_memory_gib"),
         "refused": len(summary.get("refused", [])) if cell.kind == "attack" else None,
+        "client_epsilon": summary.get("privacy", {}).get("client_level", {}).get("epsilon"),
     }
     spent = summary.get("privacy", {}).get("clients", {})
     if cell.kind != "loo":

@@ -51,19 +51,15 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def print_summary(summary: dict[str, Any], title: str) -> None:
     table = Table(title=title)
-    for col in (
-        "client",
-        "train/val/test",
-        "best round",
-        "val",
-        "test Dice",
-        "IoU",
-        "HD95 px",
-        "case Dice",
-    ):
+    # privacy.dp: the (epsilon, delta) each site spent, next to what it bought.
+    spent = summary.get("privacy", {}).get("clients", {})
+    cols = ["client", "train/val/test", "best round", "val", "test Dice", "IoU", "HD95 px"]
+    cols += ["case Dice"] + (["ε (δ)"] if spent else [])
+    for col in cols:
         table.add_column(col, justify="right" if col != "client" else "left")
     for name, c in summary["clients"].items():
         n = c["n"]
+        dp = spent.get(name)
         table.add_row(
             name,
             f"{n['train']}/{n['val']}/{n['test']}",
@@ -73,6 +69,7 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
             _fmt(c["test"]["iou"]),
             _fmt(c["test"]["hd95_px"], 1),
             _fmt(c["test"].get("case_dice")),
+            *([f"{dp['epsilon']:.2f} ({dp['delta']:.1e})" if dp else "-"] if spent else []),
         )
     m = summary["mean"]["test"]
     table.add_row(
@@ -84,8 +81,16 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
         _fmt(m["iou"]),
         _fmt(m["hd95_px"], 1),
         _fmt(m["case_dice"]),
+        *([""] if spent else []),
     )
     console.print(table)
+    client_level = summary.get("privacy", {}).get("client_level")
+    if client_level:
+        console.print(
+            f"client-level DP (DP-FedAvg): epsilon {client_level['epsilon']:.2f} at delta "
+            f"{client_level['delta']:.2g} over {client_level['rounds']} rounds",
+            highlight=False,
+        )
     p, t, comm = summary["params"], summary["time"], summary["comm"]
     console.print(
         f"params shared/personal: {p['shared']:,}/{p['personal']:,}   "
