@@ -183,3 +183,18 @@ def test_the_token_mean_bank_is_combined_by_the_same_rule():
         ups_.append(Update(arrays, 1))
     bank = alg.aggregate(glob, ups_, {})["kv.bank"]
     assert torch.equal(bank, torch.full_like(bank, 2.0))  # the median, not the mean (167.7)
+
+
+def test_with_four_uploads_the_quarter_trimmed_mean_is_the_median_bit_for_bit():
+    # floor(0.25 * 4) = 1 dropped at each end leaves the two middle values, whose mean is the
+    # even-count median: the robustness benchmark runs one of the two where all four uploads
+    # are accepted. With three (one refused) they differ: nothing is trimmed, the mean remains.
+    gen = torch.Generator().manual_seed(0)
+    ups = [Update({"shared.w": torch.randn(1000, generator=gen)}, 10 + i) for i in range(4)]
+    med = coordinate_median(ups, ["shared.w"])["shared.w"]
+    assert torch.equal(trimmed_mean(ups, ["shared.w"], 0.25)["shared.w"], med)
+    three = trimmed_mean(ups[:3], ["shared.w"], 0.25)["shared.w"]
+    plain = torch.stack([u.arrays["shared.w"] for u in ups[:3]]).double().mean(0).float()
+    assert torch.equal(three, plain) and not torch.equal(
+        three, coordinate_median(ups[:3], ["shared.w"])["shared.w"]
+    )
