@@ -102,6 +102,32 @@ def test_cost_per_cell_counts_each_cell_once_and_takes_the_peak():
     assert cost_lines([{**x, "device_name": ""} for x in r]) == []
 
 
+def main_row(regime: str, method: str, seed: int, client: str, dice: float, **extra) -> dict:
+    """A results.csv row of a main cell whose every score is ``dice``."""
+    return {
+        "kind": "main",
+        "variant": method,
+        "method": method,
+        "seed": seed,
+        "client": client,
+        "test_dice": dice,
+        "test_iou": dice,
+        "test_hd95_px": 5.0,
+        "test_case_dice": dice,
+        "best_round": 1,
+        "val_dice": dice,
+        "seconds_total": 10.0,
+        "seconds_per_round": 1.0,
+        "bytes_up_per_round": 1000,
+        "bytes_down_per_round": 1000,
+        "breaks_privacy": 0,
+        "config_digest": f"{regime}{method}{seed}",
+        "val_curve": f"{dice};{dice}",
+        "regime": regime,
+        **extra,
+    }
+
+
 def test_report_has_a_table_per_regime_and_a_regimes_summary(tmp_path):
     import csv
 
@@ -117,29 +143,7 @@ def test_report_has_a_table_per_regime_and_a_regimes_summary(tmp_path):
             for seed in (0, 1, 2):
                 for i, client in enumerate(("a", "b")):
                     dice = 0.5 + 0.1 * i + 0.02 * seed + by_method.get(method, 0.0)
-                    out.append(
-                        {
-                            "kind": "main",
-                            "variant": method,
-                            "method": method,
-                            "seed": seed,
-                            "client": client,
-                            "test_dice": dice,
-                            "test_iou": dice,
-                            "test_hd95_px": 5.0,
-                            "test_case_dice": dice,
-                            "best_round": 1,
-                            "val_dice": dice,
-                            "seconds_total": 10.0,
-                            "seconds_per_round": 1.0,
-                            "bytes_up_per_round": 1000,
-                            "bytes_down_per_round": 1000,
-                            "breaks_privacy": 0,
-                            "config_digest": f"{regime}{method}{seed}",
-                            "val_curve": f"{dice};{dice}",
-                            "regime": regime,
-                        }
-                    )
+                    out.append(main_row(regime, method, seed, client, dice))
     with open(tmp_path / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
         w.writeheader()
@@ -181,30 +185,7 @@ def test_privacy_regimes_are_ordered_by_the_epsilon_spent_with_the_gain_over_loc
             for seed in (0, 1):
                 for client in ("a", "b"):
                     dice = 0.4 + 0.01 * seed + (d if method == "fedoap" else 0.0)
-                    out.append(
-                        {
-                            "kind": "main",
-                            "variant": method,
-                            "method": method,
-                            "seed": seed,
-                            "client": client,
-                            "test_dice": dice,
-                            "test_iou": dice,
-                            "test_hd95_px": 5.0,
-                            "test_case_dice": dice,
-                            "best_round": 1,
-                            "val_dice": dice,
-                            "seconds_total": 10.0,
-                            "seconds_per_round": 1.0,
-                            "bytes_up_per_round": 1,
-                            "bytes_down_per_round": 1,
-                            "breaks_privacy": 0,
-                            "config_digest": f"{regime}{method}{seed}",
-                            "val_curve": f"{dice}",
-                            "regime": regime,
-                            "epsilon": eps,
-                        }
-                    )
+                    out.append(main_row(regime, method, seed, client, dice, epsilon=eps))
     # DP-FedAvg instead: fedoap alone, its client-level epsilon in its own column.
     out += [
         {**r, "regime": "client-dp", "epsilon": None, "client_epsilon": 12.0, "test_dice": 0.1}

@@ -309,36 +309,26 @@ class Algorithm:
         them), so head-only or body-only phases cost what they should.
         """
         t = self.cfg.train
-        if self.cfg.privacy.dp.enabled:
+        common = (model, optimizer, split, epochs, loss_fn, gen)
+        with only_these_train(model, optimizer):
+            if not self.cfg.privacy.dp.enabled:
+                return train_epochs(
+                    *common,
+                    t.batch_size,
+                    t.precision,
+                    augment=self.cfg.data.augment,
+                    penalty=penalty,
+                    progress=ctx.progress,
+                )
             from fedoap.training.dp import dp_train_epochs
 
             if penalty is not None:  # supports_dp methods have none
                 raise ConfigError(f"privacy.dp: method {self.name} trains with a penalty")
-            with only_these_train(model, optimizer):
-                return dp_train_epochs(
-                    model,
-                    optimizer,
-                    split,
-                    epochs,
-                    loss_fn,
-                    gen,
-                    self.site_dp(ctx.client, len(split)),
-                    t.precision,
-                    augment=self.cfg.data.augment,
-                    progress=ctx.progress,
-                )
-        with only_these_train(model, optimizer):
-            return train_epochs(
-                model,
-                optimizer,
-                split,
-                epochs,
-                loss_fn,
-                gen,
-                t.batch_size,
+            return dp_train_epochs(
+                *common,
+                self.site_dp(ctx.client, len(split)),
                 t.precision,
                 augment=self.cfg.data.augment,
-                penalty=penalty,
                 progress=ctx.progress,
             )
 

@@ -15,12 +15,10 @@ import torch
 from torch import nn
 
 from fedoap.config import AugmentConfig
-from fedoap.data.augment import augment_batch
 from fedoap.data.dataset import Split
 from fedoap.errors import DivergedError
 from fedoap.privacy import SiteDP
-from fedoap.training.device import autocast
-from fedoap.training.engine import LossFn, all_finite, step_begin
+from fedoap.training.engine import LossFn, all_finite, batch_loss
 
 
 def dp_train_epochs(
@@ -72,13 +70,7 @@ def dp_train_epochs(
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                     opt.step()
                     continue
-                x, y = data.x[idx], data.y[idx]
-                if augment is not None and augment.enabled:
-                    x, y = augment_batch(x, y, augment, gen)
-                step_begin(x)
-                with autocast(precision, device.type):
-                    logits = gsm(x)
-                loss = loss_fn(logits.float(), y, gen, x)
+                loss = batch_loss(gsm, data, idx, loss_fn, gen, precision, augment)
                 with warnings.catch_warnings():
                     # The first layer's input needs no gradient, which its hook notes each step.
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")

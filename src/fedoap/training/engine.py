@@ -61,6 +61,26 @@ def step_begin(x: torch.Tensor) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
+def batch_loss(
+    model: nn.Module,
+    data: Split,
+    idx: torch.Tensor,
+    loss_fn: LossFn,
+    gen: torch.Generator,
+    precision: str,
+    augment: AugmentConfig | None,
+) -> torch.Tensor:
+    """The training loss of examples ``idx`` of ``data`` (augmented when ``augment`` is on):
+    one forward pass, shared by :func:`train_epochs` and DP-SGD (fedoap.training.dp)."""
+    x, y = data.x[idx], data.y[idx]
+    if augment is not None and augment.enabled:
+        x, y = augment_batch(x, y, augment, gen)
+    step_begin(x)
+    with autocast(precision, x.device.type):
+        logits = model(x)
+    return loss_fn(logits.float(), y, gen, x)
+
+
 def train_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -92,13 +112,7 @@ def train_epochs(
     count = steps = 0
     for _ in range(epochs):
         for idx in batches(len(data), batch_size, gen):
-            x, y = data.x[idx], data.y[idx]
-            if augment is not None and augment.enabled:
-                x, y = augment_batch(x, y, augment, gen)
-            step_begin(x)
-            with autocast(precision, device.type):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y, gen, x)
+            loss = batch_loss(model, data, idx, loss_fn, gen, precision, augment)
             full = loss + penalty() if penalty is not None else loss
             optimizer.zero_grad(set_to_none=True)
             step.backward(full)
