@@ -61,3 +61,12 @@ def isolated_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDOAP_CACHE_DIR", str(path))
         yield path
+
+
+def results_of(summary: dict) -> dict:
+    """``summary`` without what a repeat of the same run may change: its timings and its peak
+    device memory (CUDA's allocator can peak differently; seen on an H200)."""
+    out = {k: v for k, v in summary.items() if k != "time"}
+    if "execution" in out:
+        out["execution"] = {k: v for k, v in out["execution"].items() if k != "peak_memory_gib"}
+    return out

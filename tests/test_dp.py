@@ -227,6 +227,10 @@ def test_client_level_dp_is_accounted_per_round(tmp_path):
             "train.precision=fp16",
         ),
         (
+            ["privacy.dp.enabled=true", "privacy.dp.epsilon=3", "train.channels_last=true"],
+            "train.channels_last=true: Opacus sums per-example gradients",
+        ),
+        (
             ["privacy.client_dp.enabled=true", "federation.aggregator=median"],
             "privacy.client_dp: DP-FedAvg clips and averages",
         ),
@@ -270,3 +274,35 @@ def test_dp_refuses_a_method_it_cannot_account_and_an_unreachable_budget(tmp_pat
             tmp_path, "e", "method=fedavg", "privacy.dp.enabled=true", "privacy.dp.epsilon=0.0001"
         )
     assert not (tmp_path / "e" / "metrics.csv").exists()  # nothing ran
+
+
+def test_dp_sgd_keeps_weights_in_the_contiguous_layout_on_cuda_too():
+    """Opacus's summed per-example gradients are contiguous; a channels_last weight then makes
+    CUDA's fused AdamW fail (seen on an H200). Unset, channels_last is off under DP on CUDA."""
+    from fedoap.training.device import uses_channels_last
+
+    cfg = tiny_config()
+    cuda = torch.device("cuda")
+    assert uses_channels_last(cfg.train, cuda)  # the default elsewhere on CUDA
+    assert not uses_channels_last(cfg.train, cuda, per_example_grads=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_a_dp_sgd_fedoap_run_on_cuda_spends_its_budget_and_reports_contiguous_weights(tmp_path):
+    """On an H200, DP-SGD with channels_last weights failed in CUDA's fused AdamW (the summed
+    per-example gradients are contiguous). The whole run, with fine-tuning, must now pass there."""
+    s = run_dp(
+        tmp_path,
+        "fedoap-cuda",
+        "train.device=cuda",
+        "federation.rounds=2",
+        "finetune.epochs=1",
+        "privacy.dp.enabled=true",
+        "privacy.dp.epsilon=4",
+    )
+    assert s["execution"]["device"].startswith("cuda")
+    assert s["execution"]["channels_last"] is False
+    for c in s["privacy"]["clients"].values():
+        assert c["steps"] == c["planned_steps"] > 0
+        assert 3.9 <= c["epsilon"] <= 4.0

@@ -19,7 +19,7 @@ import fedoap.federation.server as server_mod
 import fedoap.federation.site as site_mod
 from fedoap.api import evaluate_run, predict_images, resume_experiment, run_experiment
 from fedoap.runs import RunExistsError, read_metrics
-from tests.conftest import tiny_config
+from tests.conftest import results_of, tiny_config
 
 
 def quiet_run(cfg, path: Path):
@@ -163,10 +163,6 @@ def test_fp32_and_bf16_both_train(tmp_path):
         assert s["mean"]["test"]["dice"] is not None
 
 
-def _strip_time(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k != "time"}
-
-
 @pytest.mark.parametrize(
     "device",
     [
@@ -234,7 +230,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, device):
     assert 6 <= done < 3 * 6
 
     resumed = resume_experiment(run_dir, progress=False, log=lambda s: None)
-    assert _strip_time(resumed) == _strip_time(reference)
+    assert results_of(resumed) == results_of(reference)
     rows = read_metrics(metrics)
     assert len(rows) == 3 * 6
     ref_rows = read_metrics(tmp_path / "reference" / "metrics.csv")
@@ -296,4 +292,4 @@ def test_checkpoint_every_k_rounds_still_resumes_exactly(tmp_path, monkeypatch):
     resumed = resume_experiment(tmp_path / "killed", progress=False, log=lambda s: None)
     # Resumed from round 2: rounds 3 and 4 again, then the stage change and the last epoch.
     assert writes == ["federated:2", "finetune:0", "finetune:1"]
-    assert _strip_time(resumed) == _strip_time(reference)
+    assert results_of(resumed) == results_of(reference)

@@ -864,6 +864,12 @@ def _validate_privacy(cfg: Config, need: Callable[[bool, str], None]) -> None:
             "compiled model bypasses; set train.compile=false",
         )
         need(
+            cfg.train.channels_last is not True,
+            "train.channels_last=true: Opacus sums per-example gradients in the contiguous "
+            "layout, and CUDA's fused AdamW refuses gradients whose strides differ from their "
+            "weights'; leave it unset (off under privacy.dp) or false",
+        )
+        need(
             cfg.model.kv.mode != "bank",
             "model.kv.mode=bank: its K/V summaries are computed from private features and are "
             "not accounted by privacy.dp; use model.kv.mode=weights under DP",

@@ -763,8 +763,8 @@ def make_report(results: Path) -> Path:
     lines += [
         f"Compute: {len(cell_seconds)} cells, {sum(cell_seconds.values()) / 3600:.1f} h of cell "
         "wall time in total (each cell's federated run, training and validation; leave-one-out "
-        "adaptation time not included; with `--jobs 2` the bench runs two cells at a time, one "
-        "thread each; wall time includes any contention with other work on the machine).",
+        "adaptation time not included; cells that ran at the same time (`fedoap bench --jobs`) "
+        "shared the machine, and each one's wall time includes that contention).",
         "",
     ]
     lines += cost_lines(rows)

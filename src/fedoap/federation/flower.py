@@ -209,7 +209,10 @@ def _build(nc: Mapping[str, Any], cfg_yaml: str, run_dir: str) -> tuple[_Built, 
             stacklevel=2,
         )
     alg = build_algorithm(cfg)
-    model = cast(FedOAPNet, place(alg.build_model(), cfg.train, device))
+    model = cast(
+        FedOAPNet,
+        place(alg.build_model(), cfg.train, device, per_example_grads=cfg.privacy.dp.enabled),
+    )
     data = make_client(spec, cfg.data).to(device)  # from the preprocessed cache
     rd = RunDir(Path(out))
     record = SiteState(alg.init_client(model))

@@ -120,7 +120,9 @@ class Runner:
         pooled_state = algorithm.init_client(model) if algorithm.pooled else None
         # One model for every client: each client's weights are loaded into it in turn, so it
         # is moved and compiled once per process.
-        self.model: FedOAPNet = place(model, cfg.train, self.device)  # type: ignore[assignment]
+        self.model: FedOAPNet = place(  # type: ignore[assignment]
+            model, cfg.train, self.device, per_example_grads=cfg.privacy.dp.enabled
+        )
         with self.timer("data"):
             clients = [c.to(self.device) for c in clients]  # each split crosses to the device once
         sites = {c.name: self._site(c, SiteState(init_states[c.name])) for c in clients}
@@ -212,7 +214,7 @@ class Runner:
             "native_precision": native_low_precision(t.precision, self.device),
             "compile": t.compile,
             "compile_mode": t.compile_mode if t.compile else None,
-            "channels_last": uses_channels_last(t, self.device),
+            "channels_last": uses_channels_last(t, self.device, self.cfg.privacy.dp.enabled),
             "deterministic": t.deterministic,
             "tf32": t.tf32,
             "num_threads": torch.get_num_threads(),

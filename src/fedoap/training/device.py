@@ -190,12 +190,24 @@ def session(t: TrainConfig, device: torch.device | None = None) -> Iterator[torc
 # ------------------------------------------------------------------ models
 
 
-def uses_channels_last(t: TrainConfig, device: torch.device) -> bool:
+def uses_channels_last(
+    t: TrainConfig, device: torch.device, per_example_grads: bool = False
+) -> bool:
+    """``train.channels_last``; unset: on for CUDA, off elsewhere, and off under DP-SGD
+    (``per_example_grads``): Opacus sums per-example gradients in the contiguous layout, and
+    CUDA's fused AdamW refuses a gradient whose strides differ from its weight's (the config
+    refuses ``channels_last=true`` with ``privacy.dp``)."""
+    if per_example_grads:
+        return False
     return t.channels_last if t.channels_last is not None else device.type == "cuda"
 
 
 def place(
-    model: nn.Module, t: TrainConfig, device: torch.device, compile: bool = True
+    model: nn.Module,
+    t: TrainConfig,
+    device: torch.device,
+    compile: bool = True,
+    per_example_grads: bool = False,
 ) -> nn.Module:
     """Move ``model`` to ``device`` in place, in channels_last where chosen, and compile it once
     when ``train.compile`` is on (and ``compile`` allows it: eval-only commands skip it).
@@ -204,7 +216,8 @@ def place(
     keys: every client's weights are loaded into this one compiled module with
     ``load_state_dict``, so a run compiles once per process, not once per client or round.
     """
-    fmt = torch.channels_last if uses_channels_last(t, device) else torch.contiguous_format
+    last = uses_channels_last(t, device, per_example_grads)
+    fmt = torch.channels_last if last else torch.contiguous_format
     model.to(device=device, memory_format=fmt)  # type: ignore[call-overload]  # torch's stubs lag
     if compile and t.compile:
         # CUDA graphs need CUDA; elsewhere the mode would only warn.
