@@ -60,61 +60,24 @@ if [ "${QUICK:-0}" = 1 ]; then
   quick=(data.max_train_images=64 data.max_val_images=16 data.max_test_images=16
          federation.rounds=1 finetune.epochs=1 train.compile=false train.precision=fp32)
 fi
-write_spec() {  # write_spec NAME: $WORK/NAME.yaml from benchmarks/NAME.yaml
-  $PY - "$REPO/benchmarks/$1.yaml" "$WORK/$1.yaml" "$WORK/data" "$CKPT" "${quick[@]}" <<'PY'
-import sys
-from pathlib import Path
-
-import yaml
-
-src, dst, data, ckpt, *extra = sys.argv[1:]
-spec = yaml.safe_load(Path(src).read_text())
-clients = yaml.safe_load((Path(data) / "clients.yaml").read_text())["data"]["clients"]
-spec["base"] = str((Path(src).parent / spec["base"]).resolve())
-flow = yaml.safe_dump(clients, default_flow_style=True, width=10**6).strip()
-spec["overrides"] = [
-    f"data.root={data}", f"data.clients={flow}", f"federation.checkpoint_every={ckpt}", *extra
-]
-Path(dst).write_text(yaml.safe_dump(spec, sort_keys=False))
-PY
-}
-write_spec paper || exit 1
-write_spec paper-long || exit 1
-
-run_until_deadline() {  # run_until_deadline LABEL CMD...: stop the whole process group at the deadline
-  local label=$1 left rc t0
-  shift
-  left=$((deadline - $(date +%s)))
-  if [ "$left" -le 30 ]; then
-    echo "$label: not started (budget used)" | tee -a "$RES/steps.txt"
-    return 0
-  fi
-  t0=$(date +%s)
-  setsid "$@" >> "$RES/bench.log" 2>&1 &
-  local pid=$!
-  ( sleep "$left"; kill -TERM -- "-$pid" 2>/dev/null; sleep 10; kill -KILL -- "-$pid" 2>/dev/null ) &
-  local watcher=$!
-  wait "$pid"
-  rc=$?
-  kill "$watcher" 2>/dev/null
-  wait "$watcher" 2>/dev/null
-  echo "$label: rc=$rc $(($(date +%s) - t0)) s" | tee -a "$RES/steps.txt"
-}
+source benchmarks/gpu/lib.sh
+write_spec paper "federation.checkpoint_every=$CKPT" "${quick[@]}" || exit 1
+write_spec paper-long "federation.checkpoint_every=$CKPT" "${quick[@]}" || exit 1
 
 fb=($PY -m fedoap.cli.main bench --jobs "$JOBS")
 for stage in $STAGES; do
   case $stage in
-    quick) run_until_deadline quick "${fb[@]}" -c "$WORK/paper.yaml" -o "$RES" --only main \
+    quick) run_until_deadline quick "$RES/bench.log" "${fb[@]}" -c "$WORK/paper.yaml" -o "$RES" --only main \
              --methods fedoap --seeds 0 ;;
-    first) run_until_deadline first "${fb[@]}" -c "$WORK/paper.yaml" -o "$RES" --only main \
+    first) run_until_deadline first "$RES/bench.log" "${fb[@]}" -c "$WORK/paper.yaml" -o "$RES" --only main \
              --methods fedoap --seeds 0 ;;
-    core) run_until_deadline core "${fb[@]}" -c "$WORK/paper.yaml" -o "$RES" --only main \
+    core) run_until_deadline core "$RES/bench.log" "${fb[@]}" -c "$WORK/paper.yaml" -o "$RES" --only main \
             --methods fedoap local feddp --seeds 0 1 2 ;;
-    rest) run_until_deadline rest "${fb[@]}" -c "$WORK/paper.yaml" -o "$RES" --only main \
+    rest) run_until_deadline rest "$RES/bench.log" "${fb[@]}" -c "$WORK/paper.yaml" -o "$RES" --only main \
             --methods ditto apfl fedavg --seeds 0 1 2 ;;
-    ablation) run_until_deadline ablation "${fb[@]}" -c "$WORK/paper.yaml" -o "$RES" \
+    ablation) run_until_deadline ablation "$RES/bench.log" "${fb[@]}" -c "$WORK/paper.yaml" -o "$RES" \
                 --only ablation --seeds 0 ;;
-    long) run_until_deadline long "${fb[@]}" -c "$WORK/paper-long.yaml" -o "$LONG" --only main \
+    long) run_until_deadline long "$RES/bench.log" "${fb[@]}" -c "$WORK/paper-long.yaml" -o "$LONG" --only main \
             --seeds 0 ;;
     *) echo "unknown stage $stage" | tee -a "$RES/steps.txt" ;;
   esac

@@ -45,28 +45,9 @@ export PYTHONPATH="$REPO/src:$WORK/site" PYTHONUNBUFFERED=1 FEDOAP_CACHE_DIR="$W
 EXEC=()
 [ "${DETERMINISTIC:-1}" = 1 ] && EXEC=(train.deterministic=true)
 # The specs, pointed at the prepared data (the clients keep federation4's names).
-write_spec() {  # write_spec NAME: $WORK/NAME.yaml from benchmarks/NAME.yaml
-  $PY - "$REPO/benchmarks/$1.yaml" "$WORK/$1.yaml" "$WORK/data" "${EXEC[@]}" <<'PY'
-import sys
-from pathlib import Path
-
-import yaml
-
-src, dst, data, *extra = sys.argv[1:]
-spec = yaml.safe_load(Path(src).read_text())
-clients = yaml.safe_load((Path(data) / "clients.yaml").read_text())["data"]["clients"]
-for part in [spec, *spec.get("regimes", [])]:
-    if "base" in part:
-        part["base"] = str((Path(src).parent / part["base"]).resolve())
-flow = yaml.safe_dump(clients, default_flow_style=True, width=10**6).strip()
-spec["overrides"] = [
-    f"data.root={data}", f"data.clients={flow}", *extra, *spec.get("overrides", [])
-]
-Path(dst).write_text(yaml.safe_dump(spec, sort_keys=False))
-PY
-}
-write_spec privacy || exit 1
-write_spec robustness || exit 1
+source benchmarks/gpu/lib.sh
+write_spec privacy "${EXEC[@]}" || exit 1
+write_spec robustness "${EXEC[@]}" || exit 1
 DATA_OVERRIDES=("data.root=$WORK/data"
   "data.clients=$($PY -c "import yaml,sys; print(yaml.safe_dump(yaml.safe_load(open(sys.argv[1]))['data']['clients'], default_flow_style=True, width=10**6).strip())" "$WORK/data/clients.yaml")")
 
@@ -92,32 +73,18 @@ if [ $r1 -ne 0 ] || [ $r2 -ne 0 ]; then
 fi
 
 deadline=$(($(date +%s) + BUDGET))
-run_until_deadline() {  # run_until_deadline LABEL CMD...: stop the whole process group at the deadline
-  local label=$1 left rc t0
-  shift
-  left=$((deadline - $(date +%s)))
-  t0=$(date +%s)
-  setsid "$@" >> "$RES/$label.log" 2>&1 &
-  local pid=$!
-  ( sleep "$left"; kill -TERM -- "-$pid" 2>/dev/null; sleep 10; kill -KILL -- "-$pid" 2>/dev/null ) &
-  local watcher=$!
-  wait "$pid"
-  rc=$?
-  kill "$watcher" 2>/dev/null
-  wait "$watcher" 2>/dev/null
-  echo "$label: rc=$rc $(($(date +%s) - t0)) s" | tee -a "$RES/steps.txt"
-}
+MIN_LEFT=0  # the benches start together, right after the deadline is set
 
 # shellcheck disable=SC2086  # SEEDS is a list
 {
-  run_until_deadline privacy $PY -m fedoap.cli.main bench -c "$WORK/privacy.yaml" \
+  run_until_deadline privacy "$RES/privacy.log" $PY -m fedoap.cli.main bench -c "$WORK/privacy.yaml" \
     -o "$RES/privacy" --jobs "${JOBS_PRIVACY:-6}" --seeds $SEEDS &
-  run_until_deadline robustness-fedoap $PY -m fedoap.cli.main bench -c "$WORK/robustness.yaml" \
+  run_until_deadline robustness-fedoap "$RES/robustness-fedoap.log" $PY -m fedoap.cli.main bench -c "$WORK/robustness.yaml" \
     -o "$RES/robustness" --only main --only attack --methods fedoap --jobs "${JOBS_FEDOAP:-6}" \
     --seeds $SEEDS &
   # A second bench process on the same folder: its cells (fedavg) are disjoint from fedoap's,
   # but both rewrite results.csv, so it writes to its own folder and the two are merged here.
-  run_until_deadline robustness-fedavg $PY -m fedoap.cli.main bench -c "$WORK/robustness.yaml" \
+  run_until_deadline robustness-fedavg "$RES/robustness-fedavg.log" $PY -m fedoap.cli.main bench -c "$WORK/robustness.yaml" \
     -o "$RES/robustness-fedavg" --only main --only attack --methods fedavg \
     --jobs "${JOBS_FEDAVG:-4}" --seeds $SEEDS &
   wait
