@@ -89,6 +89,57 @@ def test_simulation_equals_in_process(tmp_path, mode, monkeypatch):
     assert (tmp_path / "flower" / "checkpoints" / "best" / "mri.safetensors").is_file()
 
 
+@pytest.mark.parametrize(
+    "privacy",
+    [
+        # sample-level DP-SGD at each site (Opacus), fine-tuning included in the budget
+        ("method=fedoap", "privacy.dp.enabled=true", "privacy.dp.epsilon=4"),
+        # client-level DP-FedAvg: the server clips each site's update and adds noise
+        ("method=fedavg", "privacy.client_dp.enabled=true", "privacy.client_dp.noise_multiplier=1"),
+    ],
+    ids=["dp-sgd", "dp-fedavg"],
+)
+def test_dp_on_flower_spends_the_same_budget_and_gives_the_same_model_as_in_process(
+    tmp_path, privacy, monkeypatch
+):
+    """Both DP mechanisms on the Flower simulation runtime: the same noisy shared weights and the
+    same spent (epsilon, delta) per site as in-process, so the privacy ledger does not depend on
+    the runtime."""
+    monkeypatch.chdir(tmp_path)
+    args = (
+        "train.num_threads=1",
+        "train.precision=fp32",
+        "federation.rounds=1",
+        "finetune.epochs=1",
+        *privacy,
+    )
+    ref = quiet(tiny_config(*args), tmp_path / "inprocess")
+    sim = quiet(tiny_config(*args, "federation.runtime=flower-sim"), Path("flower"))
+    assert sim["flower"]["status"] == "finished:completed"
+
+    assert sim["privacy"] == ref["privacy"]
+    if "privacy.dp.enabled=true" in privacy:
+        spent = ref["privacy"]["clients"]
+        assert set(spent) == set(ref["clients"])
+        for c in spent.values():  # the round and the fine-tuning epoch, both in the budget
+            assert c["steps"] == c["planned_steps"] > 0 and 0 < c["epsilon"] <= 4
+    else:
+        assert ref["privacy"]["client_level"]["rounds"] == 1
+        assert ref["privacy"]["client_level"]["epsilon"] > 0
+
+    g_ref = sub(
+        load_tensors(tmp_path / "inprocess" / "checkpoints" / "last.safetensors")[0], "global/"
+    )
+    g_sim = sub(
+        load_tensors(tmp_path / "flower" / "checkpoints" / "last.safetensors")[0], "global/"
+    )
+    assert g_ref.keys() == g_sim.keys()
+    for k in g_ref:
+        torch.testing.assert_close(g_sim[k], g_ref[k], rtol=0, atol=1e-6)
+    for name, c in ref["clients"].items():
+        assert sim["clients"][name]["test"]["dice"] == pytest.approx(c["test"]["dice"], abs=1e-9)
+
+
 def test_methods_that_need_individual_models_are_refused_before_anything_starts(tmp_path):
     for method in ("feddp", "centralized"):
         with pytest.raises(ConfigError, match="cannot run on Flower"):

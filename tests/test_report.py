@@ -209,3 +209,33 @@ def test_privacy_regimes_are_ordered_by_the_epsilon_spent_with_the_gain_over_loc
     fedoap_row = next(ln for ln in section.splitlines() if ln.startswith("| fedoap |"))
     assert fedoap_row.split("|")[4].strip() == "0.100 ± 0.000"
     assert (tmp_path / "figures" / "dice_vs_epsilon.png").stat().st_size > 1000
+
+
+def test_the_robustness_goal_judges_only_a_defence_that_ran_every_model_poisoning_attack():
+    from fedoap.report import MODEL_POISONING, _robust_cell, robustness_goal
+
+    clean = {0: 0.50, 1: 0.60}
+    # median: every model-poisoning attack, worst drop 1.5 points (sign_flip, paired by seed);
+    # krum: only nan, no drop at all, so it must not be judged the best on that alone.
+    honest = {("median", k): {0: 0.50, 1: 0.60} for k in MODEL_POISONING}
+    honest[("median", "sign_flip")] = {0: 0.49, 1: 0.58}
+    honest[("krum", "nan")] = {0: 0.51}
+    honest[("none", "nan")] = {0: None, 1: None}
+    (line, blank) = robustness_goal(honest, clean, ["none", "median", "krum"])
+    assert blank == ""
+    assert "**met**. The best is `median`, whose worst drop is 1.5 points" in line
+    assert "fewest seeds behind one of its cells: 2" in line
+    assert "none inf" in line  # a diverged run is the worst possible drop
+    assert "Not judged, for attacks not run: krum (no scale, sign_flip, noise)" in line
+
+    honest[("median", "noise")] = {0: 0.47, 1: 0.58}  # a 2.5-point mean drop: over the goal
+    (line, _) = robustness_goal(honest, clean, ["none", "median", "krum"])
+    assert "**not met**. The best is `median`, whose worst drop is 2.5 points" in line
+    del honest[("median", "scale")]
+    (line, _) = robustness_goal(honest, clean, ["none", "median", "krum"])
+    assert "**not judged**: no robust aggregator ran every model-poisoning attack" in line
+
+    assert (
+        _robust_cell({0: 0.49, 1: 0.58}, clean, show_n=True) == "0.535 ± 0.572 (-1.5) [n=2]"
+    )  # t(0.975, 1) = 12.71
+    assert _robust_cell({0: None, 1: 0.5}, clean) == "diverged (1 of 2 seeds)"

@@ -430,13 +430,18 @@ def _drop(per: Honest, clean: dict[int, float]) -> Stat:
     return stat(100 * (clean[k] - v) for k, v in per.items() if k in clean and v is not None)
 
 
-def _robust_cell(per: Honest | None, clean: dict[int, float]) -> str:
+def _robust_cell(per: Honest | None, clean: dict[int, float], show_n: bool = False) -> str:
+    """One attack x defence cell; ``show_n`` adds its number of seeds, for a table whose cells
+    ran different numbers of seeds."""
     if not per:
         return "-"
+    n = f" [n={len(per)}]" if show_n else ""
     if any(v is None for v in per.values()):
-        return "diverged"
+        diverged = sum(v is None for v in per.values())
+        return f"diverged ({diverged} of {len(per)} seeds)" if len(per) > 1 else "diverged"
     d = stat(100 * (v - clean[k]) for k, v in per.items() if k in clean and v is not None)
-    return stat(per.values()).fmt() + (f" ({d.mean:+.1f})" if d.n else "")  # type: ignore[arg-type]
+    cell = stat(per.values()).fmt()  # type: ignore[arg-type]
+    return cell + (f" ({d.mean:+.1f})" if d.n else "") + n
 
 
 def _per_site_table(
@@ -475,6 +480,55 @@ def _per_site_table(
         *markdown_table(["attack", "defence", *clients], body),
         "",
     ]
+
+
+def robustness_goal(
+    honest: dict[tuple[str, str], Honest], clean: dict[int, float], defences: list[str]
+) -> list[str]:
+    """The issue's goal: with validation and the best robust aggregator, the honest sites stay
+    within 2 points of clean (mean drop over seeds) under every model-poisoning attack. Only a
+    defence that ran every one of those attacks can be judged; one that missed some is listed,
+    never picked as the best on the attacks it happened to run."""
+    worst: dict[str, float] = {}
+    missing: dict[str, list[str]] = {}
+    seeds: dict[str, int] = {}
+    for d in defences:
+        cells = {k: honest.get((d, k)) for k in MODEL_POISONING}
+        missing[d] = [k for k, per in cells.items() if not per]
+        ran = [per for per in cells.values() if per]
+        if ran:
+            worst[d] = max(
+                math.inf if any(v is None for v in per.values()) else _drop(per, clean).mean
+                for per in ran
+            )
+            seeds[d] = min(len(per) for per in ran)
+    judged = {d: w for d, w in worst.items() if d not in ("none", "validation") and not missing[d]}
+    partial = [d for d in worst if d not in ("none", "validation") and missing[d]]
+    if not judged and not partial:
+        return []
+    if judged:
+        best = min(judged, key=lambda d: judged[d])
+        verdict = "met" if judged[best] <= 2.0 else "not met"
+        head = (
+            f"**{verdict}**. The best is `{best}`, whose worst drop is {judged[best]:.1f} points "
+            f"(mean over seeds; the fewest seeds behind one of its cells: {seeds[best]})."
+        )
+    else:
+        head = "**not judged**: no robust aggregator ran every model-poisoning attack."
+    out = [
+        "Goal (validation + the best robust aggregator keeps the honest sites within 2 points "
+        f"of clean under every model-poisoning attack: {', '.join(MODEL_POISONING)}): {head} "
+        "Worst drop per defence (+: below clean): "
+        + ", ".join(f"{d} {w:.1f}" for d, w in worst.items())
+        + "."
+    ]
+    if partial:
+        out[0] += (
+            " Not judged, for attacks not run: "
+            + "; ".join(f"{d} (no {', '.join(missing[d])})" for d in partial)
+            + "."
+        )
+    return [*out, ""]
 
 
 def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list[str]:
@@ -517,7 +571,10 @@ def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list
                 honest[(d, "clean")] = dict(clean)
         kinds = ["clean", *[k for k in kinds if k != "clean"]]
         seeds_run = sorted({s for per in honest.values() for s in per})
-        body = [[k, *[_robust_cell(honest.get((d, k)), clean) for d in defences]] for k in kinds]
+        uneven = len({len(per) for per in honest.values() if per}) > 1
+        body = [
+            [k, *[_robust_cell(honest.get((d, k)), clean, uneven) for d in defences]] for k in kinds
+        ]
         body.append(["uploads refused (all cells)", *[str(refused[d]) for d in defences]])
         ref = stat(clean[s] for s in seeds_run if s in clean)
         lines += [
@@ -527,35 +584,18 @@ def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list
             f"{seeds_run}. Each cell: the honest sites' mean test Dice (mean ± 95% CI over seeds) "
             f"and, in brackets, its difference in points from the clean run ({method} with "
             f"validation and the mean, no attack: {ref.fmt()}), paired by seed. `diverged`: the "
-            "attack made the global model non-finite and the run stopped (no scores).",
+            "attack made the global model non-finite and the run stopped (no scores)."
+            + (
+                " The cells ran different numbers of seeds: `[n=k]` gives each one's."
+                if uneven
+                else ""
+            ),
             "",
             *markdown_table(["attack", *defences], body),
             "",
         ]
         lines += _per_site_table(by_cell, clean_rows, defences, kinds)
-        # The goal: with validation and the best robust aggregator, every model-poisoning
-        # attack within 2 points of clean.
-        worst: dict[str, float] = {}
-        for d in defences:
-            drops = [
-                math.inf if any(v is None for v in per.values()) else _drop(per, clean).mean
-                for per in (honest.get((d, k)) for k in MODEL_POISONING)
-                if per
-            ]
-            if drops:
-                worst[d] = max(drops)
-        robust = {d: w for d, w in worst.items() if d not in ("none", "validation")}
-        if robust:
-            best = min(robust, key=lambda d: robust[d])
-            verdict = "met" if robust[best] <= 2.0 else "not met"
-            lines += [
-                "Goal (validation + the best robust aggregator keeps the honest sites within 2 "
-                f"points of clean under every model-poisoning attack: "
-                f"{', '.join(MODEL_POISONING)}): **{verdict}**. The best is `{best}`, whose "
-                f"worst drop is {robust[best]:.1f} points (mean over seeds). Worst drop per "
-                "defence: " + ", ".join(f"{d} {w:.1f}" for d, w in worst.items()) + ".",
-                "",
-            ]
+        lines += robustness_goal(honest, clean, defences)
         fig_robustness(method, honest, clean, defences, kinds, figs / f"robustness_{method}.png")
         lines += [f"![robustness]({rel}/robustness_{method}.png)", ""]
     return lines
