@@ -4,6 +4,7 @@ cross-attention, the adapter and head included)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,25 +138,37 @@ def run_dp(tmp_path, name, *over):
 
 
 def test_the_budget_covers_every_step_fine_tuning_included_and_meets_the_target(tmp_path):
-    from fedoap.privacy import epsilon_spent
+    from fedoap.data import prepare_clients
+    from fedoap.privacy import epsilon_spent, group_privacy
 
-    s = run_dp(
-        tmp_path,
-        "local",
+    over = (
         "method=local",
         "federation.rounds=2",
         "finetune.epochs=1",
         "privacy.dp.enabled=true",
         "privacy.dp.epsilon=2",
     )
+    s = run_dp(tmp_path, "local", *over)
+    train_cases = {
+        c.name: c.train.case_ids
+        for c in prepare_clients(tiny_config("train.precision=fp32", *over).data)
+    }
     clients = s["privacy"]["clients"]
     assert set(clients) == set(s["clients"]) and "privacy" not in s["clients"]["mri"]
+    largest: dict[str, int] = {}
     for name, c in clients.items():
         n = s["clients"][name]["n"]["train"]
         per_epoch = max(1, round(n / 8))
         assert c["steps"] == c["planned_steps"] == (2 * 1 + 1) * per_epoch  # rounds x E + FT
         assert c["delta"] == pytest.approx(1 / (10 * n))
         assert 1.9 <= c["epsilon"] <= 2.0  # the target, spent to within the search's tolerance
+        # Per patient: group privacy over the site's largest training case.
+        k = int(np.unique(train_cases[name], return_counts=True)[1].max())
+        largest[name] = k
+        g, closed = c["patient_level"], group_privacy(c["epsilon"], c["delta"], k)
+        assert g["max_images_per_case"] == k and g["meaningful"] == closed["meaningful"]
+        assert g["epsilon"] == pytest.approx(k * c["epsilon"], abs=1e-3)
+        assert g["delta"] == pytest.approx(closed["delta"], rel=1e-2)
         # Recomputed from the reported mechanism: the same epsilon; and more steps cost more.
         again = epsilon_spent(
             "prv", c["noise_multiplier"], c["sample_rate"], c["steps"], c["delta"]
@@ -167,6 +180,24 @@ def test_the_budget_covers_every_step_fine_tuning_included_and_meets_the_target(
             )
             > c["epsilon"]
         )
+    assert largest["mri"] > 1  # a synthetic MRI case is several slices: not the trivial k = 1
+
+
+def test_group_privacy_is_the_basic_bound_and_says_when_it_guarantees_nothing():
+    import math
+
+    from fedoap.privacy import group_privacy
+
+    one = group_privacy(0.7, 1e-5, 1)
+    assert one == {"max_images_per_case": 1, "epsilon": 0.7, "delta": 1e-5, "meaningful": True}
+    three = group_privacy(0.5, 1e-5, 3)  # (k eps, k e^((k-1) eps) delta)
+    assert three["epsilon"] == 1.5 and three["meaningful"]
+    assert three["delta"] == pytest.approx(3 * math.e * 1e-5, rel=1e-12)
+    # A brain-MRI patient of 40 slices at eps = 1 per slice: delta_k = 40 e^39 delta >= 1.
+    brain = group_privacy(1.0, 1e-4, 40)
+    assert brain["epsilon"] == 40.0 and brain["delta"] == 1.0 and not brain["meaningful"]
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        group_privacy(1.0, 1e-5, 0)
 
 
 def test_dp_fedavg_clips_each_update_averages_equally_and_adds_noise_of_z_c_over_k():

@@ -76,11 +76,15 @@ class SiteDP:
             self.accountant, self.noise_multiplier, self.sample_rate, steps, self.delta
         )
 
-    def report(self, steps: int) -> dict[str, Any]:
-        """``summary.json``'s ``privacy.clients.<name>``."""
+    def report(self, steps: int, images_per_case: int = 1) -> dict[str, Any]:
+        """``summary.json``'s ``privacy.clients.<name>``; ``images_per_case``, the most training
+        images one case (patient or video) holds at the site, gives its ``patient_level``
+        guarantee by group privacy."""
+        eps = self.epsilon(steps)
         return {
-            "epsilon": round(self.epsilon(steps), 4),
+            "epsilon": round(eps, 4),
             "delta": self.delta,
+            "patient_level": group_privacy(eps, self.delta, images_per_case),
             "steps": steps,
             "planned_steps": self.planned_steps,
             "target_epsilon": self.target_epsilon,
@@ -89,6 +93,26 @@ class SiteDP:
             "sample_rate": round(self.sample_rate, 6),
             "accountant": self.accountant,
         }
+
+
+def group_privacy(epsilon: float, delta: float, k: int) -> dict[str, Any]:
+    """What (epsilon, delta)-DP per image guarantees a case (patient) with up to ``k`` images:
+    (k epsilon, k e^((k-1) epsilon) delta)-DP, the basic group-privacy bound (Dwork and Roth
+    2014, Thm 2.2; Vadhan 2017, Lemma 2.2 for delta). With delta_k >= 1 it guarantees nothing,
+    and ``meaningful`` says so. DP-SGD here samples images, not patients: this is the honest
+    patient-level reading of a per-image budget, not a patient-level mechanism."""
+    if k < 1:
+        raise ValueError(f"group_privacy: k must be >= 1, got {k}")
+    eps_k = k * epsilon
+    log_delta_k = math.log(k) + (k - 1) * epsilon + math.log(delta) if delta > 0 else -math.inf
+    # In logs only to decide; computed directly where it is below 1 (no overflow there).
+    delta_k = k * math.exp((k - 1) * epsilon) * delta if log_delta_k < 0.0 else 1.0
+    return {
+        "max_images_per_case": k,
+        "epsilon": round(eps_k, 4),
+        "delta": delta_k,
+        "meaningful": bool(log_delta_k < 0.0),
+    }
 
 
 def planned_epochs(cfg: Config, has_finetune: bool, passes_per_round: int) -> int:

@@ -49,12 +49,25 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _per_patient(dp: dict[str, Any]) -> str:
+    """A site's per-image budget read per patient (group privacy over its largest case)."""
+    g = dp.get("patient_level")
+    if not g:
+        return "-"
+    k = g["max_images_per_case"]
+    if k == 1:
+        return "= per image"
+    if not g["meaningful"]:
+        return f"none (k={k})"  # its delta reaches 1
+    return f"{g['epsilon']:.2f} (k={k})"  # its delta: summary.json
+
+
 def print_summary(summary: dict[str, Any], title: str) -> None:
     table = Table(title=title)
     # privacy.dp: the (epsilon, delta) each site spent, next to what it bought.
     spent = summary.get("privacy", {}).get("clients", {})
     cols = ["client", "train/val/test", "best round", "val", "test Dice", "IoU", "HD95 px"]
-    cols += ["case Dice"] + (["ε (δ)"] if spent else [])
+    cols += ["case Dice"] + (["ε (δ)", "per patient"] if spent else [])
     for col in cols:
         table.add_column(col, justify="right" if col != "client" else "left")
     for name, c in summary["clients"].items():
@@ -69,7 +82,8 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
             _fmt(c["test"]["iou"]),
             _fmt(c["test"]["hd95_px"], 1),
             _fmt(c["test"].get("case_dice")),
-            *([f"{dp['epsilon']:.2f} ({dp['delta']:.1e})" if dp else "-"] if spent else []),
+            *([f"{dp['epsilon']:.2f} ({dp['delta']:.1e})", _per_patient(dp)] if dp else []),
+            *(["-", "-"] if spent and not dp else []),
         )
     m = summary["mean"]["test"]
     table.add_row(
@@ -81,7 +95,7 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
         _fmt(m["iou"]),
         _fmt(m["hd95_px"], 1),
         _fmt(m["case_dice"]),
-        *([""] if spent else []),
+        *(["", ""] if spent else []),
     )
     console.print(table)
     client_level = summary.get("privacy", {}).get("client_level")

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedoap.algorithms import KV, Algorithm, FitContext, Update
@@ -185,6 +186,12 @@ class Site:
         steps = torch.tensor(done + epochs * self.dp.steps_per_epoch, dtype=torch.int64)
         self.record.state = dataclasses.replace(state, extra={**state.extra, DP_STEPS: steps})
 
+    def dp_report(self) -> dict[str, Any]:
+        """The site's spent budget, per image and (group privacy) per case."""
+        assert self.dp is not None
+        _, counts = np.unique(self.data.train.case_ids, return_counts=True)
+        return self.dp.report(self.dp_steps(), int(counts.max()) if len(counts) else 1)
+
     def dp_steps(self) -> int:
         """The DP-SGD steps this site has taken so far."""
         return int(self.record.state.extra.get(DP_STEPS, torch.zeros((), dtype=torch.int64)))
@@ -241,5 +248,5 @@ class Site:
             "val": {t.select_metric: rec.best_score},
             "test": test,
             "notes": self.data.notes,
-            **({"privacy": self.dp.report(self.dp_steps())} if self.dp is not None else {}),
+            **({"privacy": self.dp_report()} if self.dp is not None else {}),
         }
