@@ -337,3 +337,37 @@ def test_a_dp_sgd_fedoap_run_on_cuda_spends_its_budget_and_reports_contiguous_we
     for c in s["privacy"]["clients"].values():
         assert c["steps"] == c["planned_steps"] > 0
         assert 3.9 <= c["epsilon"] <= 4.0
+
+
+def test_the_run_table_prints_each_sites_per_patient_reading(monkeypatch, capsys):
+    from fedoap.cli import main
+    from fedoap.privacy import group_privacy
+
+    monkeypatch.setattr(main.console, "width", 200)
+    test = {"dice": 0.5, "iou": 0.4, "hd95_px": 3.0, "case_dice": 0.5}
+    client = {"n": {"train": 10, "val": 2, "test": 2}, "best_round": 1, "val": {"dice": 0.5}}
+    spent = {  # one image per case; 3 slices at a small epsilon; 9 slices at epsilon 1
+        "us": group_privacy(1.0, 1e-3, 1),
+        "ct": group_privacy(0.1, 1e-5, 3),
+        "mri": group_privacy(1.0, 5e-4, 9),
+    }
+    summary = {
+        "clients": {name: {**client, "test": test} for name in spent},
+        "mean": {"test": test},
+        "privacy": {
+            "clients": {
+                name: {"epsilon": 1.0, "delta": 1e-3, "patient_level": g}
+                for name, g in spent.items()
+            }
+        },
+        "params": {"shared": 1, "personal": 1},
+        "time": {"seconds_total": 1.0, "seconds_per_round": 1.0},
+        "comm": {"bytes_up_per_round": 1, "bytes_down_per_round": 1},
+    }
+    main.print_summary(summary, "t")
+    rows = {
+        ln.split("│")[1].strip(): ln for ln in capsys.readouterr().out.splitlines() if "│" in ln
+    }
+    assert rows["us"].split("│")[-2].strip() == "= per image"
+    assert rows["ct"].split("│")[-2].strip() == "0.30 (k=3)"
+    assert rows["mri"].split("│")[-2].strip() == "none (k=9)"  # 9 e^8 5e-4 >= 1
