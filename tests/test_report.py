@@ -239,3 +239,42 @@ def test_the_robustness_goal_judges_only_a_defence_that_ran_every_model_poisonin
         _robust_cell({0: 0.49, 1: 0.58}, clean, show_n=True) == "0.535 ± 0.572 (-1.5) [n=2]"
     )  # t(0.975, 1) = 12.71
     assert _robust_cell({0: None, 1: 0.5}, clean) == "diverged (1 of 2 seeds)"
+
+
+def test_robustness_is_reported_per_case_too_where_an_empty_predictor_hides_the_damage(tmp_path):
+    import csv
+
+    from fedoap.bench import RESULT_FIELDS
+    from fedoap.report import make_report
+
+    # Clean: both honest sites at 0.5 (image and case). Under `scale` with the median, site "a"
+    # predicts nothing on mostly empty slices: image Dice up to 0.7, case Dice down to 0.
+    out = []
+    for seed in (0, 1):
+        for client in ("a", "b", "bad"):
+            out.append(main_row("", "fedavg", seed, client, 0.5, attacker=""))
+            attacked = {"a": (0.7, 0.0), "b": (0.5, 0.5), "bad": (0.1, 0.1)}[client]
+            row = main_row("", "fedavg", seed, client, attacked[0], test_case_dice=attacked[1])
+            out.append(
+                {
+                    **row,
+                    "kind": "attack",
+                    "variant": "fedavg.median.scale",
+                    "attacker": int(client == "bad"),
+                    "config_digest": f"scale{seed}",
+                }
+            )
+    with open(tmp_path / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(out)
+    text = make_report(tmp_path).read_text()
+    section = text[text.index("## Robustness") :]
+    scale_rows = [ln for ln in section.splitlines() if ln.startswith("| scale |")]
+    image, case = scale_rows[0], scale_rows[1]  # the image table comes first, then the case one
+    assert image.split("|")[2].strip() == "0.600 ± 0.000 (+10.0)"
+    assert case.split("|")[2].strip() == "0.250 ± 0.000 (-25.0)"
+    per_site = next(ln for ln in section.splitlines() if ln.startswith("| scale | median |"))
+    assert per_site.split("|")[3:5] == [" 0.700 / 0.000 ", " 0.500 / 0.500 "]
+    # Only scale ran: no defence can be judged on every model-poisoning attack, by either measure.
+    assert section.count("**not judged**") == 2

@@ -450,32 +450,33 @@ def _per_site_table(
     defences: list[str],
     kinds: list[str],
 ) -> list[str]:
-    """Each honest site's test Dice per attack and defence (mean over seeds): a mean over sites
-    can hide one site's loss behind another's gain."""
+    """Each honest site's test Dice per attack and defence, per image / per case (means over
+    seeds): a mean over sites can hide one site's loss behind another's gain, and image Dice can
+    hide an empty predictor on a site of mostly empty slices."""
     clients = list(dict.fromkeys(r["client"] for r in clean_rows))
-    cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    def both(mine: list[dict[str, Any]], c: str) -> str:
+        ours = [r for r in mine if r["client"] == c]
+        image = stat(r["test_dice"] for r in ours)
+        case = stat(_score(r, "test_case_dice") for r in ours)
+        return f"{image.mean:.3f} / {case.mean:.3f}" if case.n else f"{image.mean:.3f}"
+
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     diverged: set[tuple[str, str]] = set()
     for (defence, kind, _), mine in by_cell.items():
         if any(r.get("diverged") for r in mine):
             diverged.add((defence, kind))
-            continue
-        for r in mine:
-            cells[(defence, kind)][r["client"]].append(r["test_dice"])
-    body = [
-        [
-            "clean (validation, mean)",
-            "",
-            *[stat(r["test_dice"] for r in clean_rows if r["client"] == c).fmt() for c in clients],
-        ]
-    ]
+        else:
+            cells[(defence, kind)] += mine
+    body = [["clean (validation, mean)", "", *[both(clean_rows, c) for c in clients]]]
     for kind in kinds:
         for d in defences:
             if (d, kind) in diverged:
                 body.append([kind, d, *["diverged"] * len(clients)])
             elif (d, kind) in cells:
-                body.append([kind, d, *[stat(cells[(d, kind)][c]).fmt() for c in clients]])
+                body.append([kind, d, *[both(cells[(d, kind)], c) for c in clients]])
     return [
-        "Per honest site (test Dice, mean over seeds):",
+        "Per honest site (test Dice per image / per case, mean over seeds):",
         "",
         *markdown_table(["attack", "defence", *clients], body),
         "",
@@ -483,7 +484,10 @@ def _per_site_table(
 
 
 def robustness_goal(
-    honest: dict[tuple[str, str], Honest], clean: dict[int, float], defences: list[str]
+    honest: dict[tuple[str, str], Honest],
+    clean: dict[int, float],
+    defences: list[str],
+    measure: str = "test Dice per image",
 ) -> list[str]:
     """The issue's goal: with validation and the best robust aggregator, the honest sites stay
     within 2 points of clean (mean drop over seeds) under every model-poisoning attack. Only a
@@ -516,8 +520,9 @@ def robustness_goal(
     else:
         head = "**not judged**: no robust aggregator ran every model-poisoning attack."
     out = [
-        "Goal (validation + the best robust aggregator keeps the honest sites within 2 points "
-        f"of clean under every model-poisoning attack: {', '.join(MODEL_POISONING)}): {head} "
+        f"Goal, by {measure} (validation + the best robust aggregator keeps the honest sites "
+        "within 2 points of clean under every model-poisoning attack: "
+        f"{', '.join(MODEL_POISONING)}): {head} "
         "Worst drop per defence (+: below clean): "
         + ", ".join(f"{d} {w:.1f}" for d, w in worst.items())
         + "."
@@ -531,52 +536,90 @@ def robustness_goal(
     return [*out, ""]
 
 
+def _score(row: dict[str, Any], metric: str) -> float:
+    """A row's score (NaN where the column is empty or absent, e.g. older results)."""
+    v = row.get(metric)
+    return math.nan if v is None or v == "" else float(v)
+
+
+def _robust_table(
+    means: dict[tuple[str, str], Honest],
+    clean: dict[int, float],
+    defences: list[str],
+    kinds: list[str],
+    show_n: bool,
+) -> list[str]:
+    """Attacks (rows) x defences (columns) of the honest sites' mean Dice."""
+    body = [[k, *[_robust_cell(means.get((d, k)), clean, show_n) for d in defences]] for k in kinds]
+    return markdown_table(["attack", *defences], body)
+
+
+def _honest_means(
+    by_cell: dict[tuple[str, str, int], list[dict[str, Any]]],
+    clean_rows: list[dict[str, Any]],
+    metric: str,
+) -> tuple[dict[tuple[str, str], Honest], dict[int, float]]:
+    """The honest sites' mean ``metric`` per (defence, attack) and seed (None: diverged), and
+    the clean run's per seed."""
+    honest: dict[tuple[str, str], Honest] = defaultdict(dict)
+    for (defence, kind, seed), mine in by_cell.items():
+        if any(r.get("diverged") for r in mine):
+            honest[(defence, kind)][seed] = None
+        else:
+            honest[(defence, kind)][seed] = float(np.mean([_score(r, metric) for r in mine]))
+    clean = {
+        seed: float(np.mean([_score(r, metric) for r in clean_rows if r["seed"] == seed]))
+        for seed in sorted({r["seed"] for r in clean_rows})
+    }
+    return honest, clean
+
+
 def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list[str]:
     """Attacks x defences (``attack`` cells): the honest sites' mean test Dice, against the
-    method's clean run (its ``main`` cell: validation and the mean, no attack), paired by seed.
+    method's clean run (its ``main`` cell: validation and the mean, no attack), paired by seed;
+    per image (the issue's measure) and per case (which an empty predictor cannot inflate).
     A run the attack made diverge has no scores: it is shown as such, never as a number."""
     attack = [r for r in rows if r["kind"] == "attack"]
     attackers = {r["client"] for r in attack if str(r.get("attacker")) == "1"}
     lines = ["## Robustness: attacks x defences", ""]
     for method in dict.fromkeys(r["method"] for r in attack):
-        honest: dict[tuple[str, str], Honest] = defaultdict(dict)
         refused: dict[str, int] = defaultdict(int)
         by_cell: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
         for r in attack:
             if r["method"] == method and r["client"] not in attackers:
                 _, defence, kind = r["variant"].split(".")
                 by_cell[(defence, kind, r["seed"])].append(r)
-        for (defence, kind, seed), mine in by_cell.items():
-            if any(r.get("diverged") for r in mine):
-                honest[(defence, kind)][seed] = None
-            else:
-                honest[(defence, kind)][seed] = float(np.mean([r["test_dice"] for r in mine]))
-                refused[defence] += int(_num(mine[0].get("refused", "")) or 0)
-        # No defence and validation alone first, then the robust rules.
-        found = list(dict.fromkeys(d for d, _ in honest))
-        defences: list[str] = [d for d in ("none", "validation") if d in found]
-        defences += [d for d in found if d not in defences]
-        kinds = list(dict.fromkeys(k for _, k in honest))
+        for (defence, _, _), mine in by_cell.items():
+            if not any(r.get("diverged") for r in mine):
+                count = _num(mine[0].get("refused", ""))
+                refused[defence] += 0 if math.isnan(count) else int(count)
         clean_rows = [
             r
             for r in rows
             if r["kind"] == "main" and r["variant"] == method and r["client"] not in attackers
         ]
-        clean = {
-            seed: float(np.mean([r["test_dice"] for r in clean_rows if r["seed"] == seed]))
-            for seed in sorted({r["seed"] for r in clean_rows})
-        }
+        honest, clean = _honest_means(by_cell, clean_rows, "test_dice")
+        by_case, clean_case = _honest_means(by_cell, clean_rows, "test_case_dice")
+        # No defence and validation alone first, then the robust rules.
+        found = list(dict.fromkeys(d for d, _ in honest))
+        defences: list[str] = [d for d in ("none", "validation") if d in found]
+        defences += [d for d in found if d not in defences]
+        kinds = list(dict.fromkeys(k for _, k in honest))
         for d in defences:  # a defence without overrides: its clean run is the main cell
             if not honest.get((d, "clean")) and clean:
                 honest[(d, "clean")] = dict(clean)
+                by_case[(d, "clean")] = dict(clean_case)
         kinds = ["clean", *[k for k in kinds if k != "clean"]]
         seeds_run = sorted({s for per in honest.values() for s in per})
         uneven = len({len(per) for per in honest.values() if per}) > 1
-        body = [
-            [k, *[_robust_cell(honest.get((d, k)), clean, uneven) for d in defences]] for k in kinds
-        ]
-        body.append(["uploads refused (all cells)", *[str(refused[d]) for d in defences]])
+
+        refused_row = (
+            "| uploads refused (all cells) | "
+            + " | ".join(str(refused[d]) for d in defences)
+            + " |"
+        )
         ref = stat(clean[s] for s in seeds_run if s in clean)
+        ref_case = stat(clean_case[s] for s in seeds_run if s in clean_case)
         lines += [
             f"### {method}",
             "",
@@ -591,11 +634,19 @@ def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list
                 else ""
             ),
             "",
-            *markdown_table(["attack", *defences], body),
+            *_robust_table(honest, clean, defences, kinds, uneven),
+            refused_row,
+            "",
+            "The same by case Dice (each patient's or video's pixels pooled; an empty prediction "
+            "scores 0 on a case with tumour, where per-image Dice scores every empty slice "
+            f"predicted empty as 1). Clean: {ref_case.fmt()}.",
+            "",
+            *_robust_table(by_case, clean_case, defences, kinds, uneven),
             "",
         ]
         lines += _per_site_table(by_cell, clean_rows, defences, kinds)
         lines += robustness_goal(honest, clean, defences)
+        lines += robustness_goal(by_case, clean_case, defences, "test Dice per case")
         fig_robustness(method, honest, clean, defences, kinds, figs / f"robustness_{method}.png")
         lines += [f"![robustness]({rel}/robustness_{method}.png)", ""]
     return lines
