@@ -221,8 +221,14 @@ def test_the_robustness_goal_judges_only_a_defence_that_ran_every_model_poisonin
     honest[("median", "sign_flip")] = {0: 0.49, 1: 0.58}
     honest[("krum", "nan")] = {0: 0.51}
     honest[("none", "nan")] = {0: None, 1: None}
+    honest[("median", "clean")] = {0: 0.52, 1: 0.60}  # the median's own clean run
     (line, blank) = robustness_goal(honest, clean, ["none", "median", "krum"])
     assert blank == ""
+    # Against that run, sign_flip costs (3 + 2) / 2 points and nan (2 + 0) / 2: the worst, 2.5.
+    assert "against each defence's clean run (which already differs from the mean's): " in line
+    assert line.endswith(
+        "median 2.5. Not judged, for attacks not run: krum (no scale, sign_flip, noise)."
+    )
     assert "**met**. The best is `median`, whose worst drop is 1.5 points" in line
     assert "fewest seeds behind one of its cells: 2" in line
     assert "none inf" in line  # a diverged run is the worst possible drop

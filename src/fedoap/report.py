@@ -494,6 +494,7 @@ def robustness_goal(
     defence that ran every one of those attacks can be judged; one that missed some is listed,
     never picked as the best on the attacks it happened to run."""
     worst: dict[str, float] = {}
+    own: dict[str, float] = {}  # the same, against the defence's own clean run
     missing: dict[str, list[str]] = {}
     seeds: dict[str, int] = {}
     for d in defences:
@@ -506,6 +507,13 @@ def robustness_goal(
                 for per in ran
             )
             seeds[d] = min(len(per) for per in ran)
+            base = {s: v for s, v in (honest.get((d, "clean")) or {}).items() if v is not None}
+            drops = [
+                math.inf if any(v is None for v in per.values()) else _drop(per, base).mean
+                for per in ran
+            ]
+            if base and not any(math.isnan(x) for x in drops):
+                own[d] = max(drops)
     judged = {d: w for d, w in worst.items() if d not in ("none", "validation") and not missing[d]}
     partial = [d for d in worst if d not in ("none", "validation") and missing[d]]
     if not judged and not partial:
@@ -527,6 +535,11 @@ def robustness_goal(
         + ", ".join(f"{d} {w:.1f}" for d, w in worst.items())
         + "."
     ]
+    if own:
+        out[0] += (
+            " The attack's own damage, against each defence's clean run (which already differs "
+            "from the mean's): " + ", ".join(f"{d} {w:.1f}" for d, w in own.items()) + "."
+        )
     if partial:
         out[0] += (
             " Not judged, for attacks not run: "
