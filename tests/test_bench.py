@@ -11,7 +11,7 @@ import yaml
 
 from fedoap.adapt import adapt
 from fedoap.api import run_experiment
-from fedoap.bench import is_done, load_spec, plan, run_bench
+from fedoap.bench import is_done, load_spec, plan, run_bench, select_variants
 from fedoap.data.synthetic import generate_client
 from tests.conftest import tiny_config
 
@@ -269,6 +269,7 @@ def test_a_flower_run_is_never_adapted_or_resumed_from_parts_the_server_lacks(
 def test_an_attack_grid_runs_every_defence_and_keeps_a_divergence_as_its_outcome(
     npz_clients, tmp_path
 ):
+    from fedoap.config import ConfigError
     from fedoap.report import make_report
 
     base = tiny_npz_config(npz_clients, "federation.rounds=2", "finetune.epochs=0")
@@ -298,6 +299,12 @@ def test_an_attack_grid_runs_every_defence_and_keeps_a_divergence_as_its_outcome
         "fedavg.median.clean",
         "fedavg.median.nan",
     ]
+    # One column of the grid and the main cell, as `fedoap bench --variant` selects them; the
+    # cells keep their keys, so a partial run fills the same results folder.
+    some = select_variants(cells, ["fedavg", "fedavg.median.*"])
+    assert [c.key for c in some] == [cells[0].key, cells[4].key, cells[5].key]
+    with pytest.raises(ConfigError, match=r"--variant 'fedavg\.krum\.\*' matches no planned cell"):
+        select_variants(cells, ["fedavg.krum.*"])
     out = tmp_path / "out"
     run_bench(spec, bases, out, cells, jobs=2, log=lambda s: None)  # a divergence is no failure
     assert all(is_done(c, out, spec) for c in cells)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import io
 import json
 import os
@@ -223,6 +224,19 @@ def plan(
             for cell in _plan_one(spec, base, chosen, seeds, kinds)
         ]
     return cells
+
+
+def select_variants(cells: list[Cell], patterns: Sequence[str]) -> list[Cell]:
+    """The cells whose variant matches one of the glob ``patterns`` (``fedoap``: the main cell;
+    ``fedoap.median.*``: its median column of the attack grid); all of them without patterns.
+    A pattern that matches no planned cell is a :class:`ConfigError` naming it."""
+    if not patterns:
+        return cells
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(c.variant, p) for c in cells):
+            known = ", ".join(dict.fromkeys(c.variant for c in cells))
+            raise ConfigError(f"--variant {p!r} matches no planned cell; the variants: {known}")
+    return [c for c in cells if any(fnmatch.fnmatchcase(c.variant, p) for p in patterns)]
 
 
 def _plan_one(

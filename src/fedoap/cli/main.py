@@ -344,12 +344,17 @@ def bench(
     only: list[str] = typer.Option(
         None, "--only", help="main | ablation | loo | attack (repeatable)"
     ),
+    variants: list[str] = typer.Option(
+        None,
+        "--variant",
+        help="only cells whose variant matches this glob (repeatable), e.g. 'fedoap.median.*'",
+    ),
     jobs: int = typer.Option(1, "--jobs", "-j", help="cells run in parallel"),
     max_cells: int = typer.Option(None, "--max-cells", help="run at most this many (chunking)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and stop"),
 ) -> None:
     """Run the benchmark matrix; finished cells are cached, results.csv is kept current."""
-    from fedoap.bench import is_done, load_spec, plan, run_bench
+    from fedoap.bench import is_done, load_spec, plan, run_bench, select_variants
     from fedoap.fileio import check_output_dir
 
     try:
@@ -363,6 +368,7 @@ def bench(
             seeds or None,
             only or ("main", "ablation", "loo", "attack"),
         )
+        cells = select_variants(cells, variants or [])
     except USER_ERRORS as err:
         fail(err)
         return
