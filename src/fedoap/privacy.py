@@ -98,7 +98,7 @@ class SiteDP:
 def group_privacy(epsilon: float, delta: float, k: int) -> dict[str, Any]:
     """What (epsilon, delta)-DP per image guarantees a case (patient) with up to ``k`` images:
     (k epsilon, k e^((k-1) epsilon) delta)-DP, the basic group-privacy bound (Dwork and Roth
-    2014, Thm 2.2; Vadhan 2017, Lemma 2.2 for delta). With delta_k >= 1 it guarantees nothing,
+    2014, section 2.3, extended to delta > 0). With delta_k >= 1 it guarantees nothing,
     and ``meaningful`` says so. DP-SGD here samples images, not patients: this is the honest
     patient-level reading of a per-image budget, not a patient-level mechanism."""
     if k < 1:
