@@ -128,12 +128,21 @@ def main_row(regime: str, method: str, seed: int, client: str, dice: float, **ex
     }
 
 
-def test_report_has_a_table_per_regime_and_a_regimes_summary(tmp_path):
+def report_of(folder, rows: list[dict]) -> str:
+    """``fedoap report``'s text for ``rows`` written as ``folder/results.csv``."""
     import csv
 
     from fedoap.bench import RESULT_FIELDS
     from fedoap.report import make_report
 
+    with open(folder / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return make_report(folder).read_text()
+
+
+def test_report_has_a_table_per_regime_and_a_regimes_summary(tmp_path):
     # fedoap is local + 5 points in regime "sites" and local - 2 points in "organs", on every
     # seed and client; fedavg is local + 1 point everywhere.
     shift = {"sites": {"fedoap": 0.05, "fedavg": 0.01}, "organs": {"fedoap": -0.02, "fedavg": 0.01}}
@@ -144,11 +153,7 @@ def test_report_has_a_table_per_regime_and_a_regimes_summary(tmp_path):
                 for i, client in enumerate(("a", "b")):
                     dice = 0.5 + 0.1 * i + 0.02 * seed + by_method.get(method, 0.0)
                     out.append(main_row(regime, method, seed, client, dice))
-    with open(tmp_path / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(out)
-    text = make_report(tmp_path).read_text()
+    text = report_of(tmp_path, out)
     summary = text[text.index("## Regimes") : text.index("# Regime: ")]
     organs = next(ln for ln in summary.splitlines() if ln.startswith("| organs"))
     sites = next(ln for ln in summary.splitlines() if ln.startswith("| sites"))
@@ -172,11 +177,6 @@ def test_report_has_a_table_per_regime_and_a_regimes_summary(tmp_path):
 
 
 def test_privacy_regimes_are_ordered_by_the_epsilon_spent_with_the_gain_over_local(tmp_path):
-    import csv
-
-    from fedoap.bench import RESULT_FIELDS
-    from fedoap.report import make_report
-
     # Under eps 1, fedoap is local + 4 points; without DP, local + 1 point.
     gain = {"eps-1": (0.9, 0.04), "eps-inf": (None, 0.01)}
     out = []
@@ -192,11 +192,7 @@ def test_privacy_regimes_are_ordered_by_the_epsilon_spent_with_the_gain_over_loc
         for r in out
         if r["regime"] == "eps-inf" and r["method"] == "fedoap"
     ]
-    with open(tmp_path / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(out)
-    text = make_report(tmp_path).read_text()
+    text = report_of(tmp_path, out)
     section = text[text.index("## Privacy") :]
     header = next(ln for ln in section.splitlines() if ln.startswith("| method"))
     assert header.split("|")[2:5] == [
@@ -248,11 +244,6 @@ def test_the_robustness_goal_judges_only_a_defence_that_ran_every_model_poisonin
 
 
 def test_robustness_is_reported_per_case_too_where_an_empty_predictor_hides_the_damage(tmp_path):
-    import csv
-
-    from fedoap.bench import RESULT_FIELDS
-    from fedoap.report import make_report
-
     # Clean: both honest sites at 0.5 (image and case). Under `scale` with the median, site "a"
     # predicts nothing on mostly empty slices: image Dice up to 0.7, case Dice down to 0.
     out = []
@@ -270,11 +261,7 @@ def test_robustness_is_reported_per_case_too_where_an_empty_predictor_hides_the_
                     "config_digest": f"scale{seed}",
                 }
             )
-    with open(tmp_path / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(out)
-    text = make_report(tmp_path).read_text()
+    text = report_of(tmp_path, out)
     section = text[text.index("## Robustness") :]
     scale_rows = [ln for ln in section.splitlines() if ln.startswith("| scale |")]
     image, case = scale_rows[0], scale_rows[1]  # the image table comes first, then the case one

@@ -17,20 +17,15 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 from fedoap.config import load_config
 from fedoap.data import prepare_clients
-from fedoap.privacy import group_privacy
+from fedoap.privacy import group_privacy, largest_case
 
 
 def largest_cases(config: Path) -> dict[str, int]:
     """Each site's largest number of training images in one case, for the run's ``config``."""
     cfg = load_config(config)
-    return {
-        c.name: int(np.unique(c.train.case_ids, return_counts=True)[1].max())
-        for c in prepare_clients(cfg.data)
-    }
+    return {c.name: largest_case(c.train.case_ids) for c in prepare_clients(cfg.data)}
 
 
 def main() -> None:

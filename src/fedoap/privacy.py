@@ -41,6 +41,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from fedoap.config import Config, ConfigError
@@ -93,6 +94,13 @@ class SiteDP:
             "sample_rate": round(self.sample_rate, 6),
             "accountant": self.accountant,
         }
+
+
+def largest_case(case_ids: np.ndarray) -> int:
+    """The most images one case (patient or video) holds: the k of :func:`group_privacy`."""
+    if len(case_ids) == 0:
+        return 1
+    return int(np.unique(case_ids, return_counts=True)[1].max())
 
 
 def group_privacy(epsilon: float, delta: float, k: int) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def points(d: Stat) -> str:
     return f"{100 * d.mean:+.1f} ± {100 * d.ci:.1f} (n = {d.n})"
 
 
-def _num(x: str) -> float:
+def _num(x: Any) -> float:
     return float(x) if x not in ("", None) else float("nan")
 
 
@@ -458,7 +458,7 @@ def _per_site_table(
     def both(mine: list[dict[str, Any]], c: str) -> str:
         ours = [r for r in mine if r["client"] == c]
         image = stat(r["test_dice"] for r in ours)
-        case = stat(_score(r, "test_case_dice") for r in ours)
+        case = stat(_num(r.get("test_case_dice")) for r in ours)
         return f"{image.mean:.3f} / {case.mean:.3f}" if case.n else f"{image.mean:.3f}"
 
     cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -549,12 +549,6 @@ def robustness_goal(
     return [*out, ""]
 
 
-def _score(row: dict[str, Any], metric: str) -> float:
-    """A row's score (NaN where the column is empty or absent, e.g. older results)."""
-    v = row.get(metric)
-    return math.nan if v is None or v == "" else float(v)
-
-
 def _robust_table(
     means: dict[tuple[str, str], Honest],
     clean: dict[int, float],
@@ -579,9 +573,9 @@ def _honest_means(
         if any(r.get("diverged") for r in mine):
             honest[(defence, kind)][seed] = None
         else:
-            honest[(defence, kind)][seed] = float(np.mean([_score(r, metric) for r in mine]))
+            honest[(defence, kind)][seed] = float(np.mean([_num(r.get(metric)) for r in mine]))
     clean = {
-        seed: float(np.mean([_score(r, metric) for r in clean_rows if r["seed"] == seed]))
+        seed: float(np.mean([_num(r.get(metric)) for r in clean_rows if r["seed"] == seed]))
         for seed in sorted({r["seed"] for r in clean_rows})
     }
     return honest, clean

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedoap.algorithms import KV, Algorithm, FitContext, Update
@@ -37,7 +36,7 @@ from fedoap.errors import DivergedError
 from fedoap.federation.attacks import invert_training_masks, poison_update
 from fedoap.federation.state import SiteState
 from fedoap.models import FedOAPNet, StateDict
-from fedoap.privacy import DP_STEPS
+from fedoap.privacy import DP_STEPS, largest_case
 from fedoap.training import evaluate
 from fedoap.training.device import Timer
 
@@ -189,8 +188,7 @@ class Site:
     def dp_report(self) -> dict[str, Any]:
         """The site's spent budget, per image and (group privacy) per case."""
         assert self.dp is not None
-        _, counts = np.unique(self.data.train.case_ids, return_counts=True)
-        return self.dp.report(self.dp_steps(), int(counts.max()) if len(counts) else 1)
+        return self.dp.report(self.dp_steps(), largest_case(self.data.train.case_ids))
 
     def dp_steps(self) -> int:
         """The DP-SGD steps this site has taken so far."""
