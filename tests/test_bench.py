@@ -319,6 +319,15 @@ def test_an_attack_grid_runs_every_defence_and_keeps_a_divergence_as_its_outcome
     assert rows[("fedavg.validation.nan", "ct")]["attacker"] == "1"
     assert rows[("fedavg.validation.nan", "mri")]["attacker"] == "0"
     assert rows[("fedavg.validation.nan", "mri")]["refused"] == "2"  # ct, both rounds
+    # Each attack cell names its defence's clean run: validation's is the main cell (so the
+    # report may stand the main cell in for it), median's is its own clean cell.
+    main_digest = rows[("fedavg", "mri")]["config_digest"]
+    assert rows[("fedavg.validation.nan", "mri")]["clean_digest"] == main_digest
+    assert (
+        rows[("fedavg.median.nan", "mri")]["clean_digest"]
+        == rows[("fedavg.median.clean", "mri")]["config_digest"]
+        != main_digest
+    )
     # Refusing the NaN site leaves the honest two as if ct had sent nothing: validation + mean
     # and validation + median of two are both their mean, so the two rows agree exactly.
     for c in ("mri", "us"):

@@ -252,21 +252,27 @@ def test_robustness_is_reported_per_case_too_where_an_empty_predictor_hides_the_
             out.append(main_row("", "fedavg", seed, client, 0.5, attacker=""))
             attacked = {"a": (0.7, 0.0), "b": (0.5, 0.5), "bad": (0.1, 0.1)}[client]
             row = main_row("", "fedavg", seed, client, attacked[0], test_case_dice=attacked[1])
-            out.append(
-                {
-                    **row,
-                    "kind": "attack",
-                    "variant": "fedavg.median.scale",
-                    "attacker": int(client == "bad"),
-                    "config_digest": f"scale{seed}",
-                }
-            )
+            # validation has no overrides: its clean run is the main cell (same clean_digest).
+            # median has overrides and no clean cell here: its clean run is not run.
+            for defence, clean_digest in (("validation", f"fedavg{seed}"), ("median", "med")):
+                out.append(
+                    {
+                        **row,
+                        "kind": "attack",
+                        "variant": f"fedavg.{defence}.scale",
+                        "attacker": int(client == "bad"),
+                        "config_digest": f"{defence}scale{seed}",
+                        "clean_digest": clean_digest,
+                    }
+                )
     text = report_of(tmp_path, out)
     section = text[text.index("## Robustness") :]
     scale_rows = [ln for ln in section.splitlines() if ln.startswith("| scale |")]
     image, case = scale_rows[0], scale_rows[1]  # the image table comes first, then the case one
-    assert image.split("|")[2].strip() == "0.600 ± 0.000 (+10.0)"
-    assert case.split("|")[2].strip() == "0.250 ± 0.000 (-25.0)"
+    assert image.split("|")[2:4] == [" 0.600 ± 0.000 (+10.0) "] * 2
+    assert case.split("|")[2:4] == [" 0.250 ± 0.000 (-25.0) "] * 2
+    clean_row = next(ln for ln in section.splitlines() if ln.startswith("| clean |"))
+    assert clean_row.split("|")[2:4] == [" 0.500 ± 0.000 (+0.0) ", " - "]
     per_site = next(ln for ln in section.splitlines() if ln.startswith("| scale | median |"))
     assert per_site.split("|")[3:5] == [" 0.700 / 0.000 ", " 0.500 / 0.500 "]
     # Only scale ran: no defence can be judged on every model-poisoning attack, by either measure.

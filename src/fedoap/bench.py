@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from fedoap.config import (
+    AttackConfig,
     Config,
     ConfigError,
     apply_overrides,
@@ -73,6 +74,9 @@ RESULT_FIELDS = [
     "epsilon",  # privacy.dp: the (epsilon, delta) the client spent (summary.json privacy)
     "delta",
     "client_epsilon",  # privacy.client_dp: the run's client-level epsilon (DP-FedAvg)
+    # attack cells: the config digest of the same defence without the attack. The report takes
+    # the main cell as a defence's clean run only when this equals the main cell's digest.
+    "clean_digest",
 ]
 
 
@@ -473,7 +477,14 @@ def run_bench(
 # ------------------------------------------------------------------------------ results
 
 
+def clean_digest(cfg: Config) -> str:
+    """The digest of ``cfg`` without its attack: its defence's clean run."""
+    fed = dataclasses.replace(cfg.federation, attack=AttackConfig())
+    return digest(dataclasses.replace(cfg, federation=fed))
+
+
 def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
+    clean = clean_digest(cell.cfg) if cell.kind == "attack" else None
     if (folder / DIVERGED).is_file():  # an attack let in: no scores, the reason instead
         why = (folder / DIVERGED).read_text().strip()
         return [
@@ -487,6 +498,7 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
                 "regime": cell.regime,
                 "diverged": why,
                 "attacker": int(c.name in cell.cfg.federation.attack.sites),
+                "clean_digest": clean,
             }
             for c in cell.cfg.data.clients
         ]
@@ -510,6 +522,7 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
         "peak_memory_gib": execution.get("peak_memory_gib"),
         "refused": len(summary.get("refused", [])) if cell.kind == "attack" else None,
         "client_epsilon": summary.get("privacy", {}).get("client_level", {}).get("epsilon"),
+        "clean_digest": clean,
     }
     spent = summary.get("privacy", {}).get("clients", {})
     if cell.kind != "loo":

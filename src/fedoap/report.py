@@ -612,10 +612,20 @@ def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list
         defences: list[str] = [d for d in ("none", "validation") if d in found]
         defences += [d for d in found if d not in defences]
         kinds = list(dict.fromkeys(k for _, k in honest))
-        for d in defences:  # a defence without overrides: its clean run is the main cell
-            if not honest.get((d, "clean")) and clean:
-                honest[(d, "clean")] = dict(clean)
-                by_case[(d, "clean")] = dict(clean_case)
+        # A defence without overrides (validation alone) has no clean cell of its own: its
+        # clean run is the main cell, for each seed whose attack cells say so (clean_digest).
+        # Any other defence without its clean cell shows "not run" there.
+        main_digest = {r["seed"]: r.get("config_digest") for r in clean_rows}
+        for d in defences:
+            if honest.get((d, "clean")):
+                continue
+            same = {
+                s
+                for (dd, _, s), mine in by_cell.items()
+                if dd == d and s in main_digest and mine[0].get("clean_digest") == main_digest[s]
+            }
+            honest[(d, "clean")] = {s: v for s, v in clean.items() if s in same}
+            by_case[(d, "clean")] = {s: v for s, v in clean_case.items() if s in same}
         kinds = ["clean", *[k for k in kinds if k != "clean"]]
         seeds_run = sorted({s for per in honest.values() for s in per})
         uneven = len({len(per) for per in honest.values() if per}) > 1
