@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -371,15 +373,47 @@ class FlowerSession:
                 return dict(run)
         raise RuntimeError(f"run {run_id} not listed by the SuperLink: {out}")
 
-    def wait(self, run_id: str, timeout: float = 3600, poll: float = 2.0) -> dict[str, Any]:
-        """Block until the run finishes; returns its ``flwr list`` entry."""
+    def wait(
+        self,
+        run_id: str,
+        timeout: float = 3600,
+        poll: float = 2.0,
+        done_hint: Callable[[], bool] | None = None,
+        slow_poll: float = 30.0,
+    ) -> dict[str, Any]:
+        """Block until the run finishes; returns its ``flwr list`` entry.
+
+        Each status query is a ``flwr`` CLI process (about 2.5 CPU-seconds of imports here),
+        which on a small machine competes with the run itself. With ``done_hint`` (a cheap
+        check, e.g. that the run wrote its summary), the SuperLink is asked every ``poll``
+        seconds only once the hint holds, and otherwise every ``slow_poll`` seconds (to notice a
+        run that failed without finishing)."""
         end = time.time() + timeout
+        asked = -math.inf
         while time.time() < end:
-            run = self.status(run_id)
-            if str(run["status"]).startswith("finished"):
-                return run
-            time.sleep(poll)
+            hint = done_hint is None or done_hint()
+            if time.time() - asked >= (poll if hint else slow_poll):
+                asked = time.time()
+                run = self.status(run_id)
+                if str(run["status"]).startswith("finished"):
+                    return run
+            time.sleep(0.5 if done_hint is not None else poll)
         raise TimeoutError(f"run {run_id} not finished after {timeout} s")
+
+
+def summary_written(run_dir: Path) -> Callable[[], bool]:
+    """A ``wait`` hint: the ServerApp has written (or rewritten) ``run_dir/summary.json``,
+    which it does as the run's last step."""
+    path = run_dir / "summary.json"
+
+    def mtime() -> int | None:
+        try:
+            return path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    before = mtime()
+    return lambda: mtime() not in (None, before)
 
 
 def run_simulation(
@@ -394,7 +428,7 @@ def run_simulation(
         config = {"run-dir": str(run_dir.resolve())}
         run_id = fl.run({**config, "resume": "true"} if resume else config)
         log(f"Flower run {run_id} submitted to {fl.address}")
-        run = fl.wait(run_id)
+        run = fl.wait(run_id, done_hint=summary_written(run_dir))
     if run["status"] != "finished:completed":
         raise FederationError(
             f"Flower run {run_id} ended with status {run['status']} ({run.get('status-details')}); "
