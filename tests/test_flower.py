@@ -1,5 +1,9 @@
 """The Flower runtime: simulation equivalence, loopback deployment, TLS and node authentication.
 
+The tests that start, kill and resume real SuperLink/SuperNode processes are marked
+``deployment``: minutes each on two cores, left out of the default suite and run by
+``python -m pytest -m deployment`` (CI runs both).
+
 Needs the ``[flower]`` extra (CI installs it); without it the module is skipped, since the core
 package does not depend on Flower. Every test uses a private FLWR_HOME and the offline settings
 (no dependency installation, no telemetry) from ``fedoap.federation.flower_launch``.
@@ -30,6 +34,7 @@ from fedoap.federation.flower_launch import (  # noqa: E402
     _descendants,
     make_node_keys,
     make_tls,
+    summary_written,
 )
 from fedoap.models.partition import sub  # noqa: E402
 from fedoap.runs import read_metrics  # noqa: E402
@@ -202,7 +207,7 @@ def _deploy(tmp_path, cfg, tls=False, kill_server_after=None):
             assert not (run_dir / "summary.json").exists()
             killed = run_id
             run_id = fl.run({"run-dir": str(run_dir.resolve()), "resume": "true"})
-        run = fl.wait(run_id, timeout=1200)
+        run = fl.wait(run_id, timeout=1200, done_hint=summary_written(run_dir))
         if kill_server_after is not None:
             assert fl.status(killed)["status"] != "finished:completed"
         nodes = fl.flwr_json("supernode", "list", fl.connection)["nodes"]
@@ -243,6 +248,7 @@ def _assert_same_run(a, b, run_a, run_b):
         torch.testing.assert_close(gb[k], ga[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.deployment
 def test_deployment_killed_and_resumed_equals_simulation_with_tls_and_node_auth(tmp_path):
     """Real processes on loopback (SuperLink, one SuperNode per site, TLS, registered node
     keys; an unregistered node is refused). The ServerApp is SIGKILLed after round 1 and the
@@ -304,6 +310,7 @@ def _wait_for(predicate, timeout, what):
         time.sleep(0.5)
 
 
+@pytest.mark.deployment
 def test_a_killed_supernode_is_lost_for_a_round_and_rejoins_from_its_own_state(tmp_path):
     """Three SuperNodes, four rounds; one is killed (SIGKILL) during round 2. The round ends
     with the other two when Flower reports the node unavailable or after
@@ -329,7 +336,7 @@ def test_a_killed_supernode_is_lost_for_a_round_and_rejoins_from_its_own_state(t
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         fl.start_supernode("us-restarted", {"client-name": "us"})  # its supervisor restarts it
-        run = fl.wait(run_id, timeout=1200)
+        run = fl.wait(run_id, timeout=1200, done_hint=summary_written(run_dir))
     assert run["status"] == "finished:completed"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [(x["round"], x["client"]) for x in summary["lost"]] == [(2, "us")], summary["lost"]
@@ -348,6 +355,7 @@ def test_a_killed_supernode_is_lost_for_a_round_and_rejoins_from_its_own_state(t
     assert len([r for r in rows if r["client"] == "mri"]) == 4
 
 
+@pytest.mark.deployment
 def test_a_killed_server_resumes_to_the_uninterrupted_result(tmp_path):
     """The whole simulation (CLI, SuperLink, ServerApp) is killed after round 2 of 4;
     ``fedoap run --resume`` continues the server from its checkpoint and each site from its own
