@@ -230,6 +230,13 @@ def test_the_robustness_goal_judges_only_a_defence_that_ran_every_model_poisonin
     assert "none inf" in line  # a diverged run is the worst possible drop
     assert "Not judged, for attacks not run: krum (no scale, sign_flip, noise)" in line
 
+    # trimmed_mean ran every attack but on seed 0 only, where it gains: it is not compared
+    # with the median's two seeds, which stays the rule the verdict rests on.
+    trimmed = {("trimmed_mean", k): {0: 0.52} for k in MODEL_POISONING}
+    (line, _) = robustness_goal({**honest, **trimmed}, clean, ["none", "median", "trimmed_mean"])
+    assert "The best is `median`, whose worst drop is 1.5 points" in line
+    assert "Not compared, on fewer seeds: trimmed_mean (n=1)." in line
+
     honest[("median", "noise")] = {0: 0.47, 1: 0.58}  # a 2.5-point mean drop: over the goal
     (line, _) = robustness_goal(honest, clean, ["none", "median", "krum"])
     assert "**not met**. The best is `median`, whose worst drop is 2.5 points" in line

@@ -519,12 +519,22 @@ def robustness_goal(
     if not judged and not partial:
         return []
     if judged:
-        best = min(judged, key=lambda d: judged[d])
+        # Rules are compared on equal footing: only those with the most seeds behind them (a
+        # rule's one good seed must not beat another's three).
+        most = max(seeds[d] for d in judged)
+        best = min((d for d in judged if seeds[d] == most), key=lambda d: judged[d])
         verdict = "met" if judged[best] <= 2.0 else "not met"
         head = (
             f"**{verdict}**. The best is `{best}`, whose worst drop is {judged[best]:.1f} points "
             f"(mean over seeds; the fewest seeds behind one of its cells: {seeds[best]})."
         )
+        fewer = [d for d in judged if seeds[d] < most]
+        if fewer:
+            head += (
+                " Not compared, on fewer seeds: "
+                + ", ".join(f"{d} (n={seeds[d]})" for d in fewer)
+                + "."
+            )
     else:
         head = "**not judged**: no robust aggregator ran every model-poisoning attack."
     out = [
