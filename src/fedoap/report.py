@@ -624,7 +624,7 @@ def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list
         kinds = list(dict.fromkeys(k for _, k in honest))
         # A defence without overrides (validation alone) has no clean cell of its own: its
         # clean run is the main cell, for each seed whose attack cells say so (clean_digest).
-        # Any other defence without its clean cell shows "not run" there.
+        # Any other defence without its clean cell shows "-" (not run) there.
         main_digest = {r["seed"]: r.get("config_digest") for r in clean_rows}
         for d in defences:
             if honest.get((d, "clean")):
