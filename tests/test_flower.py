@@ -435,3 +435,36 @@ def test_the_worker_wire_carries_headers_and_arrays_exactly():
         for k, v in arrays.items():
             assert got[k].dtype == v.dtype and np.array_equal(got[k], v)
         assert recv_frame(b) == ({"kind": "query"}, {})
+
+
+def test_waiting_asks_the_superlink_only_once_the_run_has_written_its_summary(
+    tmp_path, monkeypatch
+):
+    """Each status query is a ``flwr`` process of seconds of CPU: while the run has not written
+    its summary, ``wait`` asks only every ``slow_poll`` seconds; once it has, every ``poll``."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    hint = summary_written(run_dir)
+    assert not hint()
+    fl = FlowerSession(tmp_path / "flower")
+    calls = []
+
+    def status(run_id):
+        calls.append(time.time())
+        if len(calls) == 3:  # the run writes its summary at the third query
+            (run_dir / "summary.json").write_text("{}")
+        return {"status": "finished:completed" if hint() else "running"}
+
+    monkeypatch.setattr(fl, "status", status)
+    start = time.time()
+    # The summary appears only at the 3rd query: without the hint (a query every second) that
+    # is 2 s in; with it, the 2nd query waits for slow_poll and the run never finishes in 3 s.
+    with pytest.raises(TimeoutError):
+        fl.wait("1", timeout=3, poll=1, done_hint=hint, slow_poll=30)
+    assert len(calls) == 1 and calls[0] - start < 1
+    # A summary that was already there (a resumed run's earlier one) is no hint; a rewrite is.
+    (run_dir / "summary.json").write_text("{}")
+    old = summary_written(run_dir)
+    assert not old()
+    os.utime(run_dir / "summary.json", ns=(0, time.time_ns() + 10**9))
+    assert old()
