@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fedoap.config import Config, apply_overrides, from_dict, validate
+from fedoap.cpu import cpu_budget
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDOAP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -61,6 +63,30 @@ def isolated_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDOAP_CACHE_DIR", str(path))
         yield path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def threads_per_worker() -> Iterator[int]:
+    """Under pytest-xdist, share the cores among the workers: each worker's torch, and the
+    processes its tests start (through ``OMP_NUM_THREADS``), get ``cores / workers`` threads.
+
+    Two workers each running torch's default of one thread per core oversubscribe the machine,
+    and torch's threads spin-wait on each other. The LGG nnU-Net test, beside two single-thread
+    bench runs on our 2-core CPU, took 127 s (120 CPU-seconds) with two threads and 53 s (32
+    CPU-seconds) with one. Without xdist nothing changes. Restored when the session ends."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    old = torch.get_num_threads()
+    if workers <= 1:
+        yield old
+        return
+    n = max(1, cpu_budget() // workers)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", str(n))
+        torch.set_num_threads(n)
+        try:
+            yield n
+        finally:
+            torch.set_num_threads(old)
 
 
 def results_of(summary: dict) -> dict:

@@ -56,17 +56,22 @@ def federation_without_ct(npz_clients, tmp_path_factory):
 
 def test_adapt_to_an_unseen_client(npz_clients, federation_without_ct):
     run, cfg = federation_without_ct
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
     seen_threads = []
-    s = adapt(
-        run,
-        npz_clients / "ct.npz",
-        "ct",
-        epochs=2,
-        log=lambda _: seen_threads.append(torch.get_num_threads()),
-    )
+    try:
+        s = adapt(
+            run,
+            npz_clients / "ct.npz",
+            "ct",
+            epochs=2,
+            log=lambda _: seen_threads.append(torch.get_num_threads()),
+        )
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
     # The federation's train.num_threads applies inside, and the process's count is restored.
-    assert seen_threads and set(seen_threads) == {1} and torch.get_num_threads() == 2
+    assert seen_threads and set(seen_threads) == {1} and after == 2
     for key in ("zero_shot", "adapted", "local_only", "local_full"):
         assert 0 <= s[key]["test"]["dice"] <= 1
     assert s["init"] == "averaged" and 0 <= s["adapted"]["best_epoch"] <= 2

@@ -112,6 +112,30 @@ def test_session_sets_and_restores_global_state():
     assert _global_state() == before
 
 
+def test_the_cpu_budget_is_omp_num_threads_when_set_else_the_cores_it_may_use(monkeypatch):
+    from fedoap.cpu import cpu_budget
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_budget() == 3
+    allowed = len(os.sched_getaffinity(0))
+    for unusable in ("0", "two", ""):
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        assert cpu_budget() == allowed
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_budget() == allowed
+
+
+def test_test_workers_share_the_cores(threads_per_worker):
+    """Under xdist each worker runs cores / workers torch threads, and so do the processes its
+    tests start; without xdist the count is torch's own."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    assert torch.get_num_threads() == threads_per_worker
+    if workers > 1:
+        assert os.environ["OMP_NUM_THREADS"] == str(threads_per_worker)
+        # Together the workers' threads do not outnumber the cores (one each, at least).
+        assert threads_per_worker * workers <= max(workers, len(os.sched_getaffinity(0)))
+
+
 # ------------------------------------------------------------------ data and uploads
 
 

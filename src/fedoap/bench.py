@@ -7,9 +7,10 @@ interrupted or extended benchmark only runs what is missing; a killed cell resum
 checkpoint. ``--max-cells`` splits the work into chunks across invocations. After every cell,
 ``OUT/results.csv`` is rewritten from all finished cells.
 
-Cells run as ``fedoap run`` subprocesses, ``--jobs`` at a time, each with
-``cpu_count / jobs`` torch threads (two single-thread runs give about 25% more throughput than
-one two-thread run on a 2-core machine). The thread count is not part of a cell's identity.
+Cells run as ``fedoap run`` subprocesses, ``--jobs`` at a time, each with ``cores / jobs`` torch
+threads, where ``cores`` is :func:`fedoap.cpu.cpu_budget` (``OMP_NUM_THREADS`` when set, else the
+cores the process may run on). Two single-thread runs give about 25% more throughput than one
+two-thread run on a 2-core machine. The thread count is not part of a cell's identity.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from fedoap.config import (
     load_yaml,
     validate,
 )
+from fedoap.cpu import cpu_budget
 from fedoap.errors import FedoapError
 from fedoap.fileio import atomic_write_text, check_output_dir
 from fedoap.runs import read_metrics
@@ -447,7 +449,7 @@ def run_bench(
     if max_cells is not None:
         todo = todo[:max_cells]
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    threads = max(1, cpu_budget() // max(jobs, 1))
     t0 = time.perf_counter()
     failures = []
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
