@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedoap.algorithms import build_algorithm
+from fedoap.config import ConfigError
 from tests.conftest import tiny_config
 
 opacus = pytest.importorskip("opacus", reason='needs the [dp] extra: pip install -e ".[dp]"')
@@ -130,6 +131,97 @@ def test_a_dp_sgd_step_is_the_mean_of_clipped_per_example_gradients_of_a_poisson
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 
+def test_a_case_level_dp_step_is_the_mean_of_clipped_per_case_gradients():
+    """privacy.dp.unit=case: with zero noise and plain SGD (lr 1) one step moves the weights by
+    exactly -(1/B) sum_c clip(g_c) over the cases a Poisson draw took, where g_c is the gradient
+    of the mean loss over case c's images: against a loop over cases."""
+    from fedoap.data.dataset import Split
+    from fedoap.losses import SegLoss
+    from fedoap.privacy import SiteDP
+    from fedoap.training.dp import dp_train_epochs
+
+    cfg = tiny_config("train.precision=fp32")
+    model = build_algorithm(cfg).build_model().double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 1, 32, 32, generator=gen, dtype=torch.float64)
+    y = (torch.rand(10, 1, 32, 32, generator=gen) > 0.7).double()
+    # Five cases of 1-3 images, not contiguous (p2's images are the 6th and the last); they
+    # are numbered in order of first appearance: p3, p1, p2, p4, p5.
+    cases = np.array(["p3", "p3", "p1", "p1", "p1", "p2", "p4", "p4", "p5", "p2"])
+    order = ["p3", "p1", "p2", "p4", "p5"]
+    loss = SegLoss(per_image=True)
+    dp = SiteDP(0.0, 0.05, 0.5, 1, 2, 1e-3, "prv", 1, None, "case")  # B = 2 cases
+    taken = torch.rand(5, generator=torch.Generator().manual_seed(7)) < 0.5
+    took = [c for c, t in zip(order, taken.tolist(), strict=True) if t]
+    assert 1 < len(took) < 5 and any((cases == c).sum() > 1 for c in took)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = {n: torch.zeros_like(p) for n, p in before.items()}
+    norms = []
+    for c in took:
+        rows = torch.from_numpy(np.flatnonzero(cases == c))
+        model.zero_grad()
+        loss(model(x[rows]), y[rows]).backward()  # the mean over the case's images
+        g = {n: p.grad.clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
+        norm = float(torch.sqrt(sum(v.square().sum() for v in g.values())))  # type: ignore[arg-type]
+        norms.append(norm)
+        for n in g:
+            expected[n] -= g[n] * min(1.0, 0.05 / (norm + 1e-6)) / 2
+    assert min(norms) > 0.05  # the clip is active for every case
+    model.zero_grad()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    split = Split(x, y, cases, cases)
+    dp_train_epochs(
+        model,
+        opt,
+        split,
+        1,
+        lambda z, t, g, xx: loss(z, t),
+        torch.Generator().manual_seed(7),
+        dp,
+        "fp32",
+    )
+    worst = max(
+        float((p.detach() - before[n] - expected[n]).abs().max())
+        for n, p in model.named_parameters()
+    )
+    assert worst < 1e-9, worst
+
+
+def test_with_one_image_per_case_case_level_dp_is_image_level_dp_bit_for_bit():
+    """Cases are numbered in order of first appearance, so where each case is one image (breast
+    ultrasound, Kvasir) the case-level draws, clipping and noise are the image-level ones."""
+    from fedoap.data.dataset import Split
+    from fedoap.losses import SegLoss
+    from fedoap.privacy import SiteDP
+    from fedoap.training.dp import dp_train_epochs
+
+    cfg = tiny_config("train.precision=fp32")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 1, 32, 32, generator=gen)
+    y = (torch.rand(12, 1, 32, 32, generator=gen) > 0.7).float()
+    names = np.array([f"case{k}" for k in (7, 3, 11, 0, 5, 9, 1, 10, 2, 8, 4, 6)])  # unsorted
+    loss = SegLoss(per_image=True)
+    weights = {}
+    for unit in ("image", "case"):
+        model = build_algorithm(cfg).build_model()
+        dp = SiteDP(1.0, 1.0, 0.25, 4, 3, 1e-3, "prv", 8, None, unit)
+        dp_train_epochs(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            Split(x, y, names, names),
+            2,
+            lambda z, t, g, xx: loss(z, t),
+            torch.Generator().manual_seed(5),
+            dp,
+            "fp32",
+        )
+        weights[unit] = {k: v.clone() for k, v in model.state_dict().items()}
+    initial = build_algorithm(cfg).build_model().state_dict()
+    assert any(not torch.equal(initial[k], weights["image"][k]) for k in initial)  # it trained
+    for k in weights["image"]:
+        assert torch.equal(weights["image"][k], weights["case"][k]), k
+
+
 def run_dp(tmp_path, name, *over):
     from fedoap.api import run_experiment
 
@@ -181,6 +273,59 @@ def test_the_budget_covers_every_step_fine_tuning_included_and_meets_the_target(
             > c["epsilon"]
         )
     assert largest["mri"] > 1  # a synthetic MRI case is several slices: not the trivial k = 1
+
+
+def test_case_level_dp_samples_and_accounts_cases_and_guarantees_each_patient(tmp_path):
+    """privacy.dp.unit=case, end to end (method=local, so each site trains alone): the
+    sampling rate, delta and steps count cases; the patient-level reading is the budget itself;
+    a site whose cases are single images gets the image-level result exactly."""
+    from fedoap.data import prepare_clients
+
+    over = (
+        "method=local",
+        "federation.rounds=2",
+        "finetune.epochs=1",
+        "train.batch_size=2",
+        "privacy.dp.enabled=true",
+        "privacy.dp.epsilon=4",
+    )
+    from fedoap.federation.checkpoint import load_tensors
+
+    by_case = run_dp(tmp_path, "case", *over, "privacy.dp.unit=case")
+    by_image = run_dp(tmp_path, "image", *over)
+    runs = ("case", "image")
+    assert by_case["privacy"]["dp"].startswith("case-level")
+    assert by_image["privacy"]["dp"].startswith("sample-level")
+    data = {c.name: c for c in prepare_clients(tiny_config(*over).data)}
+    for name, c in by_case["privacy"]["clients"].items():
+        k = len(np.unique(data[name].train.case_ids))  # the site's training cases
+        assert c["unit"] == "case" and c["sample_rate"] == pytest.approx(2 / k, abs=1e-6)
+        assert c["delta"] == pytest.approx(1 / (10 * k))
+        assert c["steps"] == c["planned_steps"] == (2 * 1 + 1) * max(1, round(k / 2))
+        assert 3.9 <= c["epsilon"] <= 4.0
+        patient = c["patient_level"]
+        assert patient["epsilon"] == c["epsilon"] and patient["delta"] == c["delta"]
+        assert patient["meaningful"]
+    mri = by_case["privacy"]["clients"]["mri"]
+    assert mri["patient_level"]["max_images_per_case"] > 1  # several slices: one unit
+    # Image-level DP's per-patient reading (group privacy over 6 slices) is far weaker.
+    image_mri = by_image["privacy"]["clients"]["mri"]["patient_level"]
+    assert image_mri["epsilon"] > 5 * mri["patient_level"]["epsilon"]
+    # us: one image per case, so the same model (its Dice to the last digit); mri differs.
+    assert by_case["clients"]["us"]["test"] == by_image["clients"]["us"]["test"]
+    final = {u: load_tensors(tmp_path / u / "checkpoints" / "last.safetensors")[0] for u in runs}
+    for site, same in (("us", True), ("mri", False), ("ct", False)):
+        keys = [k for k in final["case"] if f"/{site}/" in k]
+        assert keys, (site, sorted(final["case"])[:5])
+        equal = all(torch.equal(final["case"][k], final["image"][k]) for k in keys)
+        assert equal == same, site
+
+
+def test_case_level_dp_needs_more_cases_than_the_batch(tmp_path):
+    over = ("method=local", "privacy.dp.enabled=true", "privacy.dp.epsilon=4")
+    with pytest.raises(ConfigError, match=r"site 'mri' has 4 training cases.*counts cases"):
+        run_dp(tmp_path, "x", *over, "privacy.dp.unit=case")  # train.batch_size=8
+    assert not (tmp_path / "x").exists()
 
 
 def test_group_privacy_is_the_basic_bound_and_says_when_it_guarantees_nothing():
@@ -304,7 +449,7 @@ def test_dp_refuses_a_method_it_cannot_account_and_an_unreachable_budget(tmp_pat
         run_dp(
             tmp_path, "e", "method=fedavg", "privacy.dp.enabled=true", "privacy.dp.epsilon=0.0001"
         )
-    assert not (tmp_path / "e" / "metrics.csv").exists()  # nothing ran
+    assert not (tmp_path / "b").exists() and not (tmp_path / "e").exists()  # nothing ran
 
 
 def test_dp_sgd_keeps_weights_in_the_contiguous_layout_on_cuda_too():
@@ -350,13 +495,20 @@ def test_the_run_table_prints_each_sites_per_patient_reading(monkeypatch, capsys
         "us": group_privacy(1.0, 1e-3, 1),
         "ct": group_privacy(0.1, 1e-5, 3),
         "mri": group_privacy(1.0, 5e-4, 9),
+        "cvc": {"max_images_per_case": 27, "epsilon": 1.0, "delta": 1e-3, "meaningful": True},
     }
+    unit = {"cvc": "case"}  # case-level DP-SGD: its budget is per video already
     summary = {
         "clients": {name: {**client, "test": test} for name in spent},
         "mean": {"test": test},
         "privacy": {
             "clients": {
-                name: {"epsilon": 1.0, "delta": 1e-3, "patient_level": g}
+                name: {
+                    "epsilon": 1.0,
+                    "delta": 1e-3,
+                    "patient_level": g,
+                    "unit": unit.get(name, "image"),
+                }
                 for name, g in spent.items()
             }
         },
@@ -371,3 +523,4 @@ def test_the_run_table_prints_each_sites_per_patient_reading(monkeypatch, capsys
     assert rows["us"].split("│")[-2].strip() == "= per image"
     assert rows["ct"].split("│")[-2].strip() == "0.30 (k=3)"
     assert rows["mri"].split("│")[-2].strip() == "none (k=9)"  # 9 e^8 5e-4 >= 1
+    assert rows["cvc"].split("│")[-2].strip() == "= ε (per case)"

@@ -303,6 +303,14 @@ def test_digest_of_old_runs_is_unchanged():
     assert load_config(REPO / "configs" / "federation4.yaml").digest() == "bd1bf95c60e4"
     changed = load_config(REPO / "configs" / "federation4.yaml", ["train.on_divergence=exclude"])
     assert changed.digest() != "bd1bf95c60e4"
+    # privacy.dp.unit joined after the privacy benchmark ran: its cells keep their keys.
+    from fedoap.bench import digest
+
+    cell = REPO / "benchmarks/results/privacy/cells/eps-1-fedoap-seed0-3e7d01a92731"
+    dp = load_config(cell / "config.yaml")
+    assert dp.privacy.dp.enabled and digest(dp) == "3e7d01a92731"
+    by_case = load_config(cell / "config.yaml", ["privacy.dp.unit=case"])
+    assert digest(by_case) != "3e7d01a92731"
 
 
 # ------------------------------------------------------------------ checkpoints (items 2 and 9)

@@ -192,18 +192,37 @@ def test_privacy_regimes_are_ordered_by_the_epsilon_spent_with_the_gain_over_loc
         for r in out
         if r["regime"] == "eps-inf" and r["method"] == "fedoap"
     ]
+    # Case-level DP-SGD at a smaller epsilon: its own column, after the per-image budgets (its
+    # epsilon is per patient, not comparable), with fedoap = local - 3 points.
+    out += [
+        {
+            **r,
+            "regime": "eps-8-case",
+            "epsilon": 0.5,
+            "dp_unit": "case",
+            "test_dice": r["test_dice"] - (0.04 + 0.03 if r["method"] == "fedoap" else 0.0),
+        }
+        for r in out
+        if r["regime"] == "eps-1"
+    ]
     text = report_of(tmp_path, out)
     section = text[text.index("## Privacy") :]
     header = next(ln for ln in section.splitlines() if ln.startswith("| method"))
-    assert header.split("|")[2:5] == [
+    assert header.split("|")[2:6] == [
         " ε = 0.9 ",
         " ε = ∞ (no DP) ",
+        " eps-8-case: ε = 0.5 per case ",
         " client-dp: client-level ε = 12 ",
     ]
     gain_row = next(ln for ln in section.splitlines() if ln.startswith("| fedoap − local"))
-    assert gain_row.split("|")[2:5] == [" +4.0 ± 0.0 (n = 2) ", " +1.0 ± 0.0 (n = 2) ", " - "]
+    assert gain_row.split("|")[2:6] == [
+        " +4.0 ± 0.0 (n = 2) ",
+        " +1.0 ± 0.0 (n = 2) ",
+        " -3.0 ± 0.0 (n = 2) ",
+        " - ",
+    ]
     fedoap_row = next(ln for ln in section.splitlines() if ln.startswith("| fedoap |"))
-    assert fedoap_row.split("|")[4].strip() == "0.100 ± 0.000"
+    assert fedoap_row.split("|")[5].strip() == "0.100 ± 0.000"
     assert (tmp_path / "figures" / "dice_vs_epsilon.png").stat().st_size > 1000
 
 

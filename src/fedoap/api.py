@@ -66,6 +66,9 @@ def run_experiment(
     if clients is None:
         clients = prepare_clients(cfg.data)  # bad data fails here, before the folder is touched
     data_seconds = time.perf_counter() - t0
+    if cfg.privacy.dp.enabled:  # so does a site DP-SGD cannot sample, or a budget out of reach
+        for c in clients:
+            algorithm.site_dp(c.name, c.train.case_ids)
     rd = RunDir(run_dir)
     if rd.is_started() and not force:
         rd.prepare(force=False)  # raises RunExistsError with the standard message

@@ -75,6 +75,7 @@ RESULT_FIELDS = [
     "diverged",  # attack cells: why the run stopped with a non-finite model (no scores)
     "epsilon",  # privacy.dp: the (epsilon, delta) the client spent (summary.json privacy)
     "delta",
+    "dp_unit",  # privacy.dp.unit: what one unit of that (epsilon, delta) is, image or case
     "client_epsilon",  # privacy.client_dp: the run's client-level epsilon (DP-FedAvg)
     # attack cells: the config digest of the same defence without the attack. The report takes
     # the main cell as a defence's clean run only when this equals the main cell's digest.
@@ -543,6 +544,8 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
                     if cell.kind == "attack"
                     else None,
                     **{k: spent.get(name, {}).get(k) for k in ("epsilon", "delta")},
+                    # Summaries from before privacy.dp.unit were per image.
+                    "dp_unit": spent[name].get("unit", "image") if name in spent else None,
                 }
             )
         return rows

@@ -388,19 +388,24 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class SampleDPConfig:
-    """``privacy.dp``: sample-level DP-SGD at every site (Opacus; fedoap.privacy): Poisson
-    sampling, per-example gradient clipping, Gaussian noise, and an accountant over every step
-    the site takes, fine-tuning included. Give a target ``epsilon`` (the noise is chosen to spend
-    it over the run's planned steps) or a ``noise_multiplier`` (the epsilon it spends is
+    """``privacy.dp``: DP-SGD at every site (Opacus; fedoap.privacy): Poisson sampling,
+    per-unit gradient clipping, Gaussian noise, and an accountant over every step the site
+    takes, fine-tuning included. The unit is an image (sample-level) or, with ``unit: case``, a
+    patient or video with all its images. Give a target ``epsilon`` (the noise is chosen to
+    spend it over the run's planned steps) or a ``noise_multiplier`` (the epsilon it spends is
     reported)."""
 
     enabled: bool = False
     epsilon: float | None = ranged(None, gt=0)
     noise_multiplier: float | None = ranged(None, gt=0)
-    # None: 1 / (10 n) for a site with n training images (stated in summary.json per site).
+    # None: 1 / (10 n) for a site with n training units (stated in summary.json per site).
     delta: float | None = ranged(None, gt=0, lt=1)
     max_grad_norm: float = ranged(1.0, gt=0)
     accountant: Literal["prv", "rdp"] = "prv"
+    # What one privacy unit is. image: each training image (sample-level DP-SGD). case: each
+    # case (patient or video) with all its images: cases are Poisson-sampled, each case's
+    # gradient (of its images' mean loss) is clipped, and train.batch_size counts cases.
+    unit: Literal["image", "case"] = "image"
 
 
 @dataclass(frozen=True)
@@ -455,8 +460,13 @@ class Config:
                 for client in plain[section]["clients"]:
                     if client.get(key.removeprefix("clients[].")) == default:
                         client.pop(key.removeprefix("clients[]."), None)
-            elif plain[section].get(key) == default:
-                plain[section].pop(key, None)
+                continue
+            *parents, last = key.split(".")  # a key of a nested section, e.g. privacy.dp.unit
+            where = plain[section]
+            for part in parents:
+                where = where.get(part) if isinstance(where, dict) else None
+            if isinstance(where, dict) and where.get(last) == default:
+                where.pop(last, None)
         for section in DIGEST_SECTIONS_WHEN_SET:  # a later section left empty: as if absent
             if not plain.get(section):
                 plain.pop(section, None)
@@ -479,6 +489,8 @@ DIGEST_WHEN_SET: dict[str, Any] = {
     "federation.attack": {"sites": [], "kind": "scale"},
     "privacy.dp": json.loads(json.dumps(dataclasses.asdict(SampleDPConfig()))),
     "privacy.client_dp": json.loads(json.dumps(dataclasses.asdict(ClientDPConfig()))),
+    # After privacy.dp: a default privacy.dp (unit included) is dropped whole first.
+    "privacy.dp.unit": "image",
 }
 
 #: Sections added after runs already existed: dropped from the digest when every key of them is

@@ -19,9 +19,17 @@
 - What it protects: one patient's image at one site, against anyone who sees what the site
   sends or the models it keeps, *if* every image is one patient. Several slices of one patient
   are several examples, so a patient with k slices has the guarantee of group privacy:
-  roughly ``k * epsilon`` (and a larger delta). Validation and test images are not used for
+  roughly ``k * epsilon`` (and a larger delta); case-level DP-SGD (below) protects the patient
+  directly. Validation and test images are not used for
   training steps but do decide model selection, which is not accounted (the selection reads a
   few numbers, once per round; a strict accounting would add it).
+- **Case-level DP-SGD** (``privacy.dp.unit: case``): the unit is a case (a patient or a
+  video) with all its training images. Each step takes every case with probability
+  ``q = B / n`` (``n`` the site's training cases; ``train.batch_size`` counts cases) and all its
+  images; each case's gradient (of the mean loss over its images) is clipped as one, and
+  ``delta`` defaults to ``1 / (10 n)`` over cases. The guarantee is then per patient or video
+  directly, with no group-privacy factor. Where every case is one image (breast ultrasound,
+  Kvasir) it is the sample-level mechanism, and the same model bit for bit.
 - The noise comes from a seeded generator (runs are reproducible and resume exactly); it is
   not a cryptographically secure source, as a production deployment would need (Opacus's
   ``secure_mode``).
@@ -63,13 +71,14 @@ class SiteDP:
 
     noise_multiplier: float
     max_grad_norm: float
-    sample_rate: float  # q = B / n
+    sample_rate: float  # q = B / n (n: the site's training units)
     steps_per_epoch: int  # round(n / B)
     expected_batch: int  # B
     delta: float
     accountant: str
     planned_steps: int
     target_epsilon: float | None
+    unit: str = "image"  # or "case": what one sampled, clipped row is (privacy.dp.unit)
 
     def epsilon(self, steps: int) -> float:
         """The epsilon spent after ``steps`` steps (at this site's delta)."""
@@ -80,12 +89,22 @@ class SiteDP:
     def report(self, steps: int, images_per_case: int = 1) -> dict[str, Any]:
         """``summary.json``'s ``privacy.clients.<name>``; ``images_per_case``, the most training
         images one case (patient or video) holds at the site, gives its ``patient_level``
-        guarantee by group privacy."""
+        guarantee: by group privacy per image, or the budget itself per case."""
         eps = self.epsilon(steps)
+        if self.unit == "case":
+            patient = {
+                "max_images_per_case": images_per_case,
+                "epsilon": round(eps, 4),
+                "delta": self.delta,
+                "meaningful": True,
+            }
+        else:
+            patient = group_privacy(eps, self.delta, images_per_case)
         return {
+            "unit": self.unit,
             "epsilon": round(eps, 4),
             "delta": self.delta,
-            "patient_level": group_privacy(eps, self.delta, images_per_case),
+            "patient_level": patient,
             "steps": steps,
             "planned_steps": self.planned_steps,
             "target_epsilon": self.target_epsilon,
@@ -94,6 +113,22 @@ class SiteDP:
             "sample_rate": round(self.sample_rate, 6),
             "accountant": self.accountant,
         }
+
+
+def case_index(case_ids: np.ndarray) -> np.ndarray:
+    """Each image's case as 0..K-1, numbered in order of first appearance (so that with one
+    image per case, case k is image k and case-level sampling draws what image-level does)."""
+    _, first, inverse = np.unique(case_ids, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
+def dp_units(cfg: Config, case_ids: np.ndarray) -> int:
+    """A site's training units under ``privacy.dp.unit``: its images, or its cases."""
+    if cfg.privacy.dp.unit == "case":
+        return len(np.unique(case_ids))
+    return len(case_ids)
 
 
 def largest_case(case_ids: np.ndarray) -> int:
@@ -146,14 +181,17 @@ def epsilon_spent(accountant: str, sigma: float, q: float, steps: int, delta: fl
 
 
 def plan_site(cfg: Config, name: str, n: int, epochs: int) -> SiteDP:
-    """The DP-SGD parameters of site ``name`` with ``n`` training images and ``epochs`` planned
-    epochs; a :class:`ConfigError` naming the key when no accountant can use them."""
+    """The DP-SGD parameters of site ``name`` with ``n`` training units (images, or cases
+    under ``privacy.dp.unit=case``) and ``epochs`` planned epochs; a :class:`ConfigError`
+    naming the key when no accountant can use them."""
     dp = cfg.privacy.dp
     b = cfg.train.batch_size
     if b >= n:
+        what = "training images" if dp.unit == "image" else "training cases (patients or videos)"
+        hint = "" if dp.unit == "image" else "; under privacy.dp.unit=case it counts cases"
         raise ConfigError(
-            f"privacy.dp: site '{name}' has {n} training images; Poisson sampling needs "
-            f"train.batch_size={b} below that (sampling rate B/n < 1)"
+            f"privacy.dp: site '{name}' has {n} {what}; Poisson sampling needs "
+            f"train.batch_size={b} below that (sampling rate B/n < 1){hint}"
         )
     q = b / n
     steps_per_epoch = max(1, round(n / b))
@@ -183,7 +221,16 @@ def plan_site(cfg: Config, name: str, n: int, epochs: int) -> SiteDP:
                 f"{q:.4g}, delta {delta:.3g}): {err}"
             ) from None
     return SiteDP(
-        sigma, dp.max_grad_norm, q, steps_per_epoch, b, delta, dp.accountant, planned, dp.epsilon
+        sigma,
+        dp.max_grad_norm,
+        q,
+        steps_per_epoch,
+        b,
+        delta,
+        dp.accountant,
+        planned,
+        dp.epsilon,
+        dp.unit,
     )
 
 
@@ -243,7 +290,8 @@ def privacy_summary(
         return None
     out: dict[str, Any] = {}
     if p.dp.enabled:
-        out["dp"] = "sample-level DP-SGD at each site (Opacus; Poisson sampling)"
+        unit = "sample-level" if p.dp.unit == "image" else "case-level (patient or video)"
+        out["dp"] = f"{unit} DP-SGD at each site (Opacus; Poisson sampling)"
         out["delta"] = p.dp.delta if p.dp.delta is not None else "1/(10 n) per site"
         out["clients"] = {n: c["privacy"] for n, c in clients.items() if "privacy" in c}
     if p.client_dp.enabled:

@@ -773,6 +773,7 @@ def privacy_section(rows: list[dict[str, Any]], regimes: list[str], figs: Path) 
     (a regime without DP is epsilon = inf), and each federated method's gain over local, paired
     by seed: does collaboration gain more over training alone under DP than without it?"""
     budget: dict[str, float] = {}
+    per_case: dict[str, float] = {}  # regimes under case-level DP-SGD: epsilon per patient
     client_level: dict[str, float] = {}  # regimes under DP-FedAvg instead: its epsilon
     for regime in regimes:
         mine = [r for r in rows if r["regime"] == regime]
@@ -780,16 +781,19 @@ def privacy_section(rows: list[dict[str, Any]], regimes: list[str], figs: Path) 
         ceps = [r["client_epsilon"] for r in mine if not math.isnan(r["client_epsilon"])]
         if ceps:
             client_level[regime] = float(np.mean(ceps))
+        elif eps and any(r.get("dp_unit") == "case" for r in mine):
+            per_case[regime] = float(np.mean(eps))
         else:
             budget[regime] = float(np.mean(eps)) if eps else math.inf
     order = sorted(budget, key=lambda g: budget[g])
-    extra = sorted(client_level)
+    extra = [*sorted(per_case, key=lambda g: per_case[g]), *sorted(client_level)]
     cols = [*order, *extra]
     tables = {g: Table([r for r in rows if r["regime"] == g], "main") for g in cols}
     methods = list(dict.fromkeys(v for t in tables.values() for v in t.variants))
     label = {g: "∞ (no DP)" if math.isinf(budget[g]) else f"{budget[g]:.2g}" for g in order}
     header = [f"ε = {label[g]}" for g in order]
-    header += [f"{g}: client-level ε = {client_level[g]:.3g}" for g in extra]
+    header += [f"{g}: ε = {per_case[g]:.2g} per case" for g in per_case]
+    header += [f"{g}: client-level ε = {client_level[g]:.3g}" for g in sorted(client_level)]
 
     def body_of(key: str) -> list[list[str]]:
         body = [
@@ -836,7 +840,9 @@ def privacy_section(rows: list[dict[str, Any]], regimes: list[str], figs: Path) 
         "## Privacy: test Dice against the DP budget",
         "",
         "Each regime is one budget: the epsilon column is the mean over sites of what each spent "
-        "(summary.json `privacy.clients`), at delta = 1/(10 n) per site; a client-level column "
+        "(summary.json `privacy.clients`), at delta = 1/(10 n) per site, per training image; a "
+        "`per case` column is case-level DP-SGD (`privacy.dp.unit=case`), whose epsilon holds "
+        "for a whole patient or video (n counts cases); a client-level column "
         "is DP-FedAvg's epsilon for a whole site (summary.json `privacy.client_level`; it has no "
         "local run, so no `− local`). Client-mean test Dice, mean ± 95% CI over seeds; the "
         "`− local` rows are paired by seed.",

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,7 +38,14 @@ from fedoap.losses import SegLoss
 from fedoap.models import FedOAPNet, Partition, StateDict
 from fedoap.models.net import AttentionKind
 from fedoap.models.partition import keys_of_children, sub
-from fedoap.privacy import CLIENT_DP_ROUNDS, SiteDP, dp_fedavg, plan_site, planned_epochs
+from fedoap.privacy import (
+    CLIENT_DP_ROUNDS,
+    SiteDP,
+    dp_fedavg,
+    dp_units,
+    plan_site,
+    planned_epochs,
+)
 from fedoap.training import make_generator, train_epochs
 from fedoap.training.device import model_device
 from fedoap.training.engine import LossFn, nonfinite_keys
@@ -162,9 +170,11 @@ class Algorithm:
     def attention_kind(self) -> AttentionKind:
         return self.attention
 
-    def site_dp(self, client: str, n: int) -> SiteDP:
-        """The DP-SGD parameters of a client with ``n`` training images (``privacy.dp``),
-        fixed for the run: planned over every epoch it may train (fedoap.privacy)."""
+    def site_dp(self, client: str, case_ids: np.ndarray) -> SiteDP:
+        """The DP-SGD parameters of a client whose training images belong to ``case_ids``
+        (``privacy.dp``), fixed for the run: planned over every epoch it may train, for its
+        images or its cases (``privacy.dp.unit``; fedoap.privacy)."""
+        n = dp_units(self.cfg, case_ids)
         key = (client, n)
         if key not in self._site_dp:
             epochs = planned_epochs(self.cfg, self.has_finetune, self.passes_per_round())
@@ -326,7 +336,7 @@ class Algorithm:
                 raise ConfigError(f"privacy.dp: method {self.name} trains with a penalty")
             return dp_train_epochs(
                 *common,
-                self.site_dp(ctx.client, len(split)),
+                self.site_dp(ctx.client, split.case_ids),
                 t.precision,
                 augment=self.cfg.data.augment,
                 progress=ctx.progress,

@@ -50,11 +50,14 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def _per_patient(dp: dict[str, Any]) -> str:
-    """A site's per-image budget read per patient (group privacy over its largest case)."""
+    """A site's budget read per patient: under case-level DP the budget itself; per image, by
+    group privacy over its largest case."""
     g = dp.get("patient_level")
     if not g:
         return "-"
     k = g["max_images_per_case"]
+    if dp.get("unit") == "case":
+        return "= ε (per case)"
     if k == 1:
         return "= per image"
     if not g["meaningful"]:

@@ -108,7 +108,7 @@ class Site:
         self.on_selected = on_selected  # called after the test: where the selected model goes
         # privacy.dp: the site's DP-SGD parameters, fixed (and checked) before its first step;
         # the steps it takes are counted in its state (DP_STEPS), which its checkpoint keeps.
-        self.dp = alg.site_dp(data.name, len(data.train)) if cfg.privacy.dp.enabled else None
+        self.dp = alg.site_dp(data.name, data.train.case_ids) if cfg.privacy.dp.enabled else None
 
     @property
     def name(self) -> str:
