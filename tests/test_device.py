@@ -125,6 +125,30 @@ def test_the_cpu_budget_is_omp_num_threads_when_set_else_the_cores_it_may_use(mo
     assert cpu_budget() == allowed
 
 
+def test_a_cpu_run_names_its_processor(tmp_path, monkeypatch):
+    """CPU results differ in the last digits between processors (their vector kernels differ),
+    so a CPU run records which one it ran on, as a GPU run records its GPU."""
+    from fedoap.cpu import cpu_model
+    from fedoap.training.device import describe
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: GenuineIntel\n"
+        "model name\t: Intel(R)  Xeon(R) Processor @ 2.80GHz\nflags\t: fpu\n\n"
+        "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor @ 2.80GHz\n"
+    )
+    assert cpu_model(info) == "Intel(R) Xeon(R) Processor @ 2.80GHz"
+    # No /proc/cpuinfo (macOS, Windows): the platform's own answer, or a plain fallback.
+    import platform
+
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert cpu_model(tmp_path / "missing") == "arm"
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert cpu_model(tmp_path / "missing") == "unknown CPU"
+    monkeypatch.undo()
+    assert describe(torch.device("cpu"))["name"] == cpu_model()
+
+
 def test_test_workers_share_the_cores(threads_per_worker):
     """Under xdist each worker runs cores / workers torch threads, and so do the processes its
     tests start; without xdist the count is torch's own."""

@@ -98,7 +98,12 @@ def test_cost_per_cell_counts_each_cell_once_and_takes_the_peak():
     assert row == "| main | fedoap | 2 | 120 | 10.2 |"  # mean of 100 and 140; max of the peaks
     # CPU-only results (no device recorded, or no GPU memory): no cost table.
     cpu = [{**x, "device_name": "cpu", "peak_memory_gib": math.nan} for x in r]
-    assert cost_lines(cpu) == ["Machine: cpu.", ""]
+    assert cost_lines(cpu) == ["Machine: a CPU whose model was not recorded.", ""]
+    # Since CPU runs record their processor, cells from two machines name both.
+    xeon = [{**x, "device_name": "Intel(R) Xeon(R) Processor @ 2.80GHz"} for x in cpu[:2]]
+    assert cost_lines(xeon + cpu[2:])[0] == (
+        "Machine: Intel(R) Xeon(R) Processor @ 2.80GHz, a CPU whose model was not recorded."
+    )
     assert cost_lines([{**x, "device_name": ""} for x in r]) == []
 
 

@@ -15,3 +15,21 @@ def cpu_budget() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def cpu_model(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
+    """The processor's model name (Linux's ``/proc/cpuinfo``, else :func:`platform.processor`),
+    or ``"unknown CPU"``. CPU runs record it: the same code, seed and thread count give the same
+    bits on one processor, and numbers that differ in the last digits on another (its vector
+    kernels differ), so a CPU result names the processor it came from."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor().strip() or "unknown CPU"

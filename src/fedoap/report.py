@@ -103,12 +103,18 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+#: How the report names a CPU cell from before runs recorded the processor's model.
+CPU_UNNAMED = "a CPU whose model was not recorded"
+
+
 def cost_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Where the cells ran and, on a GPU, each variant's wall time and peak memory per cell."""
     devices = sorted({str(r.get("device_name") or "") for r in rows} - {""})
     if not devices:
         return []  # results from before the device was recorded
-    out = [f"Machine: {', '.join(devices)}.", ""]
+    # Before CPU runs recorded their processor, a CPU cell's device was just "cpu".
+    named = [CPU_UNNAMED if d == "cpu" else d for d in devices]
+    out = [f"Machine: {', '.join(named)}.", ""]
     cells: dict[tuple[str, str], dict[tuple[Any, ...], dict[str, Any]]] = {}
     for r in rows:
         key = (r["config_digest"], r["seed"], r.get("client") if r["kind"] == "loo" else None)

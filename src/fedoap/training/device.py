@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fedoap.config import ConfigError, TrainConfig
+from fedoap.cpu import cpu_model
 from fedoap.errors import FedoapError
 
 #: cuBLAS needs a fixed workspace for deterministic results (CUDA docs, "Results reproducibility").
@@ -114,6 +115,8 @@ def describe(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         out["name"] = torch.cuda.get_device_name(device)
         out["cuda"] = torch.version.cuda
+    elif device.type == "cpu":
+        out["name"] = cpu_model()
     return out
 
 
