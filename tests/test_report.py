@@ -101,9 +101,12 @@ def test_cost_per_cell_counts_each_cell_once_and_takes_the_peak():
     assert cost_lines(cpu) == ["Machine: a CPU whose model was not recorded.", ""]
     # Since CPU runs record their processor, cells from two machines name both.
     xeon = [{**x, "device_name": "Intel(R) Xeon(R) Processor @ 2.80GHz"} for x in cpu[:2]]
-    assert cost_lines(xeon + cpu[2:])[0] == (
+    mixed = cost_lines(xeon + cpu[2:])
+    assert mixed[0] == (
         "Machine: Intel(R) Xeon(R) Processor @ 2.80GHz, a CPU whose model was not recorded."
     )
+    assert mixed[2].startswith("These cells ran on more than one machine.")
+    assert not any("more than one machine" in ln for ln in cost_lines(cpu))
     assert cost_lines([{**x, "device_name": ""} for x in r]) == []
 
 

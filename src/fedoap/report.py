@@ -107,6 +107,15 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 CPU_UNNAMED = "a CPU whose model was not recorded"
 
 
+#: Said when the cells of one report ran on more than one machine.
+MIXED_MACHINES = (
+    "These cells ran on more than one machine. The same config and seed give different last "
+    "digits on different processors, and training can amplify them into whole Dice points "
+    "(the README's robustness section measures one such case). Paired differences between "
+    "cells from different machines include that."
+)
+
+
 def cost_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Where the cells ran and, on a GPU, each variant's wall time and peak memory per cell."""
     devices = sorted({str(r.get("device_name") or "") for r in rows} - {""})
@@ -115,6 +124,8 @@ def cost_lines(rows: list[dict[str, Any]]) -> list[str]:
     # Before CPU runs recorded their processor, a CPU cell's device was just "cpu".
     named = [CPU_UNNAMED if d == "cpu" else d for d in devices]
     out = [f"Machine: {', '.join(named)}.", ""]
+    if len(devices) > 1:
+        out[-1:] = ["", MIXED_MACHINES, ""]
     cells: dict[tuple[str, str], dict[tuple[Any, ...], dict[str, Any]]] = {}
     for r in rows:
         key = (r["config_digest"], r["seed"], r.get("client") if r["kind"] == "loo" else None)
