@@ -19,23 +19,22 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from fedoap.config import load_config
+from fedoap.config import DataConfig, load_config
 from fedoap.data import prepare_clients
-from fedoap.metrics.segmentation import case_dice, image_metrics
+from fedoap.metrics.segmentation import case_dice, image_metrics, summarize
 
 
-def empty_scores(config: Path) -> dict[str, tuple[float, float]]:
-    """Each site's (image Dice, case Dice) of the all-background prediction on its test split."""
+def empty_scores(data: DataConfig) -> dict[str, tuple[float, float]]:
+    """Each site's (image Dice, case Dice) of the all-background prediction on its test split,
+    averaged as a run's test metrics are (:func:`fedoap.metrics.segmentation.summarize`)."""
     out = {}
-    for c in prepare_clients(load_config(config).data):
+    for c in prepare_clients(data):
         y = c.test.y
         none = torch.zeros_like(y)
-        image = float(np.mean(image_metrics(none, y, hd95=False).dice))
-        cases = case_dice(none, y, c.test.case_ids)
-        out[c.name] = (image, float(np.mean(list(cases.values()))))
+        m = summarize(image_metrics(none, y, hd95=False), case_dice(none, y, c.test.case_ids))
+        out[c.name] = (float(m["dice"] or 0.0), float(m["case_dice"] or 0.0))
     return out
 
 
@@ -55,10 +54,10 @@ def main() -> None:
             continue  # unfinished
         meta = json.loads((cell / "cell.json").read_text())
         summary = json.loads(summary_path.read_text())
-        config = cell / "run" / "config.yaml"
-        key = repr(load_config(config).data)  # the data spec: splits and caps
+        data = load_config(cell / "run" / "config.yaml").data
+        key = repr(data)  # the data spec: splits and caps
         if key not in reference:
-            reference[key] = empty_scores(config)
+            reference[key] = empty_scores(data)
         group = (meta.get("regime") or "", meta["method"])
         dp[group] = "privacy" in summary
         for site, res in summary["clients"].items():

@@ -123,9 +123,7 @@ def cost_lines(rows: list[dict[str, Any]]) -> list[str]:
         return []  # results from before the device was recorded
     # Before CPU runs recorded their processor, a CPU cell's device was just "cpu".
     named = [CPU_UNNAMED if d == "cpu" else d for d in devices]
-    out = [f"Machine: {', '.join(named)}.", ""]
-    if len(devices) > 1:
-        out[-1:] = ["", MIXED_MACHINES, ""]
+    out = [f"Machine: {', '.join(named)}.", ""] + ([MIXED_MACHINES, ""] if len(devices) > 1 else [])
     cells: dict[tuple[str, str], dict[tuple[Any, ...], dict[str, Any]]] = {}
     for r in rows:
         key = (r["config_digest"], r["seed"], r.get("client") if r["kind"] == "loo" else None)
