@@ -126,3 +126,48 @@ def test_kmeans_finds_separated_clusters():
     found = kmeans(pts, 3, 10, g)
     dist = torch.cdist(centers, found).min(1).values
     assert (dist < 0.2).all()
+
+
+# ------------------------------------------------------------ FedOAP for sites with few patients
+
+
+def test_the_zero_gate_shuts_the_attention_and_stays_personal(client):
+    """At zero the gated block is the site's own query stream alone: the shared K/V branch
+    does not change the output; the gate still gets a gradient, and never leaves the site."""
+    cfg = tiny_config("algorithm.gate=true")
+    alg, model, _, update, _ = fit_once(cfg, client)
+    fresh = alg.build_model()
+    x = client.train.x[:4]
+    before = fresh(x).detach()
+    with torch.no_grad():
+        for p in fresh.kv_bottleneck.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(fresh(x).detach(), before)
+    fresh(x).sum().backward()
+    assert fresh.gate.scale.grad is not None and fresh.gate.scale.grad.abs().sum() > 0
+    assert "gate.scale" in alg.partition(model).personal
+    assert not any("gate" in k for k in update.arrays)
+    assert model.gate.scale.abs().sum() > 0  # training opened it
+    assert not hasattr(build_algorithm(tiny_config()).build_model(), "gate.scale")
+
+
+def test_the_fine_tuning_prox_term_holds_the_model_at_its_start(client):
+    """mu large: fine-tuning moves the weights much less far from theta_0, which the site keeps
+    (AdamW normalises its steps, so even a huge mu leaves them about one step size away)."""
+    moved = {}
+    for mu in (0.0, 1e4):
+        cfg = tiny_config(f"algorithm.ft_prox={mu}", "train.lr=0.01")
+        alg = build_algorithm(cfg)
+        model = alg.build_model()
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        state = alg.start_finetune(start, alg.init_client(model))
+        _, state = alg.finetune_epoch(
+            model, alg.init_global(model), state, client, FitContext("c", 3, 0), first=True
+        )
+        moved[mu] = sum(
+            float((state.personal[k] - start[k]).norm())
+            for k in start
+            if start[k].is_floating_point()
+        )
+        assert any(k.startswith("finetune_anchor/") for k in state.extra) == (mu > 0)
+    assert moved[1e4] < 0.5 * moved[0.0]

@@ -349,3 +349,92 @@ def test_an_attack_grid_runs_every_defence_and_keeps_a_divergence_as_its_outcome
     )
     assert nan_row.split("|")[3].strip().startswith(f"{honest:.3f}")
     assert (out / "figures" / "robustness_fedavg.png").stat().st_size > 1000
+
+
+def test_a_data_size_study_collects_cases_and_reports_them_per_patient(npz_clients, tmp_path):
+    """Regimes that differ only in data.max_train_cases, a method variant with the safeguard, a
+    selection variant in one regime and an ablation in the other: cases.csv holds every test
+    case of every cell, and the report compares each with local patient by patient."""
+    from fedoap.config import ConfigError
+    from fedoap.report import make_report
+
+    base = tiny_npz_config(npz_clients, "federation.rounds=1", "finetune.epochs=1")
+    base["data"]["split"] = {"train": 0.4, "val": 0.15, "test": 0.45, "follow_run_seed": True}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {
+        "regimes": [
+            {"name": "cases-02", "base": "base.yaml", "overrides": ["data.max_train_cases=2"]},
+            {"name": "cases-all", "base": "base.yaml"},
+        ],
+        "methods": ["local", "fedavg_ft"],
+        "variants": [
+            {"name": "fedavg_ft+sg", "method": "fedavg_ft", "overrides": ["safeguard.mode=choose"]},
+            {
+                "name": "local-select-dice",
+                "method": "local",
+                "overrides": ["train.select_metric=dice"],
+                "regimes": ["cases-02"],
+            },
+        ],
+        "ablation_method": "fedavg_ft",
+        "ablations": [
+            {"name": "more-ft", "overrides": ["finetune.epochs=2"], "regimes": ["cases-all"]}
+        ],
+        "seeds": [0],
+        "examples_per_client": 1,
+    }
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    bspec, bases = load_spec(spec_path)
+    cells = plan(bspec, bases)
+    assert sorted((c.regime, c.kind, c.variant) for c in cells) == sorted(
+        [(g, "main", v) for g in ("cases-02", "cases-all") for v in ("local", "fedavg_ft")]
+        + [(g, "main", "fedavg_ft+sg") for g in ("cases-02", "cases-all")]
+        + [
+            ("cases-02", "main", "local-select-dice"),
+            ("cases-all", "ablation", "fedavg_ft-more-ft"),
+        ]
+    )
+    out = tmp_path / "out"
+    run_bench(bspec, bases, out, cells, jobs=2, log=lambda s: None)
+    with open(out / "cases.csv") as fh:
+        cases = list(csv.DictReader(fh))
+    with open(out / "results.csv") as fh:
+        results = list(csv.DictReader(fh))
+    for r in results:  # every client's test cases, once per cell
+        mine = [
+            c
+            for c in cases
+            if (c["regime"], c["variant"], c["seed"], c["client"])
+            == (r["regime"], r["variant"], r["seed"], r["client"])
+        ]
+        assert len(mine) == int(r["test_cases"]) > 0
+        assert {c["train_cases"] for c in mine} == {r["train_cases"]}
+        assert r["max_train_cases"] == ("2" if r["regime"] == "cases-02" else "")
+        mean = sum(float(c["case_dice"]) for c in mine) / len(mine)
+        assert mean == pytest.approx(float(r["test_case_dice"]), abs=1e-5)
+        assert bool(r["safeguard_choice"]) == (r["variant"] == "fedavg_ft+sg")
+    assert {int(r["train_cases"]) for r in results if r["regime"] == "cases-02"} == {2}
+
+    report = make_report(out).read_text()
+    for section in (
+        "# Per patient",
+        "### cases-02: each method − local",
+        "| fedavg_ft+sg |",
+        "## The safeguard",
+        "## Which validation metric selects the model",
+        "## The goals, measured",
+    ):
+        assert section in report, section
+    for fig in ("data_size_dice", "data_size_gain"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000, fig
+
+    # Names that would collide, or regimes that do not exist, are refused by name.
+    for bad in (
+        {"variants": [{"name": "local", "method": "fedavg"}]},
+        {"variants": [{"name": "x", "method": "fedavg", "regimes": ["nope"]}]},
+        {"ablations": [{"name": "y", "regimes": ["nope"]}]},
+    ):
+        spec_path.write_text(yaml.safe_dump({**spec, **bad}))
+        with pytest.raises(ConfigError, match="local|nope"):
+            load_spec(spec_path)

@@ -321,3 +321,48 @@ def test_lgg_sites_match_the_tcga_institutions(shared_data):
     for site, (slices, patients) in expected.items():
         raw = load_npz(shared_data / "lgg_brain_mri.npz", where={"site": site})
         assert (len(raw.images), len(set(raw.case_ids))) == (slices, patients), site
+
+
+# ---------------------------------------------------------------------------- data size
+
+
+def test_max_train_cases_draws_nested_patients_and_leaves_val_and_test_alone(tmp_path):
+    # 40 patients of 3 images each; a 40/15/45 split gives 16 training patients.
+    n = 120
+    write_npz(tmp_path / "a.npz", n=n, case_ids=np.array([f"p{i // 3:02d}" for i in range(n)]))
+    split = SplitConfig(train=0.4, val=0.15, test=0.45, seed=3)
+
+    def load(k):
+        cfg = DataConfig(
+            root=str(tmp_path),
+            clients=(ClientSpec(name="a", path="a.npz"),),
+            image_size=16,
+            split=split,
+            max_train_cases=k,
+        )
+        return prepare_clients(cfg)[0]
+
+    full = load(None)
+    assert full.case_counts() == {"train": 16, "val": 6, "test": 18}
+    kept = {k: set(load(k).train.case_ids) for k in (2, 4, 8, 16, 99)}
+    assert [len(v) for v in kept.values()] == [2, 4, 8, 16, 16]
+    assert kept[2] < kept[4] < kept[8] < kept[16] == set(full.train.case_ids)
+    two = load(2)
+    assert len(two.train) == 6  # whole patients: all their images
+    for s in ("val", "test"):  # untouched
+        assert list(two.split(s).names) == list(full.split(s).names)
+
+
+def test_the_split_seed_can_follow_the_run_seed():
+    from fedoap.config import Config
+
+    fixed = Config(seed=4)
+    assert fixed.data.split.seed == 0
+    follow = Config(seed=4, data=DataConfig(split=SplitConfig(follow_run_seed=True)))
+    assert follow.data.split.seed == 4
+    # The resolved config reads back to itself, and a new run seed moves the split with it.
+    from fedoap.config import apply_overrides, from_dict
+
+    again = from_dict(Config, apply_overrides(follow.to_dict(), ["seed=7"]))
+    assert again.data.split.seed == 7 and again.digest() != follow.digest()
+    assert from_dict(Config, follow.to_dict()) == follow

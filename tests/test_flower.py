@@ -468,3 +468,33 @@ def test_waiting_asks_the_superlink_only_once_the_run_has_written_its_summary(
     assert not old()
     os.utime(run_dir / "summary.json", ns=(0, time.time_ns() + 10**9))
     assert old()
+
+
+def test_the_safeguard_on_flower_decides_as_in_process_and_its_model_stays_at_the_site(
+    tmp_path, monkeypatch
+):
+    """safeguard.mode=choose on the Flower simulation: every site keeps what it keeps
+    in-process, with the same test scores and per-case rows; its local-only model lives in the
+    site's own folder, and nothing of it reaches the server."""
+    monkeypatch.chdir(tmp_path)
+    args = ("train.num_threads=1", "federation.rounds=1", "finetune.epochs=1")
+    args += ("safeguard.mode=choose",)
+    ref = quiet(tiny_config(*args), tmp_path / "inprocess")
+    sim = quiet(tiny_config(*args, "federation.runtime=flower-sim"), Path("flower"))
+    assert sim["flower"]["status"] == "finished:completed"
+    for name, c in ref["clients"].items():
+        assert sim["clients"][name]["safeguard"] == c["safeguard"]
+        for m in ("dice", "case_dice"):
+            assert sim["clients"][name]["test"][m] == pytest.approx(c["test"][m], abs=1e-9)
+    assert sim["safeguard"] == ref["safeguard"]
+    assert sim["time"]["safeguard_seconds"] > 0  # reported by the sites
+    assert (tmp_path / "flower" / "test_cases.csv").read_text() == (
+        tmp_path / "inprocess" / "test_cases.csv"
+    ).read_text()
+    server = load_tensors(tmp_path / "flower" / "checkpoints" / "last.safetensors")[0]
+    assert not any("local/" in k for k in server)
+    for name in ref["clients"]:
+        steps = sorted((tmp_path / "flower" / "checkpoints" / "site" / name).glob("step-*"))
+        assert any(k.startswith("local/") for k in load_tensors(steps[-1])[0])
+    received = json.loads((tmp_path / "flower" / "flower_received_keys.json").read_text())
+    assert all(k.startswith(("shared.", "kv.")) for keys in received for k in keys)

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from fedoap.metrics import case_dice, image_metrics, summarize
@@ -78,3 +79,24 @@ def test_dice_and_iou_equal_monai_on_random_and_empty_masks():
     np.testing.assert_allclose(m.dice, ref_dice[:, 0].numpy(), rtol=1e-6)
     np.testing.assert_allclose(m.iou, ref_iou[:, 0].numpy(), rtol=1e-6)
     assert m.dice[0] == 1.0 and m.dice[1] == 0.0 and m.dice[2] == 0.0
+
+
+def test_case_scores_by_hand():
+    from fedoap.metrics import case_scores
+
+    y = torch.zeros(4, 1, 4, 4)
+    p = torch.zeros(4, 1, 4, 4)
+    y[0, 0, :2, :2] = 1  # case a: a tumour slice (4 px) and an empty slice
+    p[0, 0, :2, :1] = 1  # 2 px predicted, all inside: Dice 2*2/(2+4)
+    p[1, 0, 3, 3] = 1  # a false positive on a's empty slice
+    y[2, 0, 0, 0] = 1  # case b: a tumour slice predicted empty, and an empty slice
+    rows = case_scores(p, y, ["a", "a", "b", "b"])
+    a, b = rows
+    assert (a["case"], a["slices"], a["tumour_slices"]) == ("a", 2, 1)
+    assert a["tumour_slice_dice"] == pytest.approx(4 / 6)
+    assert a["case_dice"] == pytest.approx(2 * 2 / (3 + 4))  # pooled: the FP pixel counts
+    assert a["empty_slice_fp_rate"] == 1.0
+    assert b["case_dice"] == 0.0 and b["tumour_slice_dice"] == 0.0
+    assert b["empty_slice_fp_rate"] == 0.0
+    only_empty = case_scores(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), ["c"])[0]
+    assert only_empty["tumour_slice_dice"] is None and only_empty["case_dice"] == 1.0

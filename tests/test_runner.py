@@ -78,18 +78,26 @@ def test_metrics_rows_and_selection_on_validation(fedoap_run):
     assert {r["stage"] for r in rows} == {"federated", "finetune"}
 
 
-def test_test_split_is_read_once_at_the_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "overrides, n_val, n_alphas",
+    [
+        ((), 3 * (2 + 1), 0),
+        # The safeguard's local model is validated as often again; then at each site its 5
+        # blends of the two, and its test.
+        (("safeguard.mode=interpolate",), 3 * (2 + 1) * 2, 5),
+    ],
+)
+def test_test_split_is_read_once_at_the_end(tmp_path, monkeypatch, overrides, n_val, n_alphas):
     seen = []
     real = site_mod.evaluate
 
-    def spy(model, data, precision, full=False, batch_size=256):
+    def spy(model, data, precision, full=False, batch_size=256, cases=False):
         seen.append("test" if full else "val")
-        return real(model, data, precision, full, batch_size)
+        return real(model, data, precision, full, batch_size, cases)
 
     monkeypatch.setattr(site_mod, "evaluate", spy)
-    quiet_run(tiny_config(), tmp_path / "r")
-    n_val = 3 * (2 + 1)
-    assert seen == ["val"] * n_val + ["test"] * 3
+    quiet_run(tiny_config(*overrides), tmp_path / "r")
+    assert seen == ["val"] * n_val + (["val"] * n_alphas + ["test"]) * 3
 
 
 def test_evaluate_reproduces_the_summary(fedoap_run):
@@ -293,3 +301,50 @@ def test_checkpoint_every_k_rounds_still_resumes_exactly(tmp_path, monkeypatch):
     # Resumed from round 2: rounds 3 and 4 again, then the stage change and the last epoch.
     assert writes == ["federated:2", "finetune:0", "finetune:1"]
     assert results_of(resumed) == results_of(reference)
+
+
+def test_the_test_scores_of_every_case_are_written(fedoap_run):
+    import csv
+
+    from fedoap.metrics import CASE_FIELDS
+
+    path, summary = fedoap_run
+    with open(path / "test_cases.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames or ()) == CASE_FIELDS
+        rows = list(reader)
+    for name, c in summary["clients"].items():
+        mine = [r for r in rows if r["client"] == name]
+        assert len(mine) == c["n_cases"]["test"] == c["test"]["n_cases"]
+        assert sum(int(r["slices"]) for r in mine) == c["n"]["test"]
+        mean = sum(float(r["case_dice"]) for r in mine) / len(mine)
+        assert mean == pytest.approx(c["test"]["case_dice"], abs=1e-5)  # csv keeps 6 digits
+        assert "cases" not in c["test"]  # they live in the csv, not in summary.json
+
+
+def test_fine_tuning_stops_at_each_site_after_patience_epochs_without_progress(tmp_path):
+    """finetune.patience=1: a site fine-tunes epoch e only if epoch e-1 (or, for e = 1, round R)
+    improved its validation score; the others keep going, and selection is unchanged."""
+    rounds, epochs = 2, 5
+    args = (f"federation.rounds={rounds}", f"finetune.epochs={epochs}", "train.num_threads=1")
+    full = quiet_run(tiny_config(*args), tmp_path / "full")
+    early = quiet_run(tiny_config(*args, "finetune.patience=1"), tmp_path / "early")
+    rows = read_metrics(tmp_path / "early" / "metrics.csv")
+    full_rows = read_metrics(tmp_path / "full" / "metrics.csv")
+    stopped = 0
+    for name in full["clients"]:
+        mine = [r for r in full_rows if r["client"] == name]
+        last_best, expected = rounds, []  # the epochs patience lets run, from the full run
+        for e in range(1, epochs + 1):
+            if (rounds + e - 1) - last_best >= 1:
+                break
+            expected.append(rounds + e)
+            row = next(r for r in mine if int(r["round"]) == rounds + e)
+            if row["best"] == "1":
+                last_best = rounds + e
+        got = [int(r["round"]) for r in rows if r["client"] == name and r["stage"] == "finetune"]
+        assert got == expected
+        stopped += len(expected) < epochs
+        # Its selected model comes from the epochs it ran.
+        assert early["clients"][name]["best_round"] <= max(expected, default=rounds)
+    assert stopped >= 1, "no site stopped early: the test shows nothing"

@@ -46,6 +46,7 @@ from fedoap.config import (
 from fedoap.cpu import cpu_budget
 from fedoap.errors import FedoapError
 from fedoap.fileio import atomic_write_text, check_output_dir
+from fedoap.metrics import CASE_FIELDS
 from fedoap.runs import read_metrics
 
 RESULT_FIELDS = [
@@ -80,6 +81,27 @@ RESULT_FIELDS = [
     # attack cells: the config digest of the same defence without the attack. The report takes
     # the main cell as a defence's clean run only when this equals the main cell's digest.
     "clean_digest",
+    "max_train_cases",  # data.max_train_cases: the cell's data-size setting (empty: all)
+    "train_cases",  # the cases (patients) the client trained on
+    "test_cases",  # its test cases
+    "safeguard_choice",  # safeguard.mode: what the client kept (federated, local, interpolated)
+    "safeguard_alpha",
+    "val_federated",  # the validation scores the safeguard compared
+    "val_local",
+    "safeguard_seconds",  # what the cell's safeguard stage cost (all sites)
+]
+
+#: ``cases.csv``: one row per (cell, client, test case), from each cell's ``test_cases.csv``.
+CASE_RESULT_FIELDS = [
+    "regime",
+    "kind",
+    "variant",
+    "method",
+    "seed",
+    "max_train_cases",
+    "train_cases",
+    "config_digest",
+    *CASE_FIELDS,
 ]
 
 
@@ -87,6 +109,20 @@ RESULT_FIELDS = [
 class AblationSpec:
     name: str
     overrides: tuple[str, ...] = ()
+    # The regimes it runs in (empty: all of them); defences of an attack grid ignore it.
+    regimes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A method with settings of its own, run beside the methods as one of them (its ``name``
+    is its column): e.g. ``fedoap+sg``, FedOAP with ``safeguard.mode=interpolate``."""
+
+    name: str
+    method: str
+    overrides: tuple[str, ...] = ()
+    # The regimes it runs in (empty: all of them).
+    regimes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +168,8 @@ class BenchSpec:
     overrides: tuple[str, ...] = ()
     regimes: tuple[RegimeSpec, ...] = ()
     methods: tuple[str, ...] = ()  # empty: every registered method
+    # Methods with settings of their own, planned and reported as methods (main cells).
+    variants: tuple[VariantSpec, ...] = ()
     seeds: tuple[int, ...] = (0, 1, 2)
     ablation_method: str = "fedoap"
     ablations: tuple[AblationSpec, ...] = ()
@@ -150,6 +188,7 @@ def load_spec(path: Path) -> tuple[BenchSpec, dict[str, Config]]:
     spec = from_dict(BenchSpec, raw, prefix="")
     if bool(spec.base) == bool(spec.regimes):
         raise ConfigError(f"{path}: give either base or regimes (a list of name/base)")
+    _check_variants(path, spec)
     if not spec.regimes:
         return spec, {"": load_config((path.parent / spec.base).resolve(), spec.overrides)}
     names = [r.name for r in spec.regimes]
@@ -169,6 +208,31 @@ def load_spec(path: Path) -> tuple[BenchSpec, dict[str, Config]]:
         r.name: load_config((path.parent / r.base).resolve(), [*spec.overrides, *r.overrides])
         for r in spec.regimes
     }
+
+
+def _check_variants(path: Path, spec: BenchSpec) -> None:
+    """Variant names are distinct words that name no method, and name regimes that exist."""
+    from fedoap.algorithms import ALGORITHMS
+
+    names = [v.name for v in spec.variants]
+    regimes = {r.name for r in spec.regimes}
+    for v in spec.variants:
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", v.name) or names.count(v.name) > 1:
+            raise ConfigError(
+                f"{path}: variants: names must be distinct words (letters, digits, _ . + -), "
+                f"got {v.name!r}"
+            )
+        if v.name in ALGORITHMS.names():
+            raise ConfigError(f"{path}: variants: {v.name!r} is a method's name; rename it")
+        ALGORITHMS.get(v.method)  # an unknown method fails here, listing the known ones
+    for what, items in (("variants", spec.variants), ("ablations", spec.ablations)):
+        for item in items:
+            unknown = [r for r in item.regimes if r not in regimes]
+            if unknown:
+                raise ConfigError(
+                    f"{path}: {what}: {item.name!r} names regimes {unknown} that the spec does "
+                    f"not have ({', '.join(sorted(regimes)) or 'none'})"
+                )
 
 
 class BenchError(FedoapError, RuntimeError):
@@ -226,10 +290,40 @@ def plan(
             chosen = [m for m in wanted if m in subsets[regime]]
             if not chosen:
                 continue  # none of the asked-for methods runs in this regime
+        mine = dataclasses.replace(
+            spec, ablations=tuple(a for a in spec.ablations if not a.regimes or regime in a.regimes)
+        )
         cells += [
             dataclasses.replace(cell, regime=regime)
-            for cell in _plan_one(spec, base, chosen, seeds, kinds)
+            for cell in _plan_one(mine, base, chosen, seeds, kinds)
         ]
+        if "main" in kinds:
+            cells += [
+                dataclasses.replace(cell, regime=regime)
+                for cell in _plan_variants(spec, base, regime, methods, seeds)
+            ]
+    return cells
+
+
+def _plan_variants(
+    spec: BenchSpec,
+    base: Config,
+    regime: str,
+    methods: Sequence[str] | None,
+    seeds: Sequence[int] | None,
+) -> list[Cell]:
+    """The variants' main cells in one regime. A ``methods`` selection (``--method``) keeps the
+    variants of those methods; their names are matched by ``--variant``."""
+    cells = []
+    for seed in list(seeds if seeds is not None else spec.seeds):
+        for v in spec.variants:
+            if (v.regimes and regime not in v.regimes) or (methods and v.method not in methods):
+                continue
+            try:
+                cfg = derive(base, [f"method={v.method}", f"seed={seed}", *v.overrides])
+            except ConfigError as err:
+                raise ConfigError(f"variants[{v.name}]: {err}") from err
+            cells.append(Cell("main", v.name, v.method, seed, cfg))
     return cells
 
 
@@ -526,11 +620,18 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
         "refused": len(summary.get("refused", [])) if cell.kind == "attack" else None,
         "client_epsilon": summary.get("privacy", {}).get("client_level", {}).get("epsilon"),
         "clean_digest": clean,
+        "max_train_cases": cell.cfg.data.max_train_cases,
+        "safeguard_seconds": summary["time"].get("safeguard_seconds"),
     }
     spent = summary.get("privacy", {}).get("clients", {})
     if cell.kind != "loo":
         for name, c in summary["clients"].items():
-            curve = [r["val_dice"] for r in metrics if r["client"] == name]
+            curve = [
+                r["val_dice"]
+                for r in metrics
+                if r["client"] == name and r["stage"] in ("federated", "finetune")
+            ]
+            guard = c.get("safeguard", {})
             rows.append(
                 {
                     **base,
@@ -546,6 +647,11 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
                     **{k: spent.get(name, {}).get(k) for k in ("epsilon", "delta")},
                     # Summaries from before privacy.dp.unit were per image.
                     "dp_unit": spent[name].get("unit", "image") if name in spent else None,
+                    **{f"{s}_cases": c.get("n_cases", {}).get(s) for s in ("train", "test")},
+                    "safeguard_choice": guard.get("choice"),
+                    "safeguard_alpha": guard.get("alpha"),
+                    "val_federated": guard.get("val", {}).get("federated"),
+                    "val_local": guard.get("val", {}).get("local"),
                 }
             )
         return rows
@@ -566,9 +672,30 @@ def cell_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def collect(out: Path) -> list[dict[str, Any]]:
-    """Rows of every finished cell under ``out/cells`` (whatever spec produced them)."""
-    rows: list[dict[str, Any]] = []
+def case_rows(cell: Cell, folder: Path) -> list[dict[str, Any]]:
+    """The cell's per-case test scores (``run/test_cases.csv``; none for cells that did not
+    write one: leave-one-out, diverged, or run before runs wrote it), with the cell's identity
+    and each client's number of training cases."""
+    path = folder / "run" / "test_cases.csv"
+    if cell.kind == "loo" or not path.is_file():
+        return []
+    summary = json.loads((folder / "run" / "summary.json").read_text())
+    trained = {n: c.get("n_cases", {}).get("train") for n, c in summary["clients"].items()}
+    base = {
+        "regime": cell.regime,
+        "kind": cell.kind,
+        "variant": cell.variant,
+        "method": cell.method,
+        "seed": cell.seed,
+        "max_train_cases": cell.cfg.data.max_train_cases,
+        "config_digest": digest(cell.cfg),
+    }
+    return [{**base, **r, "train_cases": trained.get(r["client"])} for r in read_metrics(path)]
+
+
+def finished_cells(out: Path) -> list[tuple[Cell, Path]]:
+    """Every finished cell under ``out/cells`` (whatever spec produced it), with its folder."""
+    found: list[tuple[Cell, Path]] = []
     for folder in sorted((out / "cells").glob("*")):
         if not (folder / "config.yaml").is_file():
             continue
@@ -592,21 +719,36 @@ def collect(out: Path) -> list[dict[str, Any]]:
             else (folder / "run" / "summary.json").is_file() or (folder / DIVERGED).is_file()
         )
         if done:
-            rows.extend(cell_rows(cell, folder))
-    return rows
+            found.append((cell, folder))
+    return found
+
+
+def collect(out: Path) -> list[dict[str, Any]]:
+    """Rows of every finished cell under ``out/cells`` (whatever spec produced them)."""
+    return [row for cell, folder in finished_cells(out) for row in cell_rows(cell, folder)]
 
 
 def write_results(out: Path) -> Path:
-    rows = collect(out)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-    w.writeheader()
+    """``results.csv`` (one row per cell and client) and ``cases.csv`` (one per cell, client
+    and test case) from every finished cell; returns the former."""
+    cells = finished_cells(out)
     order = ("regime", "kind", "variant", "seed", "client")
-    for r in sorted(rows, key=lambda r: tuple(r.get(k, "") for k in order)):
-        w.writerow({k: _fmt(r.get(k)) for k in RESULT_FIELDS})
+    rows = [row for cell, folder in cells for row in cell_rows(cell, folder)]
     path = out / "results.csv"
-    atomic_write_text(path, buf.getvalue())
+    _write_csv(path, RESULT_FIELDS, sorted(rows, key=lambda r: tuple(r.get(k, "") for k in order)))
+    cases = [row for cell, folder in cells for row in case_rows(cell, folder)]
+    if cases:
+        _write_csv(out / "cases.csv", CASE_RESULT_FIELDS, cases)
     return path
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(r.get(k)) for k in fields})
+    atomic_write_text(path, buf.getvalue())
 
 
 def _fmt(v: Any) -> Any:

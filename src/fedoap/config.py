@@ -196,6 +196,10 @@ class SplitConfig:
     test: float = ranged(0.15, gt=0, lt=1)
     # Fixed separately from the run seed, so every method and seed sees the same split.
     seed: int = ranged(0, ge=0, le=SEED_MAX)
+    # True: the split seed is the run's ``seed`` (``seed`` above is set to it), so a study's
+    # seeds draw different patients into train/val/test and its intervals include the
+    # variance of the split. Methods compared at one seed still share one split.
+    follow_run_seed: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,11 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     # Caps keep CPU runs short. Caps subsample within a split, so splits stay patient-level.
     max_train_images: int | None = ranged(None, ge=1)
+    # Train on at most this many cases (patients) of the training split, drawn with the split
+    # seed; the validation and test splits are untouched, so a study can vary only how much a
+    # hospital trains on. The draws are nested: the 2 cases kept at 2 are among the 4 kept at
+    # 4. Applied before max_train_images.
+    max_train_cases: int | None = ranged(None, ge=1)
     max_val_images: int | None = ranged(None, ge=1)
     max_test_images: int | None = ranged(None, ge=1)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -336,7 +345,25 @@ class FinetuneConfig:
     epochs: int = ranged(2, ge=0, le=100_000)
     lr: float | None = ranged(None, gt=0)  # None: train.lr
     parts: Literal["all", "personal"] = "all"
+    # Early stopping: a site stops fine-tuning once its validation score has not improved for
+    # this many epochs (the model it started from counts as epoch 0); None: every epoch runs.
+    # Selection already keeps the best epoch; stopping saves the epochs after it.
+    patience: int | None = ranged(None, ge=1)
     pbl: PBLConfig = field(default_factory=PBLConfig)
+
+
+@dataclass(frozen=True)
+class SafeguardConfig:
+    """A per-site final stage that keeps a site from ending up worse than alone
+    (fedoap.federation.safeguard). Each site also trains a local-only model (the method's
+    network on its own data, with ``local``'s protocol and budget) and keeps, by its validation
+    score, the personalised federated model, the local one (``choose``), or the best point
+    ``alpha * local + (1 - alpha) * federated`` of ``alphas`` (``interpolate``). The local model
+    never leaves the site."""
+
+    mode: Literal["none", "choose", "interpolate"] = "none"
+    # interpolate: the grid of alpha; it must hold 0 (the federated model) and 1 (the local).
+    alphas: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -438,8 +465,16 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    safeguard: SafeguardConfig = field(default_factory=SafeguardConfig)
     # Method-specific options, validated against the chosen method's ``Options`` dataclass.
     algorithm: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        split = self.data.split
+        if split.follow_run_seed and split.seed != self.seed:
+            # The one place the split seed is resolved: every reader of data.split sees it.
+            data = dataclasses.replace(self.data, split=dataclasses.replace(split, seed=self.seed))
+            object.__setattr__(self, "data", data)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -491,11 +526,16 @@ DIGEST_WHEN_SET: dict[str, Any] = {
     "privacy.client_dp": json.loads(json.dumps(dataclasses.asdict(ClientDPConfig()))),
     # After privacy.dp: a default privacy.dp (unit included) is dropped whole first.
     "privacy.dp.unit": "image",
+    "data.max_train_cases": None,
+    "finetune.patience": None,
+    "data.split.follow_run_seed": False,
+    "safeguard.mode": "none",
+    "safeguard.alphas": list(SafeguardConfig().alphas),
 }
 
 #: Sections added after runs already existed: dropped from the digest when every key of them is
 #: at its default (DIGEST_WHEN_SET).
-DIGEST_SECTIONS_WHEN_SET = ("privacy",)
+DIGEST_SECTIONS_WHEN_SET = ("privacy", "safeguard")
 
 #: Settings that decide where and how fast a run executes, not what it computes (up to float
 #: rounding): left out of :meth:`Config.digest`. ``train.num_threads`` predates this list and
@@ -782,6 +822,7 @@ def validate(cfg: Config) -> None:
         _validate_volume_options(c, f"data.clients[{i}]", need)
     _validate_aggregator(cfg, need)
     _validate_privacy(cfg, need)
+    _validate_safeguard(cfg, need)
     need(d.channels in (1, 3), f"data.channels: must be 1 or 3, got {d.channels}")
     s = d.split
     need(abs(s.train + s.val + s.test - 1.0) < 1e-6, "data.split: train + val + test must sum to 1")
@@ -905,6 +946,40 @@ def _validate_privacy(cfg: Config, need: Callable[[bool, str], None]) -> None:
         need(
             cfg.model.kv.mode != "bank",
             "model.kv.mode=bank: the K/V summaries are not clipped or noised by privacy.client_dp",
+        )
+
+
+def _validate_safeguard(cfg: Config, need: Callable[[bool, str], None]) -> None:
+    """The safeguard with a method and settings it can serve; its grid only where it is used."""
+    sg, defaults = cfg.safeguard, SafeguardConfig()
+    if sg.mode != "interpolate":
+        need(
+            sg.alphas == defaults.alphas,
+            f"safeguard.alphas: only used by safeguard.mode=interpolate, not {sg.mode}",
+        )
+    if sg.mode == "none":
+        return
+    need(
+        cfg.method != "local",
+        "safeguard.mode: method local is the local model already; the safeguard is for "
+        "federated methods",
+    )
+    need(
+        not cfg.privacy.dp.enabled,
+        "safeguard.mode: its local-only model is trained without DP-SGD, and a site's "
+        "privacy.dp budget would not cover the model it keeps; not supported with privacy.dp",
+    )
+    if sg.mode == "interpolate":
+        need(
+            0.0 in sg.alphas and 1.0 in sg.alphas,
+            f"safeguard.alphas: must hold 0 (the federated model) and 1 (the local model), got "
+            f"{list(sg.alphas)}",
+        )
+        need(
+            cfg.model.kv.mode != "bank",
+            "safeguard.mode=interpolate: a model attending to the global K/V bank "
+            "(model.kv.mode=bank) cannot be averaged with one that never saw it; use "
+            "safeguard.mode=choose",
         )
 
 

@@ -13,8 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_curves(rows: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
     """Validation Dice and training loss per client against round (fine-tuning epochs continue
-    the round axis, after a dashed line)."""
+    the round axis, after a dashed line) of the method's models."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The method's own models; a safeguard's local-only model has its rows in metrics.csv.
+    rows = [r for r in rows if r["stage"] in ("federated", "finetune")]
     clients = list(dict.fromkeys(r["client"] for r in rows))
     last_fed = max((r["round"] for r in rows if r["stage"] == "federated"), default=0)
     paths = []

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from fedoap.casereport import patient_sections
 from fedoap.data.errors import DataError
 from fedoap.errors import NotFoundError
 from fedoap.fileio import check_output_dir
@@ -334,8 +335,9 @@ def fig_grid(results: Path, variants: list[str], path: Path, prefix: str = "") -
         "ground truth": "lime",
         **dict(zip(variants, ["red", "deepskyblue", "yellow", "magenta"], strict=False)),
     }
-    fig, axes = plt.subplots(len(names), k, figsize=(2.3 * k, 2.4 * len(names)))
-    axes = np.atleast_2d(axes)
+    fig, axes = plt.subplots(
+        len(names), k, figsize=(2.3 * k, 2.4 * len(names)), squeeze=False
+    )  # (clients, examples) even when either is 1
     for i, name in enumerate(names):
         test = clients[name].test
         index = {n: j for j, n in enumerate(test.names)}
@@ -909,11 +911,13 @@ def make_report(results: Path) -> Path:
     lines += cost_lines(rows)
     regimes = sorted({r["regime"] for r in rows})
     if regimes == [""]:
+        lines += patient_sections(results, rows, figs)
         lines += sections(results, rows, "", private)
     else:
         lines += regimes_summary(rows, regimes, private)
         if any(not math.isnan(r["epsilon"]) for r in rows):
             lines += privacy_section(rows, regimes, figs)
+        lines += patient_sections(results, rows, figs)
         for regime in regimes:
             lines += [f"# Regime: {regime}", ""]
             lines += sections(results, [r for r in rows if r["regime"] == regime], regime, private)

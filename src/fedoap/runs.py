@@ -7,6 +7,7 @@
       metrics.csv                 one row per round (or fine-tuning epoch) per client
       summary.json                final per-client test metrics, params, comm, time
       splits.json                 image names of each client's train/val/test split
+      test_cases.csv              each client's test scores per case (patient, video)
       checkpoints/last.safetensors    resume state, rewritten atomically after every round
       checkpoints/best/<client>.safetensors   each client's validation-selected model
       plots/*.png
@@ -66,6 +67,10 @@ class RunDir:
         return self.root / "splits.json"
 
     @property
+    def test_cases(self) -> Path:
+        return self.root / "test_cases.csv"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -106,6 +111,18 @@ class RunDir:
         for row in rows:
             w.writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
         atomic_write_text(self.metrics, buf.getvalue())
+
+    def write_cases(self, rows: list[dict[str, Any]]) -> None:
+        """``test_cases.csv``: one row per (client, test case), columns
+        :data:`~fedoap.metrics.CASE_FIELDS`."""
+        from fedoap.metrics import CASE_FIELDS
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(CASE_FIELDS), extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _fmt(row.get(k)) for k in CASE_FIELDS})
+        atomic_write_text(self.test_cases, buf.getvalue())
 
     def is_complete(self) -> bool:
         """Whether the run finished: ``summary.json`` is its last output, written after every

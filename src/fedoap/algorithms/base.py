@@ -165,10 +165,15 @@ class Algorithm:
                 norm=m.norm,
                 attention=self.attention_kind(),
                 use_adapter=self.uses_adapter and m.use_adapter,
+                gate=self.attention_gate(),
             )
 
     def attention_kind(self) -> AttentionKind:
         return self.attention
+
+    def attention_gate(self) -> bool:
+        """Whether the attention's output has a gate (:class:`fedoap.models.AttentionGate`)."""
+        return False
 
     def site_dp(self, client: str, case_ids: np.ndarray) -> SiteDP:
         """The DP-SGD parameters of a client whose training images belong to ``case_ids``
@@ -506,8 +511,15 @@ class Algorithm:
             self.finetune_loss(model, global_arrays),
             ctx.generator("finetune"),
             ctx,
+            self.finetune_penalty(model, state),
         )
         return loss, self.finetune_state(model, opt, state)
+
+    def finetune_penalty(
+        self, model: nn.Module, state: ClientState
+    ) -> Callable[[], torch.Tensor] | None:
+        """Optional regulariser of the fine-tuning loss (FedOAP's ``algorithm.ft_prox``)."""
+        return None
 
     def finetune_loss(self, model: nn.Module, global_arrays: StateDict) -> LossFn:
         return self.loss("finetune")

@@ -23,41 +23,91 @@ K/V aggregation (``model.kv.mode``):
   with the client's weights at the end of its local epochs and used in the next round.
 
 Config keys: ``model.use_dca``, ``model.use_adapter``, ``model.heads``, ``model.kv.*``,
-``finetune.epochs``, ``finetune.parts``, ``finetune.pbl.*``. No ``algorithm.*`` options.
+``finetune.epochs``, ``finetune.parts``, ``finetune.pbl.*``, and two options for sites with few
+patients (both off by default, which is the method as published):
+
+* ``algorithm.gate``: a personal per-channel gate on the attention's output, initialised at zero,
+  ``h = Norm(g^k * W_o softmax(...) V + B_q^k(f))`` (:class:`fedoap.models.AttentionGate`);
+* ``algorithm.ft_prox``: a proximal term ``(mu / 2) ||theta - theta_0||^2`` in the fine-tuning
+  loss, pulling each site's model towards the federated model it started fine-tuning from
+  (theta_0), as Ditto (Li et al., ICML 2021) pulls its personal model towards the global one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedoap.algorithms.base import KV, Algorithm, ClientState, FitContext, Update
 from fedoap.algorithms.registry import ALGORITHMS
-from fedoap.config import KVConfig
+from fedoap.config import Config, ConfigError, KVConfig, ranged
 from fedoap.data.dataset import ClientData
 from fedoap.federation.robust import combine
 from fedoap.losses import PerturbedBoundaryLoss
 from fedoap.models import FedOAPNet, StateDict
 from fedoap.models.net import AttentionKind
+from fedoap.models.partition import sub
 from fedoap.training import autocast
 from fedoap.training.engine import LossFn
 
 BANK = KV + "bank"
 SUMMARY = KV + "summary"
+#: Where a site keeps theta_0, the model its fine-tuning started from (``algorithm.ft_prox``).
+ANCHOR = "finetune_anchor/"
+
+
+@dataclass(frozen=True)
+class FedOAPOptions:
+    # A personal, zero-initialised per-channel gate on the attention's output.
+    gate: bool = False
+    # mu of the fine-tuning stage's proximal term towards the federated model (0: none).
+    ft_prox: float = ranged(0.0, ge=0)
 
 
 @ALGORITHMS.register("fedoap")
 class FedOAP(Algorithm):
     name = "fedoap"
+    Options = FedOAPOptions
     uses_adapter = True
-    personal_modules = ("bottleneck", "query_proj", "adapter", "head")
+    personal_modules = ("bottleneck", "query_proj", "gate", "adapter", "head")
     has_finetune = True
     supports_dp = True
 
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        if self.options.ft_prox and cfg.privacy.dp.enabled:
+            raise ConfigError(
+                "algorithm.ft_prox: DP-SGD clips per-example gradients of the loss alone; a "
+                "proximal term is not supported under privacy.dp"
+            )
+
     def attention_kind(self) -> AttentionKind:
         return "cross" if self.cfg.model.use_dca else "none"
+
+    def attention_gate(self) -> bool:
+        return self.options.gate
+
+    # ---------------------------------------------------------------- fine-tuning
+
+    def start_finetune(self, best_weights: StateDict, state: ClientState) -> ClientState:
+        new = super().start_finetune(best_weights, state)
+        if self.options.ft_prox:  # theta_0: the federated model fine-tuning starts from
+            anchor = {ANCHOR + k: v.detach().clone() for k, v in best_weights.items()}
+            new.extra = {**new.extra, **anchor}
+        return new
+
+    def finetune_penalty(
+        self, model: nn.Module, state: ClientState
+    ) -> Callable[[], torch.Tensor] | None:
+        mu = self.options.ft_prox
+        if not mu:
+            return None
+        anchor = sub(state.extra, ANCHOR)
+        pairs = [(p, anchor[k]) for k, p in model.named_parameters() if p.requires_grad]
+        return lambda: mu / 2 * sum(((p - a) ** 2).sum() for p, a in pairs)  # type: ignore[return-value]
 
     @property
     def bank_mode(self) -> bool:

@@ -15,7 +15,7 @@ import torch
 from fedoap.config import VOLUME_SOURCES, ClientSpec, DataConfig
 from fedoap.data.errors import DataError
 from fedoap.data.sources import RawClient, load_folder, load_npz
-from fedoap.data.splits import SPLITS, cap_cases, cap_images, split_by_case
+from fedoap.data.splits import SPLITS, cap_cases, cap_images, first_cases, split_by_case
 from fedoap.data.synthetic import generate_client
 from fedoap.data.transforms import letterbox, normalize
 
@@ -68,6 +68,10 @@ class ClientData:
 
     def sizes(self) -> dict[str, int]:
         return {s: len(self.split(s)) for s in SPLITS}
+
+    def case_counts(self) -> dict[str, int]:
+        """Cases (patients, videos) per split."""
+        return {s: len(np.unique(self.split(s).case_ids)) for s in SPLITS}
 
     def to(self, device: torch.device | str) -> ClientData:
         """This client with its three splits on ``device``; ``self`` if they are already there."""
@@ -182,6 +186,7 @@ def make_client(spec: ClientSpec, cfg: DataConfig) -> ClientData:
         where = f"client '{spec.name}': {path}"
     idx = split_by_case(raw.case_ids, cfg.split, where)
     seed = cfg.split.seed
+    idx["train"] = first_cases(idx["train"], raw.case_ids, cfg.max_train_cases, seed + 3)
     idx["train"] = cap_images(idx["train"], cfg.max_train_images, seed)
     idx["val"] = cap_cases(idx["val"], raw.case_ids, cfg.max_val_images, seed + 1)
     idx["test"] = cap_cases(idx["test"], raw.case_ids, cfg.max_test_images, seed + 2)

@@ -39,6 +39,20 @@ def split_by_case(case_ids: np.ndarray, cfg: SplitConfig, where: str = "") -> di
     return {k: np.flatnonzero(np.isin(case_ids, v)) for k, v in groups.items()}
 
 
+def first_cases(idx: np.ndarray, case_ids: np.ndarray, k: int | None, seed: int) -> np.ndarray:
+    """The images of ``k`` cases of ``idx``, drawn with ``seed`` (all of them when ``k`` is None
+    or covers every case).
+
+    The cases are shuffled once and the first ``k`` kept, so the draws are nested: the cases
+    kept at k are among those kept at any larger k (a data-size axis varies one thing)."""
+    cases = np.unique(case_ids[idx])  # sorted: independent of file order
+    if k is None or k >= len(cases):
+        return idx
+    order = np.random.default_rng(seed).permutation(len(cases))
+    keep = cases[order[:k]]
+    return idx[np.isin(case_ids[idx], keep)]
+
+
 def cap_images(idx: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
     """A random subset of at most ``cap`` image indices (sorted)."""
     if cap is None or len(idx) <= cap:

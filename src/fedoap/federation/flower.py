@@ -218,8 +218,9 @@ def _build(nc: Mapping[str, Any], cfg_yaml: str, run_dir: str) -> tuple[_Built, 
     record = SiteState(alg.init_client(model))
 
     def selected(site: Site) -> None:
-        r = site.record
-        save_selected(rd, site.name, r.best_weights, r.best_kv, r.best_round, alg.name)
+        assert site.final is not None
+        weights, kv = site.final
+        save_selected(rd, site.name, weights, kv, site.record.best_round, alg.name)
 
     site = Site(cfg, alg, model, data, record, Timer(device), on_selected=selected)
     _SITES[key] = _Built(site, rd, names.index(name))
@@ -608,8 +609,8 @@ class FlowerTransport:
         """A reply, checked for form only (what it uploads is the server's check)."""
         try:
             result = json.loads(_s(m.content.config_records[CONFIG], RESULT))
-            reply = Reply(rows=list(result["rows"]), test=result["test"])
             seconds = {k: float(v) for k, v in result["seconds"].items()}
+            reply = Reply(rows=list(result["rows"]), test=result["test"], seconds=seconds)
             for row in reply.rows:
                 row["client"] = name  # Flower's routing says who this is
         except (KeyError, TypeError, ValueError, AttributeError) as err:

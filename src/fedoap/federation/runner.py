@@ -156,10 +156,9 @@ class Runner:
         )
 
     def _save_selected(self, site: Site) -> None:
-        r = site.record
-        save_selected(
-            self.run_dir, site.name, r.best_weights, r.best_kv, r.best_round, self.alg.name
-        )
+        assert site.final is not None
+        weights, kv = site.final
+        save_selected(self.run_dir, site.name, weights, kv, site.record.best_round, self.alg.name)
 
     @contextlib.contextmanager
     def _inner_bar(self, desc: str, total: int) -> Iterator[Callable[[int], Any]]:

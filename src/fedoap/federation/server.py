@@ -28,10 +28,12 @@ from tqdm.auto import tqdm
 from fedoap.algorithms import KV, SHARED, Algorithm, Update, nbytes
 from fedoap.config import Config
 from fedoap.errors import DivergedError, FederationError
+from fedoap.federation import safeguard
 from fedoap.federation.protocol import Template, check_upload
 from fedoap.federation.site import Reply, Step
 from fedoap.federation.state import RunState, SiteState, save_run_state
 from fedoap.federation.summary import make_summary
+from fedoap.metrics import CASE_FIELDS
 from fedoap.models import FedOAPNet, StateDict
 from fedoap.privacy import privacy_summary
 from fedoap.runs import RunDir
@@ -140,6 +142,8 @@ class Server:
         self.lost: list[dict[str, Any]] = []
         self.elapsed = 0.0
         self.tests: dict[str, Any] = {}
+        # Seconds the sites spent per phase, summed over sites and steps (what they reported).
+        self.site_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -158,6 +162,7 @@ class Server:
         self.elapsed, self.rows, self.round_seconds = h["elapsed"], h["rows"], h["round_seconds"]
         self.bytes_up, self.bytes_down = h["bytes_up"], h["bytes_down"]
         self.losses = dict(h.get("losses", {}))
+        self.site_seconds = dict(h.get("site_seconds", {}))
         self.excluded = dict(h.get("excluded", {}))
         self.lost = list(h.get("lost", []))
         # Checkpoints before issue 15 named the site "client".
@@ -186,6 +191,7 @@ class Server:
                     "excluded": self.excluded,
                     "refused": self.refused,
                     "lost": self.lost,
+                    "site_seconds": self.site_seconds,
                     "transport": self.transport.history(),
                 }
                 state = RunState(
@@ -249,14 +255,46 @@ class Server:
             self.checkpoint(tensors=self._save_now(last_of_stage=e == epochs))
             bar.update(1)
             bar.set_postfix(self._postfix())
+        guard = safeguard.steps(self.cfg)  # each site's local-only model (safeguard.mode)
+        if self.stage == "finetune" and guard:
+            self.stage, self.done = "safeguard", 0
+            self.checkpoint()
+        while self.stage == "safeguard" and self.done < guard:
+            s = self.done + 1
+            first = s == 1 and epochs == 0  # round R is still to be validated
+            steps = {
+                n: Step(rounds + epochs + s, "safeguard", validate=first, epoch=s)
+                for n in self.active
+            }
+            self._exchange(steps, self.global_arrays if first else {})
+            self.done = s
+            self.elapsed = time.perf_counter() - start
+            self.checkpoint(tensors=self._save_now(last_of_stage=s == guard))
         bar.close()
-        test_step = Step(rounds + epochs + 1, "test", validate=epochs == 0)
+        last = epochs == 0 and guard == 0  # nothing came after round R: validate it now
+        test_step = Step(rounds + epochs + guard + 1, "test", validate=last)
         replies = self._exchange(
-            {n: test_step for n in self.active}, self.global_arrays if epochs == 0 else {}
+            {n: test_step for n in self.active}, self.global_arrays if last else {}
         )
-        self.tests = {n: r.test for n, r in replies.items() if r.test is not None}
+        # In the sites' configured order, whatever order their replies came in.
+        self.tests = {
+            n: replies[n].test for n in self.active if n in replies and replies[n].test is not None
+        }
         self.elapsed = time.perf_counter() - start
         return self._finish()
+
+    def _case_rows(self) -> list[dict[str, Any]]:
+        """Each site's per-case test scores (its test entry's ``test.cases``), taken out of the
+        entry: they go to ``test_cases.csv``, not ``summary.json``."""
+        rows: list[dict[str, Any]] = []
+        for name, entry in self.tests.items():
+            cases = entry["test"].pop("cases", None)
+            for case in cases if isinstance(cases, list) else []:
+                if isinstance(case, dict):  # a site's own fields; the client is the sender
+                    rows.append(
+                        {**{k: v for k, v in case.items() if k in CASE_FIELDS}, "client": name}
+                    )
+        return rows
 
     def _federated_step(self, rnd: int) -> None:
         """Round ``rnd``: validation of round ``rnd - 1`` and training of round ``rnd`` in one
@@ -386,6 +424,9 @@ class Server:
             self.log(f"warning: step {rnd}: site '{name}' was lost ({why}); the run goes on")
         for name in [n for n in steps if n in replies]:  # in the sites' configured order
             reply = replies[name]
+            for phase, sec in reply.seconds.items():
+                if isinstance(sec, int | float) and math.isfinite(sec):
+                    self.site_seconds[phase] = self.site_seconds.get(phase, 0.0) + float(sec)
             for row in reply.rows:
                 if row["stage"] == "federated":
                     rnd = row["round"]
@@ -446,6 +487,7 @@ class Server:
     # ------------------------------------------------------------------ outputs
 
     def _finish(self) -> dict[str, Any]:
+        cases = self._case_rows()
         described = self.transport.describe()
         summary = make_summary(
             self.cfg,
@@ -470,7 +512,16 @@ class Server:
         for key in ("excluded", "refused", "lost"):
             if getattr(self, key):
                 summary[key] = getattr(self, key)
+        if safeguard.enabled(self.cfg):  # what the sites kept, and what the stage cost
+            chosen = [e["safeguard"]["choice"] for e in self.tests.values() if "safeguard" in e]
+            summary["safeguard"] = {
+                "mode": self.cfg.safeguard.mode,
+                "kept": {c: chosen.count(c) for c in safeguard.CHOICES},
+            }
+            # What the stage cost, summed over the sites, on either transport.
+            summary["time"]["safeguard_seconds"] = round(self.site_seconds.get("safeguard", 0), 3)
         self.run_dir.write_metrics(self.rows)
+        self.run_dir.write_cases(cases)
         from fedoap.plots import plot_curves  # matplotlib: only when a run ends
 
         title = self.alg.name + (" on Flower" if self.transport.runtime == "flower" else "")

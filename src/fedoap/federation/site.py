@@ -8,8 +8,13 @@ round costs one message per site:
   then, if sampled, train round ``r`` from the same global arrays and upload;
 * step ``R + e`` (fine-tuning epochs 1..F): at ``e = 1`` validate round R first, then fine-tune
   one epoch locally and validate;
-* step ``R + F + 1`` (the test): validate round R when there was no fine-tuning, then score the
-  selected model on the test split, once.
+* steps ``R + F + s`` (``safeguard.mode``, s = 1..S with S = R + F): the site's local-only
+  model (:mod:`fedoap.federation.safeguard`): at ``s = 1`` validate round R first when there was
+  no fine-tuning, then one round (s <= R) or fine-tuning epoch (s > R) of ``local``'s protocol,
+  and validate it;
+* step ``R + F + S + 1`` (the test): validate round R when nothing came after it, then (with the
+  safeguard) keep the federated model, the local one or a blend of both by validation, and score
+  the kept model on the test split, once.
 
 A :class:`Site` holds one client's :class:`~fedoap.federation.state.SiteState` (personal
 weights, optimiser state, its best model) and data; the in-process runner keeps one per client in
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +39,7 @@ from fedoap.algorithms.base import to_device
 from fedoap.config import Config
 from fedoap.data.dataset import ClientData
 from fedoap.errors import DivergedError
+from fedoap.federation import safeguard
 from fedoap.federation.attacks import invert_training_masks, poison_update
 from fedoap.federation.state import SiteState
 from fedoap.models import FedOAPNet, StateDict
@@ -40,7 +47,7 @@ from fedoap.privacy import DP_STEPS, largest_case
 from fedoap.training import evaluate
 from fedoap.training.device import Timer
 
-STAGES = ("federated", "finetune", "test")
+STAGES = ("federated", "finetune", "safeguard", "test")
 
 #: ``bar(description, total)``: a context manager yielding a per-image progress callback.
 BarFactory = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], Any]]]
@@ -55,11 +62,11 @@ def _no_bar(desc: str, total: int) -> Iterator[Callable[[int], Any]]:
 class Step:
     """What the server asks of one site in one step (see the module docstring)."""
 
-    round: int  # 1..R: a federated round; R+e: fine-tuning epoch e; R+F+1: the test
-    stage: str  # "federated", "finetune" or "test"
+    round: int  # 1..R: a federated round; R+e: fine-tuning epoch e; R+F+s: safeguard step s
+    stage: str  # "federated", "finetune", "safeguard" or "test"
     validate: bool = False  # first validate the global model of step ``round - 1``
     fit: bool = False  # federated: train from the global arrays and upload
-    epoch: int = 0  # finetune: which epoch (1..F)
+    epoch: int = 0  # finetune: which epoch (1..F); safeguard: which step (1..R+F)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -109,6 +116,10 @@ class Site:
         # privacy.dp: the site's DP-SGD parameters, fixed (and checked) before its first step;
         # the steps it takes are counted in its state (DP_STEPS), which its checkpoint keeps.
         self.dp = alg.site_dp(data.name, data.train.case_ids) if cfg.privacy.dp.enabled else None
+        # safeguard.mode: local's protocol for the site's local-only model (record.local).
+        self.local_alg = safeguard.local_algorithm(cfg) if safeguard.enabled(cfg) else None
+        # What the test scored (and on_selected saves): the selected model, or the safeguard's.
+        self.final: tuple[StateDict, StateDict] | None = None
 
     @property
     def name(self) -> str:
@@ -125,8 +136,10 @@ class Site:
                 reply.rows.append(self._validate(rnd, "federated", global_arrays))
             if step.fit:
                 reply.update = self._fit(step.round, global_arrays)
-            if step.stage == "finetune":
+            if step.stage == "finetune" and not self._stopped(self.record, step.round):
                 reply.rows.append(self._finetune(step, ft_extra))
+            if step.stage == "safeguard" and not self._stopped(self.record.local, step.epoch):
+                reply.rows.append(self._safeguard_step(step))
             if step.stage == "test":
                 reply.test = self._test()
         except DivergedError as err:
@@ -137,6 +150,15 @@ class Site:
             if v - before.get(k, 0.0) > 0
         }
         return reply
+
+    def _stopped(self, rec: SiteState | None, rnd: int) -> bool:
+        """Whether a track has stopped fine-tuning before step ``rnd`` (``finetune.patience``
+        epochs without a better validation score; its fine-tuning's start counts as epoch 0).
+        Federated rounds never stop."""
+        patience, rounds = self.cfg.finetune.patience, self.cfg.federation.rounds
+        if patience is None or rec is None or rnd <= rounds:
+            return False
+        return (rnd - 1) - max(rec.best_round, rounds) >= patience
 
     # ------------------------------------------------------------------ operations
 
@@ -194,12 +216,47 @@ class Site:
         """The DP-SGD steps this site has taken so far."""
         return int(self.record.state.extra.get(DP_STEPS, torch.zeros((), dtype=torch.int64)))
 
-    def _validate(self, rnd: int, stage: str, payload: StateDict) -> dict[str, Any]:
-        """Score the personalised model on the validation split; keep it if it is the best."""
-        rec, t = self.record, self.cfg.train
+    def _safeguard_step(self, step: Step) -> dict[str, Any]:
+        """One round (step <= R) or fine-tuning epoch of the site's local-only model, trained
+        exactly as ``local`` trains, then validated (and kept if it is its best)."""
+        assert self.local_alg is not None
+        alg, rounds = self.local_alg, self.cfg.federation.rounds
+        e = step.epoch
+        if self.record.local is None:  # the method's network from the run's initial weights
+            self.record.local = SiteState(alg.init_client(self.alg.build_model()))
+        track = self.record.local
+        self.model.set_kv_bank(None)  # alone: no global K/V bank
+        with self.timer("safeguard"):
+            ctx = FitContext(self.name, e, self.cfg.seed)
+            if e <= rounds:
+                update, track.state = alg.run_fit(self.model, {}, track.state, self.data, ctx)
+                loss = update.metrics["train_loss"]
+            else:
+                if e == rounds + 1:
+                    track.state = alg.start_finetune(track.best_weights, track.state)
+                loss, track.state = alg.run_finetune_epoch(
+                    self.model, {}, track.state, self.data, ctx, first=e == rounds + 1
+                )
+        row = self._validate(e, "safeguard", {}, alg=alg, record=track, phase="safeguard")
+        row["train_loss"] = loss
+        return row
+
+    def _validate(
+        self,
+        rnd: int,
+        stage: str,
+        payload: StateDict,
+        alg: Algorithm | None = None,
+        record: SiteState | None = None,
+        phase: str = "validate",
+    ) -> dict[str, Any]:
+        """Score the personalised model on the validation split; keep it if it is the best.
+        ``alg`` and ``record``: another track than the method's (the safeguard's local model)."""
+        alg = alg or self.alg
+        rec, t = record or self.record, self.cfg.train
         t0 = time.perf_counter()
-        with self.timer("validate"):
-            self.alg.personalize(self.model, payload, rec.state)
+        with self.timer(phase):
+            alg.personalize(self.model, payload, rec.state)
             val = evaluate(self.model, self.data.val, t.precision, batch_size=t.eval_batch_size)
             score = val[t.select_metric]
             improved = score is not None and score > rec.best_score
@@ -224,21 +281,71 @@ class Site:
 
     def load_best(self) -> None:
         """Put the selected model (and its K/V bank) into ``self.model``."""
-        self.model.load_state_dict(self.record.best_weights)
-        self.model.set_kv_bank(self.record.best_kv.get(KV + "bank"))
+        self._load(self.record.best_weights, self.record.best_kv)
+
+    def _load(self, weights: StateDict, kv: StateDict) -> None:
+        self.model.load_state_dict(weights)
+        self.model.set_kv_bank(kv.get(KV + "bank"))
+
+    def _safeguard_decision(self) -> safeguard.Decision:
+        """Keep the federated model, the local one, or (interpolate) the best blend of both by
+        validation; ``self.final`` is what is kept, and in ``self.model``."""
+        rec, local, t = self.record, self.record.local, self.cfg.train
+        assert local is not None, "the safeguard stage ran before the test"
+        mode = self.cfg.safeguard.mode
+        alphas = (0.0, 1.0) if mode == "choose" else self.cfg.safeguard.alphas
+        scores: dict[float, float] = {}
+        with self.timer("safeguard"):
+            if mode == "choose":  # both were scored on validation when they were selected
+                scores = {0.0: rec.best_score, 1.0: local.best_score}
+            else:
+                for a in sorted(set(alphas)):
+                    weights = safeguard.blend(rec.best_weights, local.best_weights, a)
+                    self._load(weights, rec.best_kv if a < 1 else {})
+                    val = evaluate(
+                        self.model, self.data.val, t.precision, batch_size=t.eval_batch_size
+                    )
+                    score = val[t.select_metric]
+                    scores[a] = -math.inf if score is None else float(score)
+            alpha = safeguard.best_alpha(scores)
+        kv = rec.best_kv if alpha < 1 else {}
+        self.final = (safeguard.blend(rec.best_weights, local.best_weights, alpha), kv)
+        self._load(*self.final)
+        return safeguard.Decision(
+            mode=mode,
+            choice=safeguard.choice_of(alpha),
+            alpha=alpha,
+            val_federated=rec.best_score,
+            val_local=local.best_score,
+            val_chosen=scores[alpha],
+            local_best_round=local.best_round,
+            scores={f"{a:g}": s for a, s in scores.items()} if mode == "interpolate" else None,
+        )
 
     def _test(self) -> dict[str, Any]:
-        """The client's ``summary.json`` entry: its selected model scored on the test split."""
+        """The client's ``summary.json`` entry: its selected model (or the one its safeguard
+        kept) scored on the test split."""
         rec, t = self.record, self.cfg.train
-        self.load_best()
+        decision = None
+        if self.local_alg is not None:
+            decision = self._safeguard_decision()
+        else:
+            self.final = (rec.best_weights, rec.best_kv)
+            self.load_best()
         with self.timer("test"):
             test = evaluate(
-                self.model, self.data.test, t.precision, full=True, batch_size=t.eval_batch_size
+                self.model,
+                self.data.test,
+                t.precision,
+                full=True,
+                batch_size=t.eval_batch_size,
+                cases=True,
             )
         if self.on_selected is not None:
             self.on_selected(self)
         return {
             "n": self.data.sizes(),
+            "n_cases": self.data.case_counts(),
             "best_round": rec.best_round,
             "best_stage": "federated"
             if rec.best_round <= self.cfg.federation.rounds
@@ -247,4 +354,5 @@ class Site:
             "test": test,
             "notes": self.data.notes,
             **({"privacy": self.dp_report()} if self.dp is not None else {}),
+            **({"safeguard": decision.to_dict()} if decision is not None else {}),
         }

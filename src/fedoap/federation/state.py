@@ -10,7 +10,8 @@ sites, ``evaluate``, ``predict`` and ``adapt``.
 * ``ft_extra/<key>``: a method's fine-tuning payload;
 * ``client/<name>/personal/``, ``extra/``, ``best/``, ``best_kv/``, ``optim/<optimiser>/``: a
   site's personal weights, extra state, selected model, the K/V bank it was selected with, and
-  optimiser tensors;
+  optimiser tensors; under ``client/<name>/local/`` the same for its safeguard's local-only
+  model (``safeguard.mode``);
 * metadata: ``version``, ``runtime``, ``config_digest``, ``position`` (stage and steps done),
   the metric history, and per client its optimiser scalars, best score and round, and divergence.
 
@@ -54,7 +55,7 @@ from fedoap.runs import RunDir
 CHECKPOINT_VERSION = 3
 #: How many of a site's step files are kept (a resumed server repeats at most the last step).
 SITE_STEPS_KEPT = 3
-STAGES = ("federated", "finetune")
+STAGES = ("federated", "finetune", "safeguard")
 
 
 @dataclass
@@ -66,6 +67,8 @@ class SiteState:
     best_kv: StateDict = field(default_factory=dict)  # kv.* payload at the best round
     best_score: float = -math.inf
     best_round: int = 0
+    # safeguard.mode: the site's local-only model, its own track (fedoap.federation.safeguard)
+    local: SiteState | None = None
 
 
 @dataclass
@@ -102,11 +105,14 @@ def _site_tensors(site: SiteState, p: str) -> tuple[StateDict, dict[str, Any]]:
     for opt_name, opt_state in site.state.optimizers.items():
         opt_t, opt_rest[opt_name] = flatten_optimizer(opt_state, f"{p}optim/{opt_name}/")
         tensors.update(opt_t)
-    meta = {
+    meta: dict[str, Any] = {
         "optimizers": opt_rest,
         "best_score": site.best_score if math.isfinite(site.best_score) else None,
         "best_round": site.best_round,
     }
+    if site.local is not None:
+        local_t, meta["local"] = _site_tensors(site.local, p + "local/")
+        tensors.update(local_t)
     return tensors, meta
 
 
@@ -125,6 +131,7 @@ def _site_from(tensors: StateDict, cm: Any, p: str, where: str) -> SiteState:
             best_kv=sub(tensors, p + "best_kv/"),
             best_score=-math.inf if cm["best_score"] is None else cm["best_score"],
             best_round=cm["best_round"],
+            local=_site_from(tensors, cm["local"], p + "local/", where) if "local" in cm else None,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{where} is invalid ({err!r})") from None
@@ -158,7 +165,16 @@ _HISTORY: dict[str, type | tuple[type, ...]] = {
     "bytes_down": list,
 }
 #: History a run may lack (older runs, or nothing of the kind happened).
-_OPTIONAL_HISTORY = ("phases", "excluded", "refused", "lost", "rejoined", "losses", "transport")
+_OPTIONAL_HISTORY = (
+    "phases",
+    "excluded",
+    "refused",
+    "lost",
+    "rejoined",
+    "losses",
+    "site_seconds",
+    "transport",
+)
 
 
 def load_run_state(

@@ -102,6 +102,57 @@ def case_dice(y_pred: torch.Tensor, y: torch.Tensor, case_ids: Sequence[str]) ->
     return out
 
 
+#: The columns of a run's ``test_cases.csv`` (:func:`case_scores` gives all but ``client``).
+CASE_FIELDS = (
+    "client",
+    "case",
+    "slices",
+    "tumour_slices",
+    "case_dice",
+    "tumour_slice_dice",
+    "empty_slice_fp_rate",
+)
+
+
+def case_scores(
+    y_pred: torch.Tensor, y: torch.Tensor, case_ids: Sequence[str]
+) -> list[dict[str, float | int | str | None]]:
+    """One row per case (patient or video), in the order cases first appear:
+
+    * ``slices``, ``tumour_slices``: its images, and those whose ground truth has tumour;
+    * ``case_dice``: Dice of the case's pooled pixels (:func:`case_dice`; an empty prediction on
+      a case with tumour scores 0);
+    * ``tumour_slice_dice``: the mean per-image Dice over its tumour slices (None without any);
+    * ``empty_slice_fp_rate``: the share of its tumour-free slices on which anything is
+      predicted (None without any).
+
+    The unit that paired comparisons resample: a patient's score does not depend on how many of
+    its slices are empty, as a mean over all images would."""
+    p, g = _as_bchw(y_pred), _as_bchw(y)
+    if p.shape != g.shape:
+        raise ValueError(f"y_pred {tuple(p.shape)} and y {tuple(g.shape)} differ in shape")
+    dice, _ = overlap(p, g)
+    pooled = case_dice(p, g, case_ids)
+    has_tumour = (g.flatten(1).sum(1) > 0).numpy()
+    predicted = (p.flatten(1).sum(1) > 0).numpy()
+    ids = np.asarray(case_ids)
+    rows: list[dict[str, float | int | str | None]] = []
+    for case in dict.fromkeys(ids.tolist()):
+        sel = ids == case
+        tumour, empty = sel & has_tumour, sel & ~has_tumour
+        rows.append(
+            {
+                "case": str(case),
+                "slices": int(sel.sum()),
+                "tumour_slices": int(tumour.sum()),
+                "case_dice": pooled[case],
+                "tumour_slice_dice": float(dice.numpy()[tumour].mean()) if tumour.any() else None,
+                "empty_slice_fp_rate": float(predicted[empty].mean()) if empty.any() else None,
+            }
+        )
+    return rows
+
+
 def _nanmean(a: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64)
     return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")

@@ -32,8 +32,15 @@ class SharedKVAttention(nn.Module):
         self.o_proj = nn.Linear(channels, channels)
         self.norm = nn.LayerNorm(channels)
 
-    def forward(self, q: torch.Tensor, kv_in: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``q``: projected queries (B, N, C); ``kv_in``: (B, L, C); ``residual``: (B, N, C)."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        kv_in: torch.Tensor,
+        residual: torch.Tensor,
+        gate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``q``: projected queries (B, N, C); ``kv_in``: (B, L, C); ``residual``: (B, N, C);
+        ``gate``: (C,) scale on the attention's output before the residual (None: 1)."""
         b, n, c = q.shape
         h = self.heads
         # (B, L, C) -> (B, heads, L, d)
@@ -41,5 +48,18 @@ class SharedKVAttention(nn.Module):
         v = self.v_proj(kv_in).view(b, -1, h, c // h).transpose(1, 2)
         qh = q.view(b, n, h, c // h).transpose(1, 2)  # (B, heads, N, d)
         out = F.scaled_dot_product_attention(qh, k, v)  # softmax(QK^T/sqrt(d)) V
-        out = out.transpose(1, 2).reshape(b, n, c)  # (B, N, C)
-        return self.norm(self.o_proj(out) + residual)
+        out = self.o_proj(out.transpose(1, 2).reshape(b, n, c))  # (B, N, C)
+        if gate is not None:
+            out = out * gate
+        return self.norm(out + residual)
+
+
+class AttentionGate(nn.Module):
+    """A per-channel scale on the attention's contribution, initialised at zero:
+    ``h = Norm(g * W_o attn + q_in)`` (ReZero, Bachlechner et al. 2021; LayerScale, Touvron et
+    al. 2021). A site starts from its own query stream alone and opens the gate as far as the
+    shared keys and values help it; a gate that stays shut leaves a plain U-Net bottleneck."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(channels))

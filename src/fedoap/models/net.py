@@ -9,6 +9,7 @@ what is shared and what is personal (see :mod:`fedoap.models.partition`)::
     query_proj      W_q^k       linear C -> C on bottleneck tokens          (attention only)
     kv_bottleneck   B_kv        pool + double conv, parallel to bottleneck  (cross only)
     attention       W_k,W_v,W_o + norm                                      (attention only)
+    gate            g^k, per-channel scale on the attention's output, from 0  (optional)
     decoder         shared      U-Net expanding path
     adapter         A^k         residual spatial adapter at full resolution (optional)
     head            personal    1x1 conv to one logit
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedoap.models.attention import SharedKVAttention
+from fedoap.models.attention import AttentionGate, SharedKVAttention
 from fedoap.models.blocks import Decoder, Down, Encoder, NormKind, SpatialAdapter
 
 AttentionKind = Literal["none", "cross", "self"]
@@ -57,6 +58,7 @@ class FedOAPNet(nn.Module):
         norm: NormKind = "instance",
         attention: AttentionKind = "cross",
         use_adapter: bool = True,
+        gate: bool = False,
     ) -> None:
         super().__init__()
         if attention not in ("none", "cross", "self"):
@@ -72,6 +74,7 @@ class FedOAPNet(nn.Module):
         if attention != "none":
             self.query_proj = nn.Linear(c, c)
             self.attention = SharedKVAttention(c, heads)
+        self.gate = AttentionGate(c) if gate and attention != "none" else None
         if attention == "cross":
             self.kv_bottleneck = Down(c_deep, c, norm)
         self.decoder = Decoder(width, depth, norm)
@@ -108,7 +111,8 @@ class FedOAPNet(nn.Module):
         if self.kv_bank is not None:
             bank = self.kv_bank.to(kv_in.dtype).unsqueeze(0).expand(kv_in.shape[0], -1, -1)
             kv_in = torch.cat([kv_in, bank], dim=1)  # (B, N + M, C)
-        out = self.attention(self.query_proj(q_in), kv_in, residual=q_in)
+        gate = self.gate.scale if self.gate is not None else None
+        out = self.attention(self.query_proj(q_in), kv_in, residual=q_in, gate=gate)
         return from_tokens(out, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from fedoap.config import AugmentConfig
 from fedoap.data.augment import augment_batch
 from fedoap.data.dataset import Split
 from fedoap.errors import DivergedError
-from fedoap.metrics import case_dice, image_metrics, summarize
+from fedoap.metrics import case_dice, case_scores, image_metrics, summarize
 from fedoap.training.device import GradStep, autocast
 
 #: ``loss(logits, y, gen, x)``: logits and masks (B, 1, H, W), the batch's generator (for
@@ -162,18 +162,25 @@ def predict_logits(
 
 
 def evaluate(
-    model: nn.Module, data: Split, precision: str, full: bool = False, batch_size: int = 256
+    model: nn.Module,
+    data: Split,
+    precision: str,
+    full: bool = False,
+    batch_size: int = 256,
+    cases: bool = False,
 ) -> dict[str, Any]:
-    """Score ``model`` on a split. ``full`` adds HD95 and case Dice (slower; used for test).
+    """Score ``model`` on a split. ``full`` adds HD95 (slower; used for test); ``cases`` adds
+    ``cases``, one row of scores per case (:func:`fedoap.metrics.case_scores`).
 
     The forward passes run on the split's device in batches of ``batch_size``; the binary
     predictions come back to the CPU once, for the metrics."""
     pred = (predict_logits(model, data.x, precision, batch_size) > 0).cpu()
     truth = (data.y > 0.5).cpu()
     m = image_metrics(pred, truth, hd95=full)
-    cases = case_dice(pred, truth, data.case_ids)
-    out = summarize(m, cases)
+    out: dict[str, Any] = summarize(m, case_dice(pred, truth, data.case_ids))
     if not full:
         out.pop("hd95_px", None)
         out.pop("hd95_pairs", None)
+    if cases:
+        out["cases"] = case_scores(pred, truth, data.case_ids)
     return out
