@@ -79,7 +79,10 @@ def test_the_saved_model_is_the_one_the_test_scored(local_and_guarded):
 
 
 def test_interpolate_scores_every_alpha_and_keeps_the_best(tmp_path):
-    s = quiet(tiny_config(*ARGS, "safeguard.mode=interpolate"), tmp_path / "r")
+    # FedOAP with an option of its own: the local-only model is FedOAP's network, gate included.
+    s = quiet(
+        tiny_config(*ARGS, "safeguard.mode=interpolate", "algorithm.gate=true"), tmp_path / "r"
+    )
     for entry in s["clients"].values():
         sg = entry["safeguard"]
         scores = {float(a): v for a, v in sg["scores"].items()}

@@ -140,14 +140,13 @@ def _replicates(site: _Site, seed_idx: np.ndarray, rng: np.random.Generator) -> 
         counts = rng.multinomial(p, np.full(p, 1 / p), size=b) / p  # (B, P) patient weights
         per_seed = counts @ m.T  # (B, S): each seed's mean over the drawn patients
         return np.take_along_axis(per_seed, seed_idx, axis=1).mean(1)
-    out = np.empty(b)
-    for i in range(b):
-        means = []
-        for j in seed_idx[i]:
-            v = site.values[j]
-            means.append(v[rng.integers(0, len(v), len(v))].mean())
-        out[i] = np.mean(means)
-    return out
+    # Nested: every drawn seed gets its own draw of its own patients. For each seed j, the
+    # mean of a fresh resample at every (replicate, position) (B, S), then each position takes
+    # the one of the seed drawn there.
+    means = np.stack(
+        [v[rng.integers(0, len(v), size=(b, s, len(v)))].mean(-1) for v in site.values]
+    )  # (seeds, B, S)
+    return np.take_along_axis(means, seed_idx[None], axis=0)[0].mean(1)
 
 
 def _seed_share(sites: list[_Site]) -> float:

@@ -23,6 +23,7 @@ The stage costs what ``local`` costs, charged to the ``safeguard`` phase of ``su
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +49,9 @@ def steps(cfg: Config) -> int:
 
 
 def local_algorithm(cfg: Config) -> Algorithm:
-    """``local``'s protocol, applied to whatever network it is given (every key is personal)."""
-    return Local(cfg)
+    """``local``'s protocol, applied to whatever network it is given (every key is personal).
+    The method's own options (``algorithm.*``) shape that network, not local's training."""
+    return Local(dataclasses.replace(cfg, algorithm={}))
 
 
 def blend(fed: StateDict, local: StateDict, alpha: float) -> StateDict:

@@ -291,8 +291,13 @@ class Site:
         """Keep the federated model, the local one, or (interpolate) the best blend of both by
         validation; ``self.final`` is what is kept, and in ``self.model``."""
         rec, local, t = self.record, self.record.local, self.cfg.train
-        assert local is not None, "the safeguard stage ran before the test"
         mode = self.cfg.safeguard.mode
+        if local is None:  # a site that was lost for the whole stage has no local model
+            self.final = (rec.best_weights, rec.best_kv)
+            self.load_best()
+            return safeguard.Decision(
+                mode, safeguard.FEDERATED, 0.0, rec.best_score, -math.inf, rec.best_score, 0
+            )
         alphas = (0.0, 1.0) if mode == "choose" else self.cfg.safeguard.alphas
         scores: dict[float, float] = {}
         with self.timer("safeguard"):
