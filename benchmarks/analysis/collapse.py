@@ -54,7 +54,9 @@ def main() -> None:
             rows = [r for r in csv.DictReader(fh) if r["stage"] in ("federated", "finetune")]
         s = stats[(meta.get("regime", ""), meta["variant"])]
         for name, c in summary["clients"].items():
-            curve = {int(r["round"]): float(r["val_case_dice"]) for r in rows if r["client"] == name}
+            curve = {
+                int(r["round"]): float(r["val_case_dice"]) for r in rows if r["client"] == name
+            }
             key = (meta.get("regime", ""), meta["variant"], meta["seed"], name)
             if key in empty_models:
                 s["empty"].append(float(empty_models[key]))
