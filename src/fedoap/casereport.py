@@ -1,260 +1,44 @@
-"""The per-patient sections of ``fedoap report``, from a benchmark's ``cases.csv``.
+"""The per-patient sections of ``fedoap report`` (:mod:`fedoap.patients` does the comparing).
 
-Every cell writes each client's test scores per case (``run/test_cases.csv``), and ``fedoap
-bench`` gathers them into ``cases.csv``. From them:
+When a results folder has ``cases.csv``:
 
-* **each method against local, patient by patient**: per site and on the mean over sites, the
-  paired difference in case Dice with its hierarchical-bootstrap interval over seeds and
-  patients (:mod:`fedoap.stats`), what it rests on, and the seed t-interval beside it;
-* **the data-size figures**, when the regimes differ in ``data.max_train_cases``: test Dice, and
-  the gain over local, against the training patients per site, one line per method, with bands;
-* **the safeguard** (``safeguard.mode``): what the sites kept, what it cost, and what it bought;
+* **each method against local, patient by patient**: per site and on the mean over sites, with
+  what each interval rests on and the seed t-interval beside it;
+* **the data-size figures**, when the regimes differ in ``data.max_train_cases``;
+* **the safeguard** (``safeguard.mode``): what the sites kept, what it cost, what it bought;
 * **the selection metric**: a ``<method>-select-dice`` variant against its method (which selects
   on case Dice), and how many site-models predict nothing;
-* **FedOAP's variants** (ablations), judged on validation only, and the goals of the study.
-
-Differences are in points of Dice (100 x). Means over sites weigh sites equally.
+* **FedOAP's variants** (ablations), judged on validation only, and the study's goals.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from fedoap.patients import (
+    FEDOAP,
+    LOCAL,
+    SELECT_DICE,
+    Cases,
+    cell_text,
+    compare,
+    fig_data_size,
+    load_cases,
+    markdown_table,
+    rests_on,
+    size_label,
+    to_float,
+    versus_local,
+)
+from fedoap.stats import Interval, seed_t_interval
 
-from fedoap.data.errors import DataError  # noqa: E402
-from fedoap.stats import Interval, hierarchical_bootstrap, pair, seed_t_interval  # noqa: E402
-
-LOCAL = "local"
-FEDOAP = "fedoap"
-METRIC = "case_dice"
-#: A variant that selects on per-image Dice, compared with its method (which selects on case Dice).
-SELECT_DICE = "-select-dice"
 #: How the goals bound the safeguard's losses against local, in points of case Dice.
 MEAN_BOUND, SITE_BOUND = 2.0, 5.0
-
-Obs = tuple[int, str, str, float]  # (seed, site, case, value)
-
-
-def _num(x: str | None) -> float:
-    return float(x) if x not in ("", None) else math.nan
-
-
-def load_cases(path: Path) -> list[dict[str, Any]]:
-    """``cases.csv`` with its numbers parsed; errors name the file and line."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for i, r in enumerate(rows, start=2):
-        try:
-            r["seed"] = int(r["seed"])
-            for k in ("case_dice", "tumour_slice_dice", "empty_slice_fp_rate", "train_cases"):
-                r[k] = _num(r.get(k))
-            cap = r.get("max_train_cases")
-            r["max_train_cases"] = math.inf if cap in ("", None) else float(cap)
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(f"{path}, line {i}: not a fedoap cases row ({err!r})") from None
-    return rows
-
-
-@dataclass
-class Cases:
-    """``cases.csv``, indexed by (regime, variant)."""
-
-    rows: list[dict[str, Any]]
-
-    def __post_init__(self) -> None:
-        self.by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-        for r in self.rows:
-            self.by[(r["regime"], r["variant"])].append(r)
-
-    def regimes(self) -> list[str]:
-        """Regimes in order of their training data (data.max_train_cases; all last)."""
-        size: dict[str, float] = {}
-        for r in self.rows:
-            size.setdefault(r["regime"], r["max_train_cases"])
-        return sorted(size, key=lambda g: (size[g], g))
-
-    def cap(self, regime: str) -> float:
-        return next(r["max_train_cases"] for r in self.rows if r["regime"] == regime)
-
-    def variants(self, regime: str, kind: str | None = None) -> list[str]:
-        return list(
-            dict.fromkeys(
-                r["variant"]
-                for r in self.rows
-                if r["regime"] == regime and (kind is None or r["kind"] == kind)
-            )
-        )
-
-    def scores(self, regime: str, variant: str, metric: str = METRIC) -> list[Obs]:
-        return [(r["seed"], r["client"], r["case"], r[metric]) for r in self.by[(regime, variant)]]
-
-    def sites(self, regime: str) -> list[str]:
-        return list(dict.fromkeys(r["client"] for r in self.rows if r["regime"] == regime))
-
-    def train_patients(self, regime: str, site: str) -> float:
-        """The site's training patients in the regime, mean over the cells that ran it."""
-        seen = {
-            (r["variant"], r["seed"]): r["train_cases"]
-            for r in self.rows
-            if r["regime"] == regime and r["client"] == site
-        }
-        vals = [v for v in seen.values() if not math.isnan(v)]
-        return float(np.mean(vals)) if vals else math.nan
-
-
-def compare(cases: Cases, regime: str, a: str, b: str, metric: str = METRIC) -> Comparison | None:
-    """``a - b`` patient by patient in one regime, on the seeds both ran (None: nothing to
-    pair)."""
-    diffs = pair(cases.scores(regime, a, metric), cases.scores(regime, b, metric))
-    if not diffs:
-        return None
-    # Only seeds at which every site has pairs (a site never lacks a seed the others have).
-    sites = {k for _, k, _, _ in diffs}
-    per_seed: dict[int, set[str]] = defaultdict(set)
-    for s, k, _, _ in diffs:
-        per_seed[s].add(k)
-    seeds = {s for s, ks in per_seed.items() if ks == sites}
-    diffs = [d for d in diffs if d[0] in seeds]
-    if not diffs:
-        return None
-    per_site, mean = hierarchical_bootstrap(diffs)
-    by_seed: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for s, k, _, d in diffs:
-        by_seed[s][k].append(d)
-    seed_means = [np.mean([np.mean(v) for v in ks.values()]) for ks in by_seed.values()]
-    return Comparison(per_site, mean, seed_t_interval(seed_means))
-
-
-@dataclass(frozen=True)
-class Comparison:
-    per_site: dict[str, Interval]
-    mean: Interval
-    seed_t: Interval  # the t-interval over seeds of the client-mean difference
-
-
-def _cell(i: Interval | None) -> str:
-    return "–" if i is None else i.fmt()
-
-
-def _rests_on(c: Comparison) -> str:
-    s, p = c.mean.seeds, c.mean.patients
-    return f"{s} seed{'s' * (s != 1)}, {p} patient{'s' * (p != 1)}"
-
-
-def versus_local(cases: Cases, regime: str) -> list[str]:
-    """One regime's table: every variant minus local, per site and on the mean."""
-    if LOCAL not in cases.variants(regime):
-        return []
-    sites = cases.sites(regime)
-    body = []
-    for v in cases.variants(regime):
-        if v == LOCAL:
-            continue
-        c = compare(cases, regime, v, LOCAL)
-        if c is None:
-            continue
-        body.append(
-            [
-                v,
-                *[_cell(c.per_site.get(k)) for k in sites],
-                f"**{c.mean.fmt()}**",
-                c.seed_t.fmt() if c.seed_t.seeds > 1 else "–",
-                _rests_on(c),
-            ]
-        )
-    if not body:
-        return []
-    header = ["method − local", *sites, "mean", "seed t-interval (mean)", "rests on"]
-    return [*markdown_table(header, body), ""]
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(cells) + " |" for cells in (header, *rows)]
-    return [lines[0], "|" + "---|" * len(header), *lines[1:]]
-
-
-def _label(cases: Cases, regime: str) -> str:
-    cap = cases.cap(regime)
-    return "all" if math.isinf(cap) else f"≤ {cap:g}"
-
-
-# ------------------------------------------------------------------------------ figures
-
-
-def fig_data_size(cases: Cases, variants: list[str], path: Path, gain: bool) -> None:
-    """Case Dice (or its gain over local) against training patients, a panel per site and one
-    for the mean over sites; a line per variant with its 95% band (hierarchical bootstrap)."""
-    regimes = cases.regimes()
-    sites = cases.sites(regimes[0])
-    panels = [*sites, "mean over sites"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharey=True)
-    axes = np.atleast_1d(axes)
-    colors = plt.get_cmap("tab10")
-    shown = [v for v in variants if not (gain and v == LOCAL)]
-    for i, v in enumerate(shown):
-        est: dict[str, list[tuple[float, Interval]]] = defaultdict(list)
-        for regime in regimes:
-            if v not in cases.variants(regime):
-                continue
-            if gain:
-                c = compare(cases, regime, v, LOCAL)
-                if c is None:
-                    continue
-                per_site, mean = c.per_site, c.mean
-            else:
-                obs = [o for o in cases.scores(regime, v) if not math.isnan(o[3])]
-                if not obs:
-                    continue
-                per_site, mean = hierarchical_bootstrap(obs)
-            for k in sites:
-                if k in per_site:
-                    est[k].append((cases.train_patients(regime, k), per_site[k]))
-            x_mean = float(np.mean([cases.train_patients(regime, k) for k in sites]))
-            est["mean over sites"].append((x_mean, mean))
-        for ax, panel in zip(axes, panels, strict=True):
-            pts = sorted(est.get(panel, []), key=lambda p: p[0])
-            if not pts:
-                continue
-            xs = [p[0] for p in pts]
-            scale = 100 if gain else 1
-            ax.plot(
-                xs, [scale * p[1].mean for p in pts], marker="o", ms=3, label=v, color=colors(i)
-            )
-            ax.fill_between(
-                xs,
-                [scale * p[1].low for p in pts],
-                [scale * p[1].high for p in pts],
-                color=colors(i),
-                alpha=0.15,
-                lw=0,
-            )
-    for ax, panel in zip(axes, panels, strict=True):
-        ax.set_title(panel, fontsize=10)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("training patients" + (" (mean of the sites)" if panel == panels[-1] else ""))
-        ax.grid(alpha=0.3)
-        if gain:
-            ax.axhline(0, color="k", lw=0.8)
-    axes[0].set_ylabel("case Dice − local (points)" if gain else "test case Dice")
-    axes[-1].legend(fontsize=7, loc="best")
-    fig.suptitle(
-        ("Gain over training alone" if gain else "Test case Dice")
-        + " against training patients per site (95% bands over seeds and patients)",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------ sections
@@ -300,10 +84,10 @@ def safeguard_section(cases: Cases, results: list[dict[str, Any]]) -> list[str]:
                 continue
             method = mine[0]["method"]
             kept = [r["safeguard_choice"] for r in mine]
-            alphas = [_num(r.get("safeguard_alpha")) for r in mine]
+            alphas = [to_float(r.get("safeguard_alpha")) for r in mine]
             cells = {(r["seed"], r["config_digest"]): r for r in mine}
             cost = [
-                _num(r.get("safeguard_seconds")) / r["seconds_total"]
+                to_float(r.get("safeguard_seconds")) / r["seconds_total"]
                 for r in cells.values()
                 if r["seconds_total"]
             ]
@@ -317,13 +101,13 @@ def safeguard_section(cases: Cases, results: list[dict[str, Any]]) -> list[str]:
                 verdict = "met" if ok else "not met"
             body.append(
                 [
-                    _label(cases, regime),
+                    size_label(cases, regime),
                     v,
                     " / ".join(str(kept.count(c)) for c in ("federated", "local", "interpolated")),
                     f"{np.nanmean(alphas):.2f}",
                     f"{100 * np.nanmean(cost):.0f}% of the cell" if cost else "–",
-                    _cell(own.mean if own else None),
-                    _cell(vs_local.mean if vs_local else None),
+                    cell_text(own.mean if own else None),
+                    cell_text(vs_local.mean if vs_local else None),
                     worst,
                     verdict,
                 ]
@@ -365,13 +149,13 @@ def selection_section(cases: Cases, results: list[dict[str, Any]]) -> list[str]:
             e_b, n_b = empty_models(cases, regime, base)
             body.append(
                 [
-                    _label(cases, regime),
+                    size_label(cases, regime),
                     base,
                     c.mean.fmt(),
                     image.fmt() if image.seeds > 1 else "–",
                     f"{e_v} of {n_v}",
                     f"{e_b} of {n_b}",
-                    _rests_on(c),
+                    rests_on(c),
                 ]
             )
     if not body:
@@ -444,12 +228,12 @@ def variants_section(cases: Cases, results: list[dict[str, Any]]) -> tuple[list[
             test = compare(cases, regime, v, FEDOAP)
             body.append(
                 [
-                    _label(cases, regime),
+                    size_label(cases, regime),
                     v,
                     val.fmt() if val.seeds > 1 else "–",
                     "kept" if val.mean > 0 else "dropped",
-                    _cell(test.mean if test else None),
-                    _rests_on(test) if test else "–",
+                    cell_text(test.mean if test else None),
+                    rests_on(test) if test else "–",
                 ]
             )
         best[regime] = max(
@@ -492,10 +276,10 @@ def goals_section(cases: Cases, results: list[dict[str, Any]], best: dict[str, s
     if c is not None:
         verdict = "met" if c.mean.low > 0 else "not met"
         lines.append(
-            f"- At the scarcest setting ({_label(cases, scarce)} training patients per site), "
+            f"- At the scarcest setting ({size_label(cases, scarce)} training patients per site), "
             f"the best FedOAP variant by validation (`{variant}`) beats local with a "
             f"per-patient interval that excludes 0: **{verdict}** ({c.mean.fmt()} points of "
-            f"case Dice; {_rests_on(c)})."
+            f"case Dice; {rests_on(c)})."
         )
     guarded = sorted({r["variant"] for r in results if r.get("safeguard_choice")})
     for v in guarded:
@@ -507,7 +291,7 @@ def goals_section(cases: Cases, results: list[dict[str, Any]], best: dict[str, s
             worst_mean = min(worst_mean, 100 * d.mean.mean)
             for site, i in d.per_site.items():
                 if 100 * i.mean < worst_site[0]:
-                    worst_site = (100 * i.mean, site, _label(cases, regime))
+                    worst_site = (100 * i.mean, site, size_label(cases, regime))
         if math.isinf(worst_mean):
             continue
         ok = "met" if worst_mean >= -MEAN_BOUND and worst_site[0] >= -SITE_BOUND else "not met"
