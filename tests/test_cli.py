@@ -98,3 +98,16 @@ def test_bench_dry_run_takes_space_separated_seeds(tmp_path, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "local-seed3-" in out and "local-seed4-" in out and "seed0" not in out
+
+
+def test_a_safeguarded_run_shows_what_each_site_kept(tmp_path):
+    import json
+
+    cfg = write_cfg(tmp_path, tiny_config("federation.rounds=1", "safeguard.mode=choose"))
+    res = cli.invoke(app, ["run", "-c", str(cfg), "-o", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "kept" in res.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for name, c in summary["clients"].items():
+        line = next(ln for ln in res.output.splitlines() if f" {name} " in ln)
+        assert c["safeguard"]["choice"] in line

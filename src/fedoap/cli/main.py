@@ -65,12 +65,21 @@ def _per_patient(dp: dict[str, Any]) -> str:
     return f"{g['epsilon']:.2f} (k={k})"  # its delta: summary.json
 
 
+def _kept(sg: dict[str, Any] | None) -> str:
+    """What a site's safeguard kept: federated, local, or the blend's alpha."""
+    if not sg:
+        return "-"
+    return f"blend α={sg['alpha']:g}" if sg["choice"] == "interpolated" else sg["choice"]
+
+
 def print_summary(summary: dict[str, Any], title: str) -> None:
     table = Table(title=title)
     # privacy.dp: the (epsilon, delta) each site spent, next to what it bought.
     spent = summary.get("privacy", {}).get("clients", {})
+    guarded = "safeguard" in summary  # safeguard.mode: what each site kept
     cols = ["client", "train/val/test", "best round", "val", "test Dice", "IoU", "HD95 px"]
     cols += ["case Dice"] + (["ε (δ)", "per patient"] if spent else [])
+    cols += ["kept"] if guarded else []
     for col in cols:
         table.add_column(col, justify="right" if col != "client" else "left")
     for name, c in summary["clients"].items():
@@ -87,6 +96,7 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
             _fmt(c["test"].get("case_dice")),
             *([f"{dp['epsilon']:.2f} ({dp['delta']:.1e})", _per_patient(dp)] if dp else []),
             *(["-", "-"] if spent and not dp else []),
+            *([_kept(c.get("safeguard"))] if guarded else []),
         )
     m = summary["mean"]["test"]
     table.add_row(
@@ -99,6 +109,7 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
         _fmt(m["hd95_px"], 1),
         _fmt(m["case_dice"]),
         *(["", ""] if spent else []),
+        *([""] if guarded else []),
     )
     console.print(table)
     client_level = summary.get("privacy", {}).get("client_level")
