@@ -70,11 +70,12 @@ def test_metrics_rows_and_selection_on_validation(fedoap_run):
     rows = read_metrics(path / "metrics.csv")
     cfg = tiny_config()
     assert len(rows) == 3 * (cfg.federation.rounds + cfg.finetune.epochs)
+    assert cfg.train.select_metric == "case_dice"  # the default
     for name, c in summary["clients"].items():
         mine = [r for r in rows if r["client"] == name]
-        best = max(mine, key=lambda r: (float(r["val_dice"]), -int(r["round"])))
+        best = max(mine, key=lambda r: (float(r["val_case_dice"]), -int(r["round"])))
         assert int(best["round"]) == c["best_round"]
-        assert abs(float(best["val_dice"]) - c["val"]["dice"]) < 1e-5
+        assert abs(float(best["val_case_dice"]) - c["val"]["case_dice"]) < 1e-5
     assert {r["stage"] for r in rows} == {"federated", "finetune"}
 
 
