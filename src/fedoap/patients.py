@@ -233,6 +233,10 @@ def fig_data_size(cases: Cases, variants: list[str], path: Path, gain: bool) -> 
     for ax, panel in zip(axes, panels, strict=True):
         ax.set_title(panel, fontsize=10)
         ax.set_xscale("log", base=2)
+        lo, hi = ax.get_xlim()
+        ticks = [2**i for i in range(8) if lo <= 2**i <= hi]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("training patients" + (" (mean of the sites)" if panel == panels[-1] else ""))
         ax.grid(alpha=0.3)
         if gain:
