@@ -345,3 +345,64 @@ def test_report_refuses_a_results_path_that_is_a_file(a_file):
     res = cli.invoke(app, ["report", str(a_file)])
     assert res.exit_code == 2, res.output
     assert str(a_file) in res.output and "not a folder" in res.output
+
+
+# ----------------------------------------------------------- planted symbolic links
+
+
+def plant_links(folder: Path, names: list[str], victim: Path) -> None:
+    """A symbolic link to ``victim`` at each of ``names`` in ``folder``: where a predictable
+    temporary file or log would be opened."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).symlink_to(victim)
+
+
+def test_predict_does_not_write_through_a_planted_temporary_link(finished_run, tmp_path):
+    x = write_image(tmp_path / "in" / "x.png", 1)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours")
+    out = tmp_path / "p"
+    plant_links(out, ["x_mask.png.tmp", "x_overlay.png.tmp"], victim)
+    res = fedoap("predict", finished_run, "--client", "a", x, "-o", out, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert victim.read_text() == "not yours"
+    assert Image.open(out / "x_mask.png").size == (48, 40)
+
+
+def test_predict_force_replaces_a_linked_output_not_its_target(finished_run, tmp_path):
+    x = write_image(tmp_path / "in" / "x.png", 1)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours")
+    out = tmp_path / "p"
+    plant_links(out, ["x_mask.png"], victim)
+    res = fedoap("predict", finished_run, "--client", "a", x, "-o", out, "--device", "cpu")
+    assert_one_error_line(res, out / "x_mask.png")  # an existing output, link or not
+    res = fedoap("predict", finished_run, "--client", "a", x, "-o", out, "--force")
+    assert res.returncode == 0, res.stderr
+    assert victim.read_text() == "not yours"
+    assert not (out / "x_mask.png").is_symlink()
+
+
+def test_atomic_writes_never_follow_a_planted_link(tmp_path):
+    import torch
+
+    from fedoap.federation.checkpoint import load_tensors, save_tensors
+    from fedoap.fileio import atomic_write_text, atomic_writer, open_append
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours")
+    plant_links(tmp_path / "o", ["a.txt.tmp", "m.safetensors.tmp", "log.txt"], victim)
+    atomic_write_text(tmp_path / "o" / "a.txt", "new")
+    save_tensors(tmp_path / "o" / "m.safetensors", {"w": torch.ones(3)}, {"round": 1})
+    assert (tmp_path / "o" / "a.txt").read_text() == "new"
+    assert load_tensors(tmp_path / "o" / "m.safetensors")[0]["w"].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(OSError):  # a log is appended to only where it is a file of its own
+        open_append(tmp_path / "o" / "log.txt")
+    assert victim.read_text() == "not yours"
+    # what a failed write leaves: the old file and no temporary
+    with pytest.raises(ZeroDivisionError), atomic_writer(tmp_path / "o" / "a.txt") as fh:
+        fh.write(b"half")
+        raise ZeroDivisionError
+    assert (tmp_path / "o" / "a.txt").read_text() == "new"
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]

@@ -20,7 +20,6 @@ import dataclasses
 import fnmatch
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from fedoap.config import (
 )
 from fedoap.cpu import cpu_budget
 from fedoap.errors import FedoapError
-from fedoap.fileio import atomic_write_text, check_output_dir
+from fedoap.fileio import atomic_write_text, atomic_writer, check_output_dir, open_append
 from fedoap.metrics import CASE_FIELDS
 from fedoap.runs import read_metrics
 
@@ -446,7 +445,7 @@ def run_cell(
     cfg_path = folder / "config.yaml"
     if not cfg_path.exists():
         atomic_write_text(cfg_path, cfg.to_yaml())
-    with open(folder / "log.txt", "a") as log:
+    with open_append(folder / "log.txt", text=True) as log:
         _run_cell_steps(cell, folder, run_dir, cfg_path, spec, bases[cell.regime], log)
     return folder
 
@@ -781,9 +780,8 @@ def save_examples(run_dir: Path, path: Path, per_client: int) -> None:
         pred = (predict_logits(model, x, cfg.train.precision) > 0).cpu()
         out[f"{client.name}/pred"] = pred[:, 0].numpy()
         out[f"{client.name}/names"] = client.test.names[idx].astype(str)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **out)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    with atomic_writer(path) as fh:
+        np.savez_compressed(fh, **out)  # type: ignore[arg-type]
 
 
 def example_indices(masks: np.ndarray, names: np.ndarray, k: int) -> np.ndarray:

@@ -1045,4 +1045,6 @@ def _validate_volume_options(c: ClientSpec, key: str, need: Callable[[bool, str]
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(cfg.to_yaml())
+    from fedoap.fileio import atomic_write_text
+
+    atomic_write_text(path, cfg.to_yaml())

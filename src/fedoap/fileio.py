@@ -1,30 +1,98 @@
 """Atomic file writes: write a temporary file, flush it to disk, rename it over the target.
 
-A process killed mid-write leaves the old file or the new one, never a torn one. And
-:func:`check_output_dir`: a command's output folder is checked before any work starts.
+A process killed mid-write leaves the old file or the new one, never a torn one. The temporary
+file is created exclusively under a random name (:func:`exclusive_temp`), so a symbolic link
+planted where it will be written cannot redirect the write to another file; the rename replaces
+the target's own directory entry, so a target that is a symbolic link is replaced, never written
+through. And :func:`check_output_dir`: a command's output folder is checked before any work
+starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from fedoap.errors import OutputError
 
+#: Every temporary file fedoap writes ends in this (``RunDir.remove_stale_temporaries``).
+TMP_SUFFIX = ".tmp"
+
+
+def exclusive_temp(path: Path) -> tuple[int, Path]:
+    """Create ``.<name>.<random>.tmp`` beside ``path`` and return its open descriptor and path.
+
+    ``O_CREAT | O_EXCL | O_NOFOLLOW``: the call fails rather than open a file that already
+    exists or follow a symbolic link, and the random part makes the name unpredictable. The mode
+    is 0666 less the umask, as for any file the user creates (not mkstemp's 0600: prepared data
+    and run folders are meant to be shared)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path``'s new content to. On a clean exit it is flushed to disk
+    and renamed over ``path``; on an error it is deleted and ``path`` is left as it was."""
+    fd, tmp = exclusive_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
+    """For writers that take only a file name (safetensors' ``save_file``): ``write`` fills an
+    exclusively created temporary file, which is then flushed and renamed over ``path``."""
+    fd, tmp = exclusive_temp(path)
+    os.close(fd)
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_writer(path) as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def open_append(path: Path, text: bool = False) -> Any:
+    """Open a log file to append to, created if need be, never through a symbolic link
+    (``O_NOFOLLOW``: a link planted at ``path`` is an ``OSError``, not a write elsewhere)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o666)
+    return os.fdopen(fd, "a" if text else "ab")
+
+
+def save_figure(fig: Any, path: Path, dpi: int) -> None:
+    """A matplotlib figure saved as PNG through :func:`atomic_writer`."""
+    with atomic_writer(path) as fh:
+        fig.savefig(fh, format="png", dpi=dpi)
 
 
 def check_output_dir(path: Path, option: str = "--out") -> None:

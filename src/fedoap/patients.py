@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedoap.data.errors import DataError  # noqa: E402
+from fedoap.fileio import save_figure  # noqa: E402
 from fedoap.stats import Interval, hierarchical_bootstrap, pair, seed_t_interval  # noqa: E402
 
 LOCAL = "local"
@@ -249,5 +250,5 @@ def fig_data_size(cases: Cases, variants: list[str], path: Path, gain: bool) -> 
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedoap.fileio import save_figure  # noqa: E402
+
 
 def plot_curves(rows: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
     """Validation Dice and training loss per client against round (fine-tuning epochs continue
@@ -42,7 +44,7 @@ def plot_curves(rows: list[dict[str, Any]], out_dir: Path, title: str) -> list[P
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / fname
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths

@@ -28,7 +28,7 @@ from scipy import stats  # noqa: E402
 from fedoap.casereport import patient_sections
 from fedoap.data.errors import DataError
 from fedoap.errors import NotFoundError
-from fedoap.fileio import check_output_dir
+from fedoap.fileio import atomic_write_text, check_output_dir, save_figure
 
 FEDOAP = "fedoap"
 MAIN_CURVES = ("fedoap", "feddp", "local", "fedavg", "fedavg_ft", "ditto")
@@ -232,7 +232,7 @@ def fig_per_client(t: Table, key: str, label: str, path: Path, higher_better: bo
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{label} per client (mean ± 95% CI over seeds)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -263,7 +263,7 @@ def fig_curves(t: Table, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -293,7 +293,7 @@ def fig_cost(t: Table, path: Path, private: set[str]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -306,7 +306,7 @@ def fig_table(header: list[str], rows: list[list[str]], path: Path, title: str) 
     tab.scale(1, 1.3)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -361,7 +361,7 @@ def fig_grid(results: Path, variants: list[str], path: Path, prefix: str = "") -
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return None
 
@@ -734,7 +734,7 @@ def fig_robustness(
     ax.set_title(f"{method}: attacks x defences (x: diverged)")
     ax.legend(fontsize=7, ncol=3, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -851,7 +851,7 @@ def privacy_section(rows: list[dict[str, Any]], regimes: list[str], figs: Path) 
     ax.set_ylabel("client-mean test Dice")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(figs / "dice_vs_epsilon.png", dpi=120)
+    save_figure(fig, figs / "dice_vs_epsilon.png", dpi=120)
     plt.close(fig)
     return [
         "## Privacy: test Dice against the DP budget",
@@ -922,7 +922,7 @@ def make_report(results: Path) -> Path:
             lines += [f"# Regime: {regime}", ""]
             lines += sections(results, [r for r in rows if r["regime"] == regime], regime, private)
     out = results / "REPORT.md"
-    out.write_text("\n".join(lines) + "\n")
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
 

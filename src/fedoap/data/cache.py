@@ -27,7 +27,6 @@ import json
 import os
 import struct
 import time
-import uuid
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -39,6 +38,7 @@ import numpy as np
 from fedoap.config import VOLUME_SOURCES, ClientSpec, DataConfig
 from fedoap.data.dataset import resolve_path
 from fedoap.data.sources import RawClient
+from fedoap.fileio import atomic_writer
 
 #: Bump when the entry format or the meaning of a key input changes.
 CACHE_VERSION = 1
@@ -176,18 +176,9 @@ def save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray], compressed: bo
     unique, so processes writing the same entry at once (parallel clients) do not collide: the last
     rename wins and every version is complete.
     """
-    # Not mkstemp: its files are private (0600), and prepared data is meant to be shared.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            save = np.savez_compressed if compressed else np.savez
-            save(fh, allow_pickle=False, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as fh:
+        save = np.savez_compressed if compressed else np.savez
+        save(fh, allow_pickle=False, **arrays)
 
 
 def read_entry(path: Path, key: str) -> RawClient:

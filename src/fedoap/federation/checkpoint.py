@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fedoap.errors import CheckpointError
+from fedoap.fileio import atomic_write_with
 from fedoap.models import StateDict
 from fedoap.models.partition import prefixed, sub  # noqa: F401  (re-exported)
 
@@ -36,14 +37,10 @@ DIGEST_KEY = "fedoap.sha256"
 def save_tensors(path: Path, tensors: StateDict, meta: dict[str, Any] | None = None) -> None:
     """Save tensors (+ JSON metadata and their digest) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     clean = _exclusive(tensors)
     meta_json = json.dumps(meta or {})
     metadata = {META_KEY: meta_json, DIGEST_KEY: digest(clean, meta_json)}
-    save_file(clean, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
 
 
 def _exclusive(tensors: StateDict) -> StateDict:

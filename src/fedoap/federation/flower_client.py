@@ -44,6 +44,8 @@ from flwr.clientapp.mod import message_size_mod
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
+from fedoap.fileio import open_append
+
 ARRAYS, METRICS, CONFIG, RESULT = "arrays", "metrics", "config", "result"
 #: How long a worker waits for its first listening socket before the relay gives up.
 WORKER_START_S = 300.0
@@ -152,7 +154,7 @@ def _start_worker(path: Path, node_config: dict[str, Any]) -> socket.socket:
     path.unlink(missing_ok=True)  # a dead worker's socket
     log = path.with_suffix(".log")
     idle = str(node_config.get("worker-idle-s", 1800))
-    with open(log, "ab") as out:
+    with open_append(log) as out:
         proc = subprocess.Popen(
             [
                 sys.executable,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedoap.errors import FederationError, NotFoundError
+from fedoap.fileio import open_append
 
 APP_DIR = Path(__file__).with_name("flower_app")
 
@@ -203,7 +204,7 @@ class FlowerSession:
     def _spawn(
         self, name: str, cmd: list[str], env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115  (closed with the process)
+        log = open_append(self.logs / f"{name}.log")
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, start_new_session=True
         )
