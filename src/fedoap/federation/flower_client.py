@@ -7,7 +7,11 @@ to the site's *worker*: one process per SuperNode that imports PyTorch and fedoa
 site's model and data, and runs every step (:mod:`fedoap.federation.flower_worker`). The relay
 starts the worker on the first message; the worker exits when its SuperNode is gone or after
 ``worker-idle-s`` seconds without a message (default 1800). The two talk over a Unix socket
-that only this user can open. What the site computes is unchanged: the worker calls the same
+that only this user can open: it lives in ``$TMPDIR/fedoap-workers-<uid>``, a folder that is
+created with mode 0700 or, when it exists, used only if it is a real folder (not a symbolic
+link) owned by this user with no access for anyone else; and each end checks that the process
+at the other end runs as this user (``SO_PEERCRED``), so a socket planted by another user is
+never spoken to. What the site computes is unchanged: the worker calls the same
 handlers as the in-process ClientApp.
 
 In simulation (``partition-id`` in the node config) Flower keeps its worker processes, so the
@@ -17,10 +21,12 @@ a deployment.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -130,13 +136,57 @@ def watched_processes() -> list[int]:
     return [parent] + ([grand] if grand and grand > 1 else [])
 
 
+def private_folder(folder: Path) -> Path:
+    """``folder``, created with mode 0700, or checked to be a folder that only this user can
+    open: not a symbolic link, owned by this user, no permission for group or others. Anything
+    else is a :class:`WorkerError` naming it (another local user could have made it to listen
+    on the worker's socket, or to read its log)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+    st = os.lstat(folder)
+    problem = None
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a folder"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})"
+    elif st.st_mode & 0o077:
+        problem = f"has mode {stat.S_IMODE(st.st_mode):o}; only its owner may open it (0700)"
+    if problem:
+        raise WorkerError(
+            f"{folder} {problem}: the site worker's socket cannot be kept private there; "
+            "remove it, or point TMPDIR elsewhere"
+        )
+    return folder
+
+
 def worker_socket(node_config: dict[str, Any]) -> Path:
     """The worker socket of this SuperNode (the relay's parent) and node config."""
     key = json.dumps([os.getppid(), node_config], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / f"fedoap-workers-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    folder = private_folder(Path(tempfile.gettempdir()) / f"fedoap-workers-{os.getuid()}")
     return folder / f"{digest}.sock"
+
+
+def peer_uid(conn: socket.socket) -> int | None:
+    """The user id of the process at the other end of a Unix socket (Linux; None elsewhere)."""
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if opt is None:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, opt, 12))
+    return int(uid)
+
+
+def check_peer(conn: socket.socket, path: Path) -> None:
+    """A :class:`WorkerError` unless the process at the other end runs as this user."""
+    uid = peer_uid(conn)
+    if uid is not None and uid != os.getuid():
+        conn.close()
+        raise WorkerError(
+            f"{path}: the process listening there runs as uid {uid}, not as this user "
+            f"(uid {os.getuid()}); refusing to send it the site's data"
+        )
 
 
 def _connect(path: Path) -> socket.socket | None:
@@ -146,6 +196,7 @@ def _connect(path: Path) -> socket.socket | None:
     except OSError:
         conn.close()
         return None
+    check_peer(conn, path)
     return conn
 
 
