@@ -342,6 +342,43 @@ def test_slices_go_into_the_cache_and_a_changed_volume_is_reread(tmp_path):
     assert np.array_equal(changed.masks[Z:], first.masks[Z:])
 
 
+def test_a_linked_dataset_relabelled_is_reread_not_served_stale(tmp_path):
+    # The usual nnU-Net practice: imagesTr and labelsTr link to where the files live.
+    real = make_nnunet(tmp_path / "store")
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "dataset.json").write_text((real / "dataset.json").read_text())
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).symlink_to(real / sub, target_is_directory=True)
+    age(real)
+    age(root)
+    cfg = DataConfig(image_size=32, cache_dir=str(tmp_path / "cache"))
+    s = spec("nnunet", root)
+    first = load_raw(s, cfg)
+    assert first.masks.any()
+    for k in range(4):  # every case relabelled, through the link
+        save(real / "labelsTr" / f"case{k:02d}.nii.gz", np.zeros((24, 20, Z), np.uint8))
+    age(real, hours=1)
+    assert not load_raw(s, cfg).masks.any()
+    # a link re-pointed at other files of the same sizes and times is a change too
+    other = make_nnunet(tmp_path / "other")
+    age(other, hours=1)
+    (root / "labelsTr").unlink()
+    (root / "labelsTr").symlink_to(other / "labelsTr", target_is_directory=True)
+    assert load_raw(s, cfg).masks.any()
+
+
+@pytest.mark.parametrize("given", ["../other/b0.nii.gz", "/tmp/b0.nii.gz", "./a/../../b.nii.gz"])
+@pytest.mark.parametrize("key", ["image", "label"])
+def test_msd_paths_that_leave_the_dataset_are_refused(tmp_path, given, key):
+    root = make_msd(tmp_path / "Task01", n=2)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"][1][key] = given
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=rf"training\[1\]\.{key} '{given}' leads outside"):
+        load(spec("msd", root, channel="FLAIR"))
+
+
 # --------------------------------------------------------------------------------------------
 # Predict: slices back into the volume
 # --------------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ on has changed.
 
 The key is a sha256 over everything the arrays depend on: the client's loading options, the
 resolved source path, ``data.image_size`` and ``data.channels``, a fingerprint of the source
-(size and mtime of the file, or of every file under the folder), :data:`CACHE_VERSION` and the
-bytes of the modules that compute the arrays. A changed source or a changed loader therefore never
-finds a stale entry: it looks up a new key and rebuilds. Entries no longer looked up are left
-behind; delete the cache folder to reclaim the space.
+(size and mtime of the file, or of every file under the folder, links followed),
+:data:`CACHE_VERSION` and the bytes of the modules that compute the arrays. A changed source or a
+changed loader therefore never finds a stale entry: it looks up a new key and rebuilds. Entries no
+longer looked up are left behind; delete the cache folder to reclaim the space.
 
 Every entry carries a sha256 digest of its arrays, checked on every read. A truncated, corrupt or
 tampered entry is rebuilt and overwritten, never used. Only data that passed validation is stored,
@@ -96,26 +96,39 @@ def code_fingerprint() -> str:
 
 def source_fingerprint(path: Path) -> list[Any]:
     """What a change of the source changes: size and mtime of the file, or of every file under the
-    folder as ``[relative path, size, mtime_ns]`` (sorted). ``["missing"]`` if there is nothing."""
+    folder as ``[relative path, resolved path, size, mtime_ns]`` (sorted). Symbolic links are
+    followed, files and folders alike, as the readers follow them: an nnU-Net dataset whose
+    ``imagesTr`` links elsewhere is fingerprinted by the files it reads, and a link re-pointed
+    to another file changes the fingerprint. ``["missing"]`` if there is nothing."""
     if path.is_file():
         st = path.stat()
-        return ["file", st.st_size, st.st_mtime_ns]
+        return ["file", str(path.resolve()), st.st_size, st.st_mtime_ns]
     if path.is_dir():
         files = []
-        # rglob, as the folder reader lists its images: the fingerprint sees what the reader sees.
-        for p in sorted(path.rglob("*")):
-            if p.is_file():
-                st = p.stat()
-                files.append([str(p.relative_to(path)), st.st_size, st.st_mtime_ns])
+        seen: set[str] = set()  # folders already walked (resolved): a link loop ends here
+        for folder, dirs, names in os.walk(path, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs.sort()
+            for name in sorted(names):
+                p = Path(folder) / name
+                if p.is_file():
+                    st = p.stat()
+                    rel = str(p.relative_to(path))
+                    files.append([rel, os.path.realpath(p), st.st_size, st.st_mtime_ns])
+        files.sort()
         return ["dir", files]
     return ["missing"]
 
 
 def _newest_mtime_ns(fingerprint: list[Any]) -> int:
     if fingerprint[0] == "file":
-        return int(fingerprint[2])
+        return int(fingerprint[3])
     if fingerprint[0] == "dir":
-        return max((int(f[2]) for f in fingerprint[1]), default=0)
+        return max((int(f[3]) for f in fingerprint[1]), default=0)
     return 0
 
 

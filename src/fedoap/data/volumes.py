@@ -306,6 +306,20 @@ def _check_no_orphan_labels(labels_dir: Path, cases: set[str], ending: str) -> N
             raise DataError(f"{f}: a label without an image in {labels_dir.parent / 'imagesTr'}")
 
 
+def _inside(root: Path, given: Any, jpath: Path, key: str) -> Path:
+    """``root / given``, resolved, refused when ``given`` leads out of the dataset folder (an
+    absolute path, or ``..``): a dataset.json must not make fedoap read, train on and cache files
+    its owner did not put in the dataset. A file meant to be read from elsewhere is linked into
+    the folder, which is the owner's explicit choice."""
+    rel = Path(str(given))
+    if rel.is_absolute() or ".." in rel.parts:
+        raise DataError(
+            f"{jpath}: {key} {str(given)!r} leads outside {root}; give a path inside the "
+            "dataset folder (link the file into it to read it from elsewhere)"
+        )
+    return (root / rel).resolve()
+
+
 def msd_layout(root: Path, channel: int | str | None) -> Layout:
     """Cases of a Decathlon task folder: ``dataset.json``'s ``training`` list, ``modality``."""
     meta, jpath, names, index, name = dataset_channel(root, "msd", channel)
@@ -317,7 +331,7 @@ def msd_layout(root: Path, channel: int | str | None) -> Layout:
     for k, entry in enumerate(training):
         if not isinstance(entry, Mapping) or "image" not in entry:
             raise DataError(f"{jpath}: training[{k}] must have an 'image' (and a 'label')")
-        image = (root / str(entry["image"])).resolve()
+        image = _inside(root, entry["image"], jpath, f"training[{k}].image")
         case_id = nifti_stem(image)
         if case_id is None:
             raise DataError(f"{jpath}: training[{k}].image {entry['image']!r} is not NIfTI")
@@ -325,7 +339,7 @@ def msd_layout(root: Path, channel: int | str | None) -> Layout:
             raise DataError(f"case '{case_id}': image {image} not found")
         if not entry.get("label"):
             raise DataError(f"case '{case_id}': training[{k}] has no label")
-        label = (root / str(entry["label"])).resolve()
+        label = _inside(root, entry["label"], jpath, f"training[{k}].label")
         if not label.is_file():
             raise DataError(f"case '{case_id}': no label {label}")
         # A single-modality task stores 3D images; several modalities are a 4th axis.
