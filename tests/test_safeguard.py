@@ -39,7 +39,7 @@ def test_the_local_model_is_locals_bit_for_bit(local_and_guarded):
     state = load_tensors(root / "guarded" / "checkpoints" / "last.safetensors")[0]
     for name, entry in guarded["clients"].items():
         kept = sub(state, f"client/{name}/local/best/")
-        weights, _ = load_selected(RunDir(root / "local"), name)
+        weights, _ = load_selected(RunDir(root / "local"), name, local["config_digest"])
         assert kept.keys() == weights.keys()
         for k in kept:
             torch.testing.assert_close(kept[k], weights[k], rtol=0, atol=0)
@@ -70,10 +70,10 @@ def test_the_local_model_is_locals_bit_for_bit(local_and_guarded):
 def test_the_saved_model_is_the_one_the_test_scored(local_and_guarded):
     root, local, guarded = local_and_guarded
     for name, entry in guarded["clients"].items():
-        weights, _ = load_selected(RunDir(root / "guarded"), name)
+        weights, _ = load_selected(RunDir(root / "guarded"), name, guarded["config_digest"])
         source = "local" if entry["safeguard"]["choice"] == "local" else "guarded"
         if source == "local":
-            expected, _ = load_selected(RunDir(root / "local"), name)
+            expected, _ = load_selected(RunDir(root / "local"), name, local["config_digest"])
             for k in weights:
                 torch.testing.assert_close(weights[k], expected[k], rtol=0, atol=0)
 

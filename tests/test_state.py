@@ -128,6 +128,8 @@ def test_a_site_resumes_from_its_last_step_before_the_one_asked(tmp_path):
 
 def test_a_selected_model_keeps_its_kv_bank_apart(tmp_path):
     rd = RunDir(tmp_path)
-    save_selected(rd, "a", {"w": torch.ones(2)}, {"kv.bank": torch.zeros(3, 2)}, 4, "fedoap")
-    weights, kv = load_selected(rd, "a")
+    save_selected(rd, "a", {"w": torch.ones(2)}, {"kv.bank": torch.zeros(3, 2)}, 4, "fedoap", "d1")
+    weights, kv = load_selected(rd, "a", "d1")
     assert set(weights) == {"w"} and set(kv) == {"kv.bank"}
+    with pytest.raises(CheckpointError, match=r"a\.safetensors: comes from a run of another"):
+        load_selected(rd, "a", "d2")

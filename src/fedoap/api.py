@@ -39,7 +39,7 @@ from fedoap.data.volumes import (
     volume_input,
     write_mask,
 )
-from fedoap.errors import NotFoundError
+from fedoap.errors import CheckpointError, NotFoundError
 from fedoap.federation.runner import Runner
 from fedoap.federation.state import load_selected, runtime_of
 from fedoap.fileio import atomic_write_bytes, check_output_dir, mirrored_outputs
@@ -187,8 +187,14 @@ def load_client_model(
         )
     device = device if device is not None else setup(cfg.train)
     model = build_algorithm(cfg).build_model()
-    weights, kv = load_selected(rd, client)
-    model.load_state_dict(weights)
+    weights, kv = load_selected(rd, client, cfg.digest())
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # a file of another architecture (older than its digest check)
+        first = str(err).strip().splitlines()[-1].strip()
+        raise CheckpointError(
+            f"{rd.best(client)}: its weights do not fit the model of {rd.config} ({first})"
+        ) from None
     place(model, cfg.train, device, compile=False)  # scoring only: not worth compiling
     model.set_kv_bank(kv.get(KV + "bank"))
     return cfg, model

@@ -8,7 +8,10 @@ never a torn one.
 Every file also records a SHA-256 digest of its tensors (names, dtypes, shapes and bytes) and of
 its JSON metadata. :func:`load_tensors` recomputes it and refuses a file that does not match, or
 that has none: flipped bits in one weight, or an edited ``position``, would otherwise resume or
-score silently on the wrong model.
+score silently on the wrong model. The digest proves that a file is intact, not where it came
+from: anyone who can write a run folder can write a file with a matching digest. Which client and
+which run a selected model belongs to is recorded in its metadata and checked on load
+(:func:`fedoap.federation.state.load_selected`).
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ def load_tensors(path: Path) -> tuple[StateDict, dict[str, Any]]:
     if digest(tensors, meta_json) != recorded:
         raise CheckpointError(
             f"{path}: the checkpoint does not match its digest: its tensors or metadata were "
-            "changed or damaged after it was written; refusing it"
+            "changed or damaged after it was written (the digest proves a file intact, not "
+            "where it came from); refusing it"
         )
     try:
         meta = json.loads(meta_json)

@@ -220,7 +220,7 @@ def _build(nc: Mapping[str, Any], cfg_yaml: str, run_dir: str) -> tuple[_Built, 
     def selected(site: Site) -> None:
         assert site.final is not None
         weights, kv = site.final
-        save_selected(rd, site.name, weights, kv, site.record.best_round, alg.name)
+        save_selected(rd, site.name, weights, kv, site.record.best_round, alg.name, cfg.digest())
 
     site = Site(cfg, alg, model, data, record, Timer(device), on_selected=selected)
     _SITES[key] = _Built(site, rd, names.index(name))

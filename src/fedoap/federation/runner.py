@@ -158,7 +158,15 @@ class Runner:
     def _save_selected(self, site: Site) -> None:
         assert site.final is not None
         weights, kv = site.final
-        save_selected(self.run_dir, site.name, weights, kv, site.record.best_round, self.alg.name)
+        save_selected(
+            self.run_dir,
+            site.name,
+            weights,
+            kv,
+            site.record.best_round,
+            self.alg.name,
+            self.cfg.digest(),
+        )
 
     @contextlib.contextmanager
     def _inner_bar(self, desc: str, total: int) -> Iterator[Callable[[int], Any]]:

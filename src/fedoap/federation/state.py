@@ -282,14 +282,23 @@ def load_site_state(
 
 
 def save_selected(
-    rd: RunDir, client: str, weights: StateDict, kv: StateDict, best_round: int, method: str
+    rd: RunDir,
+    client: str,
+    weights: StateDict,
+    kv: StateDict,
+    best_round: int,
+    method: str,
+    config_digest: str,
 ) -> None:
-    """A client's selected model (full state dict) and the K/V bank it was selected with."""
-    save_tensors(
-        rd.best(client),
-        {**weights, **kv},
-        {"client": client, "best_round": best_round, "method": method},
-    )
+    """A client's selected model (full state dict) and the K/V bank it was selected with,
+    bound to its client and to its run's config (:func:`load_selected` checks both)."""
+    meta = {
+        "client": client,
+        "best_round": best_round,
+        "method": method,
+        "config_digest": config_digest,
+    }
+    save_tensors(rd.best(client), {**weights, **kv}, meta)
 
 
 def selected_info(rd: RunDir, client: str) -> dict[str, Any]:
@@ -298,8 +307,25 @@ def selected_info(rd: RunDir, client: str) -> dict[str, Any]:
     return {k: meta[k] for k in ("best_round", "method") if k in meta}
 
 
-def load_selected(rd: RunDir, client: str) -> tuple[StateDict, StateDict]:
-    """A client's selected model: (model state dict, its ``kv.*`` arrays)."""
-    tensors, _ = load_tensors(rd.best(client))
+def load_selected(rd: RunDir, client: str, config_digest: str) -> tuple[StateDict, StateDict]:
+    """A client's selected model: (model state dict, its ``kv.*`` arrays).
+
+    The file must say it is ``client``'s model from a run of this config (``config_digest``;
+    files written before the digest was recorded are checked for their client only), else a
+    :class:`CheckpointError` naming it: a best model copied from another site, another seed or
+    another run is refused. The checkpoint's digest proves the file is intact, not where it came
+    from: anyone who can write the run folder can also write a consistent forgery."""
+    path = rd.best(client)
+    tensors, meta = load_tensors(path)
+    if meta.get("client") != client:
+        raise CheckpointError(
+            f"{path}: holds the model of client {meta.get('client')!r}, not of {client!r}"
+        )
+    recorded = meta.get("config_digest")
+    if recorded is not None and recorded != config_digest:
+        raise CheckpointError(
+            f"{path}: comes from a run of another config (digest {recorded}; this run's "
+            f"{rd.config} has {config_digest})"
+        )
     weights = {k: v for k, v in tensors.items() if not k.startswith(KV)}
     return weights, {k: v for k, v in tensors.items() if k.startswith(KV)}
