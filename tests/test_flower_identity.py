@@ -289,3 +289,23 @@ def test_with_pinned_keys_a_lost_site_is_taken_over_only_by_its_own_key():
     [refused] = refusals(transport)
     assert refused["claimed"] == "us" and "public key" in refused["reason"]
     assert transport.describe()["transport"]["site_keys"].keys() == set(NAMES)
+
+
+def test_a_site_declaring_more_images_than_the_bound_is_refused_at_join():
+    # Prepare: us declares 10^9 training images, which would carry the weighted mean.
+    grid = FakeGrid()
+    for i, name in enumerate(NAMES):
+        grid.connect(i + 1, site(i, (10**9, 3, 3) if name == "us" else None))
+    transport = FlowerTransport(grid, {}, NAMES, timeout=0.3, log=lambda _: None, max_train=1000)
+    # Execute
+    transport.identify()
+    replied, lost = step(transport, 1)
+    # Assert: us never trains; the others do, with their own sizes.
+    assert transport.nodes == {1: "mri", 3: "ct"}
+    assert replied == {"mri", "ct"} and "us" in lost
+    assert grid.trained(2) == 0
+    [refused] = refusals(transport)
+    assert refused["claimed"] == "us"
+    assert refused["reason"].endswith(
+        "it declares 1000000000 training images, more than federation.max_train_examples=1000"
+    )

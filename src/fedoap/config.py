@@ -409,6 +409,11 @@ class FederationConfig:
     # An upload whose update norm ||upload - global|| exceeds this many times the round's median
     # update norm is refused (recorded in summary.json ``refused``). None: no norm check.
     max_update_norm_ratio: float | None = ranged(10.0, gt=1)
+    # Flower: a site that declares more training images than this at join is refused. Each
+    # site reports its own count, and the example-weighted mean trusts it: without a bound, one
+    # site declaring 10^9 images would carry the whole average. None: no bound. In-process the
+    # server counts the images itself.
+    max_train_examples: int | None = ranged(None, ge=1, le=2**62)
     # False: no defence, for measuring what an attack does without one. The server then checks
     # only what aggregation needs to run at all (keys, shapes, dtypes): non-finite values, a
     # wrong example count and outlying norms go into the aggregate.
@@ -525,6 +530,7 @@ DIGEST_WHEN_SET: dict[str, Any] = {
     "federation.byzantine": 1,
     "federation.max_update_norm_ratio": 10.0,
     "federation.validate_updates": True,
+    "federation.max_train_examples": None,
     "federation.attack": {"sites": [], "kind": "scale"},
     "privacy.dp": json.loads(json.dumps(dataclasses.asdict(SampleDPConfig()))),
     "privacy.client_dp": json.loads(json.dumps(dataclasses.asdict(ClientDPConfig()))),

@@ -390,9 +390,10 @@ class FlowerTransport:
         timeout: float,
         log: Any = print,
         pin_keys: bool = False,
+        max_train: int | None = None,
     ) -> None:
         self.grid, self.base, self.names, self.timeout, self.log = grid, base, names, timeout, log
-        self.pin_keys = pin_keys
+        self.pin_keys, self.max_train = pin_keys, max_train
         self.nodes: dict[int, str] = {}  # node id -> site name (Flower's routing, not a claim)
         self.dead: set[int] = set()  # refused for good, or failed to identify: never asked again
         self.parked: dict[int, str] = {}  # node -> the site it claimed while another held it
@@ -482,6 +483,12 @@ class FlowerTransport:
         if bad:
             raise _Refused(name, f"its sizes {bad} are not counts")
         declared = {s: cast(int, v) for s, v in sizes.items()}
+        if self.max_train is not None and declared["train"] > self.max_train:
+            raise _Refused(
+                name,
+                f"it declares {declared['train']} training images, more than "
+                f"federation.max_train_examples={self.max_train}",
+            )
         pinned = self.sizes.get(name)
         if pinned is not None and declared != pinned:
             raise _Refused(
@@ -699,7 +706,12 @@ def server_main(grid: Grid, context: Context) -> None:
     base = {"fedoap-config": cfg_yaml, "run-dir": str(run_dir.resolve())}
     pin_keys = str(context.run_config.get("pin-node-keys", "false")).lower() in ("1", "true", "yes")
     transport = FlowerTransport(
-        grid, base, names, cfg.federation.round_timeout_s, pin_keys=pin_keys
+        grid,
+        base,
+        names,
+        cfg.federation.round_timeout_s,
+        pin_keys=pin_keys,
+        max_train=cfg.federation.max_train_examples,
     )
     rs = None
     if resume and rd.last.is_file():
