@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from pathlib import Path
@@ -610,3 +611,48 @@ def test_predict_on_a_4d_decathlon_image_writes_a_3d_mask_of_the_models_channel(
     other.symlink_to(src)
     with pytest.raises(DataError, match=r"is channel 0001 by its name, but the model was trained"):
         predict_images(tmp_path / "run", "b", [other], tmp_path / "p3")
+
+
+# --------------------------------------------------------------------------------------------
+# Size bounds: a small file that declares a huge volume is refused from its header
+# --------------------------------------------------------------------------------------------
+
+
+def header_only(path: Path, shape: tuple[int, ...]) -> Path:
+    """A .nii.gz of a NIfTI header that declares ``shape`` float32 voxels, and no voxels."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.float32)
+    path.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4))
+    return path
+
+
+@pytest.mark.parametrize("shape", [(2000, 2000, 150), (7000, 7000, 7000)], ids=str)
+def test_a_volume_declaring_too_many_voxels_is_refused_before_reading(tmp_path, shape, monkeypatch):
+    path = header_only(tmp_path / "bomb.nii.gz", shape)
+    assert path.stat().st_size < 200
+
+    def no_read(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the voxels were read")
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", no_read)
+    with pytest.raises(
+        DataError,
+        match=r"bomb\.nii\.gz: shape .* voxels, more than the limit of "
+        r"300,000,000 \(data\.max_volume_voxels",
+    ):
+        read_volume(path)
+
+
+def test_the_voxel_bound_reaches_training_data(tmp_path):
+    root = make_nnunet(tmp_path / "ds", n=2)
+    cfg = DataConfig(image_size=32, cache=False, max_volume_voxels=24 * 20 * Z - 1)
+    with pytest.raises(DataError, match=r"case00_0000\.nii\.gz: shape .*data\.max_volume_voxels"):
+        load_raw(spec("nnunet", root), cfg)
+    assert load_raw(spec("nnunet", root), dataclasses.replace(cfg, max_volume_voxels=24 * 20 * Z))
+
+
+def test_a_4th_axis_too_long_for_channels_is_refused_before_reading(tmp_path):
+    path = header_only(tmp_path / "series.nii.gz", (32, 32, 8, 30000))
+    with pytest.raises(DataError, match=r"series\.nii\.gz: shape .*: a 4th axis of 30,000 is not"):
+        read_volume(path)

@@ -394,13 +394,13 @@ def predict_volume(
     return restore_slices(pred, prepared)
 
 
-def _read_input_volume(path: Path, max_pixels: int) -> Volume:
+def _read_input_volume(path: Path, max_pixels: int, max_voxels: int) -> Volume:
     """A NIfTI file, or a DICOM series folder, as a volume."""
     if path.is_dir():
         from fedoap.data.dicom import read_dicom_series
 
-        return read_dicom_series(path, max_pixels)
-    return read_volume(path, max_pixels)
+        return read_dicom_series(path, max_pixels, max_voxels)
+    return read_volume(path, max_pixels, max_voxels)
 
 
 def _predict_volumes(
@@ -413,15 +413,15 @@ def _predict_volumes(
 ) -> list[tuple[Path, ...]]:
     cfg, model = load_client_model(run_dir, client, device)
     spec = _client_spec(cfg, client)
-    limit = cfg.data.max_image_pixels
+    limit = (cfg.data.max_image_pixels, cfg.data.max_volume_voxels)
     # Every volume is read and checked before any mask is written; one at a time, so a folder
     # of CT volumes never has to fit in memory at once.
     for p in files:
         check_input_channel(p, how)
-        image_3d(_read_input_volume(p, limit), how.channel_index, str(p))
+        image_3d(_read_input_volume(p, *limit), how.channel_index, str(p))
     written: list[tuple[Path, ...]] = []
     for p, (mpath,) in zip(files, targets, strict=True):
-        vol = _read_input_volume(p, limit)
+        vol = _read_input_volume(p, *limit)
         mask = predict_volume(model, cfg, spec, vol, how)
         mpath.parent.mkdir(parents=True, exist_ok=True)
         write_mask(mpath, mask, vol)

@@ -245,6 +245,11 @@ class DataConfig:
     # pixels and cost 2 GB to decode. 50 MP is ~7000^2, far beyond any scan we letterbox to
     # image_size. A safety limit, not part of a run's identity.
     max_image_pixels: int = ranged(50_000_000, ge=1)
+    # Largest 3D volume (voxels over every axis, from the NIfTI header or the DICOM headers,
+    # before any voxel is read): a 75-byte .nii.gz can declare 2000 x 2000 x 150 float32 and
+    # cost 2.4 GB. 300 M fits the largest public CT volumes (LiTS: 512 x 512 x 987). A safety
+    # limit, not part of a run's identity.
+    max_volume_voxels: int = ranged(300_000_000, ge=1)
 
 
 @dataclass(frozen=True)
@@ -561,6 +566,7 @@ EXECUTION_KEYS = (
     "data.cache",
     "data.cache_dir",
     "data.max_image_pixels",
+    "data.max_volume_voxels",
     "federation.checkpoint_every",
     "federation.round_timeout_s",
     "federation.min_fit_fraction",

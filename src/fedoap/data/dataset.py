@@ -117,7 +117,7 @@ def _load_raw_uncached(spec: ClientSpec, cfg: DataConfig) -> RawClient:
     if spec.source in VOLUME_SOURCES:
         from fedoap.data.volumes import load_volumes  # local: nibabel only for volume sources
 
-        raw = load_volumes(spec, path, cfg.image_size, cfg.max_image_pixels)
+        raw = load_volumes(spec, path, cfg.image_size, cfg.max_image_pixels, cfg.max_volume_voxels)
     elif spec.source == "npz":
         raw = load_npz(
             path, use_rgb=spec.use_rgb, max_pixels=cfg.max_image_pixels, where=spec.where

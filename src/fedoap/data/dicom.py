@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedoap.data.errors import DataError
-from fedoap.data.sources import MAX_IMAGE_PIXELS
+from fedoap.data.sources import MAX_IMAGE_PIXELS, MAX_VOLUME_VOXELS
 from fedoap.data.volumes import Volume
 
 #: Largest spread (mm) of the gaps between neighbouring slices, or of their in-plane positions'
@@ -65,8 +65,11 @@ def _floats(ds: Any, key: str, n: int, where: Path) -> np.ndarray:
     return out
 
 
-def read_dicom_series(folder: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Volume:
-    """Read the single-frame slices of one series in ``folder`` into a NIfTI-ordered Volume."""
+def read_dicom_series(
+    folder: Path, max_pixels: int = MAX_IMAGE_PIXELS, max_voxels: int = MAX_VOLUME_VOXELS
+) -> Volume:
+    """Read the single-frame slices of one series in ``folder`` into a NIfTI-ordered Volume.
+    Sizes are checked from the headers before any pixel data is decoded."""
     import nibabel as nib
 
     try:
@@ -111,6 +114,11 @@ def read_dicom_series(folder: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Volum
         raise DataError(
             f"{first}: {cols}x{rows} = {rows * cols:,} pixels, more than the limit of "
             f"{max_pixels:,} (data.max_image_pixels)"
+        )
+    if rows * cols * len(slices) > max_voxels:
+        raise DataError(
+            f"{folder}: {len(slices)} slices of {cols}x{rows} = {rows * cols * len(slices):,} "
+            f"voxels, more than the limit of {max_voxels:,} (data.max_volume_voxels)"
         )
     positions = []
     for f, ds in slices:

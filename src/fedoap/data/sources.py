@@ -29,6 +29,9 @@ LOSSY_EXTENSIONS = (".jpg", ".jpeg")
 #: Default largest height x width accepted (``DataConfig.max_image_pixels``), for callers that
 #: have no config at hand.
 MAX_IMAGE_PIXELS = 50_000_000
+#: Largest volume, in voxels over every axis (data.max_volume_voxels): the largest public CT
+#: volumes (LiTS, 512 x 512 x 987) fit, a 75-byte header declaring 2000 x 2000 x 150 does not.
+MAX_VOLUME_VOXELS = 300_000_000
 
 #: What an ``.npz`` starts with: a zip archive, or an empty one (its end-of-directory record).
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")

@@ -23,6 +23,7 @@ and the file.
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,7 @@ import numpy as np
 
 from fedoap.config import ClientSpec, VolumeSpec
 from fedoap.data.errors import DataError
-from fedoap.data.sources import MAX_IMAGE_PIXELS, RawClient
+from fedoap.data.sources import MAX_IMAGE_PIXELS, MAX_VOLUME_VOXELS, RawClient
 from fedoap.data.transforms import letterbox, unletterbox
 
 #: File endings read as NIfTI (through nibabel).
@@ -98,12 +99,20 @@ def nifti_stem(path: Path) -> str | None:
     return None
 
 
-def read_volume(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Volume:
+#: Most channels a 4D volume's 4th axis may hold (modalities: the Decathlon's BraTS has 4).
+MAX_CHANNELS = 16
+
+
+def read_volume(
+    path: Path, max_pixels: int = MAX_IMAGE_PIXELS, max_voxels: int = MAX_VOLUME_VOXELS
+) -> Volume:
     """Read a NIfTI file; errors name the file.
 
-    The header is read first: a volume whose largest plane has more than ``max_pixels`` voxels is
-    refused before its data is decompressed. A truncated or corrupt file, and NaN or infinite
-    voxels, are errors.
+    The header is read first: a volume whose largest plane has more than ``max_pixels`` voxels,
+    or that has more than ``max_voxels`` in all, is refused before anything is allocated or
+    decompressed. nibabel then reads exactly the bytes the header declares, so what a small
+    gzip can expand to is bounded by the same limit. A truncated or corrupt file, and NaN or
+    infinite voxels, are errors.
     """
     import nibabel as nib  # local: 0.3 s of import that only volume sources need
 
@@ -123,6 +132,18 @@ def read_volume(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Volume:
         raise DataError(
             f"{path}: a plane of shape {shape} has {plane:,} voxels, more than the limit of "
             f"{max_pixels:,} (data.max_image_pixels; raise it if the data is genuine); not read"
+        )
+    if len(shape) == 4 and shape[3] > MAX_CHANNELS:
+        raise DataError(
+            f"{path}: shape {shape}: a 4th axis of {shape[3]:,} is not a set of channels "
+            f"(modalities; at most {MAX_CHANNELS}); a time series or diffusion volume cannot "
+            "be segmented as one image; not read"
+        )
+    total = math.prod(shape)
+    if total > max_voxels:
+        raise DataError(
+            f"{path}: shape {shape} has {total:,} voxels, more than the limit of {max_voxels:,} "
+            "(data.max_volume_voxels; raise it if the data is genuine); not read"
         )
     try:
         data = np.asanyarray(img.dataobj)
@@ -583,13 +604,17 @@ def layout_of(spec: ClientSpec, path: Path) -> tuple[Layout, dict[str, str]]:
 
 
 def _read_case(
-    case: Case, layout: Layout, tumour: frozenset[int] | None, max_pixels: int
+    case: Case,
+    layout: Layout,
+    tumour: frozenset[int] | None,
+    max_pixels: int,
+    max_voxels: int = MAX_VOLUME_VOXELS,
 ) -> tuple[Volume, np.ndarray, np.ndarray]:
     """(image volume, 3D image, 3D mask) of one case, checked against each other."""
     where = f"case '{case.case_id}'"
     try:
-        vol = read_volume(case.image, max_pixels)
-        lab = read_volume(case.label, max_pixels)
+        vol = read_volume(case.image, max_pixels, max_voxels)
+        lab = read_volume(case.label, max_pixels, max_voxels)
     except DataError as err:  # name the case as well as the file
         raise DataError(f"{where}: {err}") from None
     image = image_3d(vol, case.channel_index, where)
@@ -612,7 +637,13 @@ def _read_case(
     return vol, image, mask
 
 
-def load_volumes(spec: ClientSpec, path: Path, size: int, max_pixels: int) -> RawClient:
+def load_volumes(
+    spec: ClientSpec,
+    path: Path,
+    size: int,
+    max_pixels: int,
+    max_voxels: int = MAX_VOLUME_VOXELS,
+) -> RawClient:
     """A volume client as 2D slices letterboxed to ``size``; errors name the case and file.
 
     Every case is read and checked before any slice is returned, so a bad case anywhere fails the
@@ -632,7 +663,7 @@ def load_volumes(spec: ClientSpec, path: Path, size: int, max_pixels: int) -> Ra
     images, masks, cases, names = [], [], [], []
     axes: set[int] = set()
     for case in layout.cases:
-        vol, image, mask3d = _read_case(case, layout, tumour, max_pixels)
+        vol, image, mask3d = _read_case(case, layout, tumour, max_pixels, max_voxels)
         where = f"case '{case.case_id}': {case.image}"
         axis = slice_axis(v, vol.zooms)
         axes.add(axis)
