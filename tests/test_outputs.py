@@ -172,6 +172,31 @@ def test_predict_reads_every_input_before_writing(finished_run, tmp_path):
     assert not out.exists()  # not even the folder of the good image's outputs
 
 
+def test_predict_holds_one_decoded_image_at_a_time(finished_run, tmp_path):
+    import tracemalloc
+
+    def peak(n: int) -> int:
+        rng = np.random.default_rng(n)
+        images = []
+        for k in range(n):
+            p = tmp_path / f"in{n}" / f"x{k}.png"
+            p.parent.mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (800, 800), dtype=np.uint8)).save(p)
+            images.append(p)
+        predict_images(finished_run, "a", images[:1], tmp_path / f"warm{n}", "cpu")  # imports
+        tracemalloc.start()
+        try:
+            predict_images(finished_run, "a", images, tmp_path / f"out{n}", "cpu")
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    # One image's own work peaks at about 40 times its pixels (the overlay, letterboxing); forty
+    # images held at once would add forty times them.
+    one, forty = peak(1), peak(40)
+    assert forty < 1.3 * one, (one, forty)
+
+
 # ------------------------------------------------------------------------------ output folders
 
 

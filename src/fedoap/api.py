@@ -347,10 +347,14 @@ def _predict_images(
     cfg, model = load_client_model(run_dir, client, device)
     spec = _client_spec(cfg, client)
     assert not isinstance(spec.channel, str)  # config validation: names need a volume source
-    arrays = [
-        read_image(Path(p), cfg.data.channels, spec.channel, max_pixels=cfg.data.max_image_pixels)
-        for p in images
-    ]
+
+    def read(p: Path) -> np.ndarray:
+        return read_image(p, cfg.data.channels, spec.channel, max_pixels=cfg.data.max_image_pixels)
+
+    # Every input decodes before any output is written, one at a time (each header is checked
+    # before its pixels): twenty large images never have to fit in memory at once.
+    for p in images:
+        read(Path(p))
 
     def save_png(path: Path, arr: np.ndarray) -> None:
         buf = io.BytesIO()
@@ -358,7 +362,8 @@ def _predict_images(
         atomic_write_bytes(path, buf.getvalue())  # --force: the old file or the new, never torn
 
     written: list[tuple[Path, ...]] = []
-    for arr, (mpath, opath) in zip(arrays, targets, strict=True):
+    for p, (mpath, opath) in zip(images, targets, strict=True):
+        arr = read(Path(p))
         h, w = arr.shape[:2]
         boxed = letterbox(arr, cfg.data.image_size, is_mask=False)
         x = normalize(boxed[None], cfg.data.normalize).to(device)
