@@ -342,7 +342,9 @@ def patient_sections(results_dir: Path, results: list[dict[str, Any]], figs: Pat
     regimes = cases.regimes()
     sizes = {cases.cap(g) for g in regimes}
     if len(sizes) > 1 and all(LOCAL in cases.variants(g) for g in regimes):
-        main = [v for v in cases.variants(regimes[-1], "main") if not v.endswith(SELECT_DICE)]
+        # Every variant run at two data sizes or more (a study still running has gaps).
+        seen = [v for g in regimes for v in cases.variants(g, "main")]
+        main = [v for v in dict.fromkeys(seen) if seen.count(v) > 1 and not v.endswith(SELECT_DICE)]
         figs.mkdir(parents=True, exist_ok=True)
         fig_data_size(cases, main, figs / "data_size_dice.png", gain=False)
         fig_data_size(cases, main, figs / "data_size_gain.png", gain=True)
