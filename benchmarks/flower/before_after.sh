@@ -10,7 +10,7 @@ work=$(mktemp -d)
 old=$work/old
 git worktree add -f "$old" f96a2a6 > /dev/null
 trap 'git worktree remove --force "$old"; rm -rf "$work"' EXIT
-over=(train.precision=fp32 federation.rounds=3 finetune.epochs=0)
+over=(train.precision=fp32 train.select_metric=dice federation.rounds=3 finetune.epochs=0)
 fedoap config -c configs/quickstart.yaml "${over[@]}" > "$work/q3.yaml"
 (cd "$old" && PYTHONPATH="$old/src" fedoap config -c configs/quickstart.yaml "${over[@]}" > "$work/q3-old.yaml")
 (cd "$old" && OMP_NUM_THREADS=1 PYTHONPATH="$old/src" FEDOAP_SUPERLINK_PORT=9492 \
