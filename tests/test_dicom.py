@@ -128,3 +128,14 @@ def test_predict_on_a_series_folder_writes_a_nifti_mask_in_its_geometry(tmp_path
     img = nib.load(out[0])
     vol = read_dicom_series(tmp_path / "in" / "CT.1.2")
     assert img.shape == (COLS, ROWS, 7) and np.allclose(img.affine, vol.affine)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("slope", ["NaN", "1e38"])
+def test_a_rescale_that_is_not_finite_is_refused(tmp_path, slope):
+    write_series(tmp_path / "s")
+    f = sorted((tmp_path / "s").iterdir())[1]
+    ds = pydicom.dcmread(f)
+    ds.RescaleSlope = slope
+    ds.save_as(f, enforce_file_format=True)
+    with pytest.raises(DataError, match=rf"{f.name}: RescaleSlope .* not finite numbers"):
+        read_dicom_series(tmp_path / "s")

@@ -212,6 +212,17 @@ def test_mr_clips_to_percentiles_then_zscores():
     assert out.max() < 3.5  # without clipping the outlier would sit at ~31 std
 
 
+def test_mr_intensities_past_float32_give_the_same_zscores():
+    # A header's scl_slope of 1e38 makes an int16 volume's values overflow float32: the z-score
+    # does not depend on the scale, so neither may ours.
+    rng = np.random.default_rng(0)
+    x = rng.normal(50, 5, (10, 10, 10))
+    want = normalise_volume(x, "mr", VolumeSpec(), "x")
+    got = normalise_volume(x * 1e38, "mr", VolumeSpec(), "x")
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def test_axis_defaults_to_the_coarsest_spacing():
     assert slice_axis(VolumeSpec(), (1.0, 3.0, 1.0)) == 1
     assert slice_axis(VolumeSpec(), (1.0, 1.0, 1.0)) == 2  # equals: the last

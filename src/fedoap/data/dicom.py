@@ -14,6 +14,7 @@ and an affine to RAS (x and y of LPS negated), as dcm2niix and nibabel do. Inten
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,13 @@ def read_dicom_series(
             raise DataError(f"{f}: pixel data of shape {pixels.shape}; one grayscale plane needed")
         slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
         intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-        planes.append((pixels * slope + intercept).T)  # (columns, rows): NIfTI's i, j
+        plane = pixels * slope + intercept
+        if not (math.isfinite(slope) and math.isfinite(intercept)) or not np.isfinite(plane).all():
+            raise DataError(
+                f"{f}: RescaleSlope {slope:g} and RescaleIntercept {intercept:g} give values "
+                "that are not finite numbers"
+            )
+        planes.append(plane.T)  # (columns, rows): NIfTI's i, j
     data = np.stack(planes, axis=-1)  # (columns, rows, slices)
 
     lps = np.eye(4)

@@ -458,6 +458,11 @@ def normalise_volume(data: np.ndarray, kind: str, v: VolumeSpec, where: str) -> 
         x -= np.float32(lo)
         x /= np.float32(width)
         return x
+    # Beyond float32 (a header's scl_slope of 1e38): scale into range first; the z-score below
+    # does not depend on the scale.
+    if not np.isfinite(x).all():
+        peak = float(np.abs(data).max())
+        x = (np.asarray(data, dtype=np.float64) / peak).astype(np.float32)
     lo, hi = np.percentile(x, v.percentiles)
     np.clip(x, lo, hi, out=x)
     mean = float(x.mean(dtype=np.float64))
@@ -465,6 +470,8 @@ def normalise_volume(data: np.ndarray, kind: str, v: VolumeSpec, where: str) -> 
     # Plane by plane: a float64 square of the whole volume is the copy this function avoids.
     std = float(np.sqrt(sum(float(np.square(p, dtype=np.float64).sum()) for p in x) / x.size))
     x /= np.float32(max(std, MIN_STD))
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: its intensities cannot be normalised in float32")
     return x
 
 
