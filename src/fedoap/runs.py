@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedoap.errors import FedoapError
-from fedoap.fileio import atomic_write_text
+from fedoap.fileio import TMP_SUFFIX, atomic_write_text
 
 METRIC_FIELDS = [
     "round",
@@ -140,7 +140,7 @@ class RunDir:
         """Delete the ``*.tmp`` files an atomic write killed mid-way left behind (the file it
         was replacing is intact and has been rewritten since)."""
         for folder in (self.root, self.checkpoints, self.checkpoints / "best", self.plots):
-            for f in folder.glob("*.tmp"):
+            for f in folder.glob(f"*{TMP_SUFFIX}"):
                 f.unlink(missing_ok=True)
 
     def write_json(self, path: Path, data: Any) -> None:

@@ -169,19 +169,20 @@ def worker_socket(node_config: dict[str, Any]) -> Path:
     return folder / f"{digest}.sock"
 
 
-def peer_uid(conn: socket.socket) -> int | None:
-    """The user id of the process at the other end of a Unix socket (Linux; None elsewhere)."""
+def foreign_uid(conn: socket.socket) -> int | None:
+    """The user id of the process at the other end of a Unix socket when it is not this user;
+    None when it is (or where the system cannot tell: SO_PEERCRED is Linux's)."""
     opt = getattr(socket, "SO_PEERCRED", None)
     if opt is None:
         return None
     _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, opt, 12))
-    return int(uid)
+    return None if uid == os.getuid() else int(uid)
 
 
 def check_peer(conn: socket.socket, path: Path) -> None:
     """A :class:`WorkerError` unless the process at the other end runs as this user."""
-    uid = peer_uid(conn)
-    if uid is not None and uid != os.getuid():
+    uid = foreign_uid(conn)
+    if uid is not None:
         conn.close()
         raise WorkerError(
             f"{path}: the process listening there runs as uid {uid}, not as this user "
