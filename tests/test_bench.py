@@ -438,3 +438,64 @@ def test_a_data_size_study_collects_cases_and_reports_them_per_patient(npz_clien
         spec_path.write_text(yaml.safe_dump({**spec, **bad}))
         with pytest.raises(ConfigError, match="local|nope"):
             load_spec(spec_path)
+
+
+def test_spec_names_that_name_cell_folders_must_be_file_names(tmp_path):
+    from fedoap.errors import FedoapError, UnsafeNameError
+    from fedoap.fileio import SAFE_NAME_RULE
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config().to_dict()))
+    spec_path = tmp_path / "spec.yaml"
+    rule = f"cannot be part of a file name; use {SAFE_NAME_RULE}"
+    # Before: cells/fedoap-../../../x-seed0-<digest> was a folder three levels above OUT/cells,
+    # and figures/.. put a regime's figures in RESULTS itself.
+    for spec, what, value in (
+        (
+            {"base": "base.yaml", "ablations": [{"name": "../../../x"}]},
+            "ablation name",
+            "../../../x",
+        ),
+        ({"regimes": [{"name": "..", "base": "base.yaml"}]}, "regime", ".."),
+        ({"regimes": [{"name": "-rf", "base": "base.yaml"}]}, "regime", "-rf"),
+    ):
+        spec_path.write_text(yaml.safe_dump({"methods": ["fedoap"], **spec}))
+        with pytest.raises(UnsafeNameError) as err:
+            load_spec(spec_path)
+        assert str(err.value) == f"{spec_path}: {what} {value!r} {rule}"
+    # A variant's name is checked by the same rule, among the variants' other checks.
+    bad = {"base": "base.yaml", "variants": [{"name": ".x", "method": "fedoap"}]}
+    spec_path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(FedoapError, match=r"variants: names must be distinct words .* got '.x'"):
+        load_spec(spec_path)
+    # The names the committed specs use pass.
+    ok = {
+        "regimes": [{"name": "cases-02", "base": "base.yaml"}],
+        "variants": [{"name": "fedoap+sg", "method": "fedoap"}],
+        "ablations": [{"name": "no_pbl"}, {"name": "ft-long"}],
+    }
+    spec_path.write_text(yaml.safe_dump(ok))
+    bspec, bases = load_spec(spec_path)
+    assert all("/" not in c.key for c in plan(bspec, bases, seeds=[0]))
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path):
+    from fedoap.bench import RESULT_FIELDS, _write_csv
+
+    # Before: a client named =HYPERLINK(...) went into results.csv as it is, a formula.
+    formulas = ['=HYPERLINK("http://x.test","y")', "+cmd", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+    rows = [
+        {"kind": "main", "variant": "fedoap", "client": c, "test_dice": -0.5, "seed": -1}
+        for c in formulas
+    ]
+    numbers = ["-0.5", "-1e-05", "+3", "-inf", "-nan", "-.25"]
+    rows += [{"client": "ok", "val_curve": n, "diverged": "- not a number"} for n in numbers]
+    path = tmp_path / "results.csv"
+    _write_csv(path, RESULT_FIELDS, rows)
+    with open(path, newline="") as fh:
+        back = list(csv.DictReader(fh))
+    assert [r["client"] for r in back[: len(formulas)]] == ["'" + c for c in formulas]
+    # Numbers stay numbers, negative ones too; text is neutralised wherever it is.
+    assert {(r["test_dice"], r["seed"]) for r in back[: len(formulas)]} == {("-0.5", "-1")}
+    assert [r["val_curve"] for r in back[len(formulas) :]] == numbers
+    assert {r["diverged"] for r in back[len(formulas) :]} == {"'- not a number"}
+    assert back[0]["variant"] == "fedoap"

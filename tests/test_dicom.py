@@ -139,3 +139,55 @@ def test_a_rescale_that_is_not_finite_is_refused(tmp_path, slope):
     ds.save_as(f, enforce_file_format=True)
     with pytest.raises(DataError, match=rf"{f.name}: RescaleSlope .* not finite numbers"):
         read_dicom_series(tmp_path / "s")
+
+
+def _corrupt(f: Path, key: str, value: object) -> None:
+    """Set (or, with None, delete) one tag of ``f``. A string is written as raw bytes, as a
+    malformed writer would have stored it: pydicom refuses to encode an invalid IS or DS."""
+    import struct
+
+    from pydicom.datadict import tag_for_keyword
+
+    ds = pydicom.dcmread(f)
+    if value is None:
+        delattr(ds, key)
+    elif isinstance(value, str):
+        placeholder = "9" * len(value)  # a valid IS and DS of the same length
+        setattr(ds, key, placeholder)
+    else:
+        setattr(ds, key, value)
+    ds.save_as(f, enforce_file_format=True)
+    if isinstance(value, str):
+        tag = tag_for_keyword(key)
+        assert tag is not None
+        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+        raw = f.read_bytes()
+        at = raw.index(head) + 8  # group, element, VR, 2-byte length (explicit VR little endian)
+        padded = value.encode() + (b" " if len(value) % 2 else b"")
+        assert raw[at : at + len(padded)].rstrip() == placeholder.encode()
+        f.write_bytes(raw[:at] + padded + raw[at + len(padded) :])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("Rows", None, "has pixel data but no Rows"),
+        ("Columns", None, "has pixel data but no Columns"),
+        ("NumberOfFrames", "ab", "NumberOfFrames must be a positive integer, got 'ab'"),
+        ("NumberOfFrames", "0", "NumberOfFrames must be a positive integer, got '0'"),
+        ("PixelSpacing", [0, 0], r"PixelSpacing must be positive, got \[0.0, 0.0\]"),
+        ("PixelSpacing", [0.5, -1], r"PixelSpacing must be positive, got \[0.5, -1.0\]"),
+        ("RescaleSlope", "abc", "RescaleSlope must be a number, got 'abc'"),
+        (
+            "ImageOrientationPatient",
+            [1, 0, 0, 1, 0, 0],
+            r"ImageOrientationPatient \[1.0, 0.0, 0.0, 1.0, 0.0, 0.0\] is not two perpendicular",
+        ),
+    ],
+)
+def test_malformed_tags_are_named_errors(tmp_path, key, value, message):
+    write_series(tmp_path / "s")
+    f = sorted((tmp_path / "s").iterdir())[0]  # the slice whose geometry is read first
+    _corrupt(f, key, value)
+    with pytest.raises(DataError, match=rf"^{f}: {message}"):
+        read_dicom_series(tmp_path / "s")

@@ -223,6 +223,40 @@ def test_mr_intensities_past_float32_give_the_same_zscores():
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_predict_on_intensities_at_the_float32_limit_gives_the_plain_volumes_mask(tmp_path):
+    # The same MR volume three ways: as stored, spread over +-3e38 in float32, and as int16 with
+    # a header scl_slope of 1e38 (values past float32). The z-score does not depend on scale or
+    # offset, so all three must give the plain volume's mask, not an empty one.
+    root = make_nnunet(tmp_path / "nn", n=6)
+    clients = [
+        {"name": "a", "source": "nnunet", "path": str(root)},
+        {"name": "b", "source": "nnunet", "path": str(make_nnunet(tmp_path / "nn2", n=6))},
+    ]
+    one_round(tmp_path / "run", clients)
+    x = np.asarray(nib.load(root / "imagesTr" / "case00_0000.nii.gz").dataobj, np.float64)
+    x = np.round(x)  # integers, so that the int16 copy holds the same values
+    centred = x - x.mean()
+    ints = nib.Nifti1Image(x.astype(np.int16), AFFINE)
+    ints.header.set_slope_inter(1e38, 0)
+    volumes = {
+        "plain": nib.Nifti1Image(x.astype(np.float32), AFFINE),
+        "wide": nib.Nifti1Image(
+            (centred / np.abs(centred).max() * 3e38).astype(np.float32), AFFINE
+        ),
+        "slope": ints,
+    }
+    masks = {}
+    for name, img in volumes.items():
+        nib.save(img, tmp_path / f"{name}.nii.gz")
+        (out,) = predict_images(
+            tmp_path / "run", "a", [tmp_path / f"{name}.nii.gz"], tmp_path / name
+        )
+        masks[name] = np.asarray(nib.load(out[0]).dataobj)
+    assert masks["plain"].sum() > 20
+    assert np.array_equal(masks["wide"], masks["plain"])
+    assert np.array_equal(masks["slope"], masks["plain"])
+
+
 def test_axis_defaults_to_the_coarsest_spacing():
     assert slice_axis(VolumeSpec(), (1.0, 3.0, 1.0)) == 1
     assert slice_axis(VolumeSpec(), (1.0, 1.0, 1.0)) == 2  # equals: the last
@@ -287,12 +321,47 @@ def _break(root: Path, how: str) -> str:
         return r"imagesTr/case01.nii.gz: an imagesTr file must be named <case>_<XXXX>.nii.gz"
     if how == "channel":
         return r"no channel named 'T2'; channels: 0: FLAIR"
+    if how == "nan pixdim":
+        nii = nib.Nifti1Image(image, AFFINE)
+        nii.header["pixdim"][1:4] = [1.0, np.nan, 2.0]
+        nib.save(nii, img)
+        return r"case 'case01': .*case01_0000.nii.gz: voxel spacing \(pixdim\) \(1.0, nan, 2.0\)"
+    meta = json.loads((root / "dataset.json").read_text())
+    if how == "deep json":
+        (root / "dataset.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+        return r"dataset.json: cannot read as JSON: nested too deeply"
+    if how == "long int json":
+        (root / "dataset.json").write_text('{"numTraining": ' + "9" * 5000 + "}")
+        return r"dataset.json: cannot read as JSON: Exceeds the limit \(4300 digits\)"
+    if how == "huge label":
+        meta["labels"]["core"] = 10**4000 - 1
+        (root / "dataset.json").write_text(json.dumps(meta))
+        return r"dataset.json: labels.core: must be a label value from 0 to 2\^31-1, got 9999"
+    if how == "odd channel key":
+        meta["channel_names"] = {"\u00b2": "FLAIR"}  # a superscript two: str.isdigit() says yes
+        (root / "dataset.json").write_text(json.dumps(meta))
+        return r"dataset.json: 'channel_names' key '\u00b2' is not a channel index"
     raise AssertionError(how)
 
 
 @pytest.mark.parametrize(
     "how",
-    ["shape", "affine", "labels", "4d", "nan", "truncated", "no label", "bad name", "channel"],
+    [
+        "shape",
+        "affine",
+        "labels",
+        "4d",
+        "nan",
+        "truncated",
+        "no label",
+        "bad name",
+        "channel",
+        "nan pixdim",
+        "deep json",
+        "long int json",
+        "huge label",
+        "odd channel key",
+    ],
 )
 def test_bad_volumes_fail_before_training_naming_case_and_file(tmp_path, how):
     root = make_nnunet(tmp_path / "ds")

@@ -35,7 +35,7 @@ from fedoap.config import ClientSpec, Config, ConfigError
 from fedoap.data.dataset import ClientData, make_client
 from fedoap.errors import NotFoundError
 from fedoap.federation.state import load_run_state
-from fedoap.fileio import check_output_dir
+from fedoap.fileio import SAFE_NAME, SAFE_NAME_RULE, check_output_dir
 from fedoap.models import StateDict
 from fedoap.models.partition import sub
 from fedoap.runs import RunDir
@@ -43,6 +43,8 @@ from fedoap.training import evaluate
 from fedoap.training.device import oom_guard, place, session
 
 INITS = ("averaged", "fresh", "nearest")
+#: Most fine-tuning epochs ``--epochs`` takes (as ``finetune.epochs``).
+MAX_ADAPT_EPOCHS = 100_000
 
 
 def new_client_data(cfg: Config, path: Path, name: str) -> ClientData:
@@ -105,12 +107,25 @@ def adapt(
     reductions depend on the thread count, so the same adaptation on another count trains a
     slightly different model.
     """
+    _check_options(name, epochs, parts, init)
     rd = RunDir(run_dir)
     if not rd.summary.is_file():
         raise NotFoundError(f"{rd.summary} not found: adapt needs a finished run")
     cfg = run_config(run_dir, device)
     with session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
         return _adapt(rd, cfg, data_path, name, epochs, parts, init, log, dev)
+
+
+def _check_options(name: str, epochs: int, parts: str, init: str) -> None:
+    """The command's own options, before the run or the data is read."""
+    if SAFE_NAME.fullmatch(name) is None:
+        raise ConfigError(f"--name: {name[:64]!r} is not a usable client name ({SAFE_NAME_RULE})")
+    if not 1 <= epochs <= MAX_ADAPT_EPOCHS:
+        raise ConfigError(f"--epochs must be between 1 and {MAX_ADAPT_EPOCHS:,}, got {epochs}")
+    if parts not in ("all", "personal"):
+        raise ConfigError(f"--parts must be 'all' or 'personal', got {parts!r}")
+    if init not in INITS:
+        raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
 
 
 def _adapt(
@@ -124,10 +139,6 @@ def _adapt(
     log: Callable[[str], None],
     device: torch.device,
 ) -> dict[str, Any]:
-    if parts not in ("all", "personal"):
-        raise ConfigError(f"--parts must be 'all' or 'personal', got {parts!r}")
-    if init not in INITS:
-        raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     cfg = dataclasses.replace(
         cfg, finetune=dataclasses.replace(cfg.finetune, epochs=epochs, parts=parts)
     )
@@ -294,5 +305,6 @@ def _adapt(
 def write_adapt(summary: dict[str, Any], out: Path, force: bool) -> None:
     check_output_dir(out)  # the command checks first too, before any training
     rd = RunDir(out)
-    rd.prepare(force=force)
-    rd.write_json(rd.summary, summary)
+    with rd.lock(create=True):
+        rd.prepare(force=force)
+        rd.write_json(rd.summary, summary)

@@ -75,20 +75,21 @@ def run_experiment(
     for c in clients:
         for note in c.notes:
             log(f"note: {note}")
-    moved = rd.prepare(force=force)
-    if moved is not None:
-        log(f"moved the existing run folder to {moved}")
-    save_config(cfg, rd.config)
-    rd.write_json(
-        rd.splits,
-        {c.name: {s: c.split(s).names.tolist() for s in ("train", "val", "test")} for c in clients},
-    )
-    if cfg.federation.runtime == "flower-sim":
-        return run_on_flower_simulation(cfg, rd, log)
-    runner = Runner(
-        cfg, algorithm, clients, rd, progress=progress, log=log, data_seconds=data_seconds
-    )
-    return runner.run()
+    with rd.lock(create=True):  # held for the whole run: a second process is refused
+        moved = rd.prepare(force=force)
+        if moved is not None:
+            log(f"moved the existing run folder to {moved}")
+        save_config(cfg, rd.config)
+        splits = ("train", "val", "test")
+        rd.write_json(
+            rd.splits, {c.name: {s: c.split(s).names.tolist() for s in splits} for c in clients}
+        )
+        if cfg.federation.runtime == "flower-sim":
+            return run_on_flower_simulation(cfg, rd, log)
+        runner = Runner(
+            cfg, algorithm, clients, rd, progress=progress, log=log, data_seconds=data_seconds
+        )
+        return runner.run()
 
 
 def check_flower(cfg: Config, algorithm: Algorithm) -> None:
@@ -114,6 +115,7 @@ def run_on_flower_simulation(
     summary = dict(json.loads(rd.summary.read_text()))
     summary["flower"] = {k: run.get(k) for k in ("run-id", "status", "elapsed", "network-traffic")}
     rd.write_json(rd.summary, summary)
+    rd.remove_stale_temporaries()  # the ServerApp could not: this process holds the lock
     return summary
 
 
@@ -127,6 +129,14 @@ def resume_experiment(
     rd = RunDir(run_dir)
     if not rd.config.is_file():
         raise NotFoundError(f"{rd.config} not found: {run_dir} is not a run folder")
+    with rd.lock():  # a run still going is refused before anything is read or written
+        return _resume(rd, overrides_cfg, progress, log)
+
+
+def _resume(
+    rd: RunDir, overrides_cfg: Config | None, progress: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
+    run_dir = rd.root
     cfg = load_config(rd.config)
     if overrides_cfg is not None and overrides_cfg.digest() != cfg.digest():
         raise ConfigError(
@@ -206,7 +216,8 @@ def evaluate_run(run_dir: Path, split: str = "test", device: str | None = None) 
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     cfg = run_config(run_dir, device)
-    with session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
+    # It writes evaluation_<split>.json into the run folder: not while another process runs it.
+    with rd.lock(), session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
         return _evaluate_run(rd, cfg, split, dev)
 
 

@@ -44,7 +44,14 @@ from fedoap.config import (
 )
 from fedoap.cpu import cpu_budget
 from fedoap.errors import FedoapError
-from fedoap.fileio import atomic_write_text, atomic_writer, check_output_dir, open_append
+from fedoap.fileio import (
+    SAFE_NAME,
+    atomic_write_text,
+    atomic_writer,
+    check_output_dir,
+    open_append,
+    safe_name,
+)
 from fedoap.metrics import CASE_FIELDS
 from fedoap.runs import read_metrics
 
@@ -189,13 +196,13 @@ def load_spec(path: Path) -> tuple[BenchSpec, dict[str, Config]]:
         raise ConfigError(f"{path}: give either base or regimes (a list of name/base)")
     _check_variants(path, spec)
     if not spec.regimes:
-        return spec, {"": load_config((path.parent / spec.base).resolve(), spec.overrides)}
+        bases = {"": load_config((path.parent / spec.base).resolve(), spec.overrides)}
+        return spec, _check_loo_clients(path, spec, bases)
     names = [r.name for r in spec.regimes]
-    if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names):
-        raise ConfigError(
-            f"{path}: regime names must be distinct words (letters, digits, _, . and -), "
-            f"got {names}"
-        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: regime names must be distinct, got {names}")
+    for name in names:  # each names its cells' folders and its figures' folder
+        safe_name(name, "regime", path)
     for r in spec.regimes:
         extra = [m for m in r.methods if spec.methods and m not in spec.methods]
         if extra:
@@ -203,27 +210,41 @@ def load_spec(path: Path) -> tuple[BenchSpec, dict[str, Config]]:
                 f"{path}: regime {r.name!r} lists methods {extra} that are not in the spec's "
                 f"methods {list(spec.methods)}; a regime can only run a subset of them"
             )
-    return spec, {
+    bases = {
         r.name: load_config((path.parent / r.base).resolve(), [*spec.overrides, *r.overrides])
         for r in spec.regimes
     }
+    return spec, _check_loo_clients(path, spec, bases)
+
+
+def _check_loo_clients(path: Path, spec: BenchSpec, bases: dict[str, Config]) -> dict[str, Config]:
+    """``bases``, once every client that leave-one-out holds out can name a cell folder
+    (``loo-<client>-<method>``)."""
+    if spec.loo is not None:
+        for base in bases.values():
+            for c in base.data.clients:
+                safe_name(c.name, "loo: held-out client", path)
+    return bases
 
 
 def _check_variants(path: Path, spec: BenchSpec) -> None:
-    """Variant names are distinct words that name no method, and name regimes that exist."""
+    """Variant names are distinct words that name no method, and name regimes that exist;
+    ablation names are words too (both name cell folders)."""
     from fedoap.algorithms import ALGORITHMS
 
     names = [v.name for v in spec.variants]
     regimes = {r.name for r in spec.regimes}
     for v in spec.variants:
-        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", v.name) or names.count(v.name) > 1:
+        if not SAFE_NAME.fullmatch(v.name) or names.count(v.name) > 1:
             raise ConfigError(
-                f"{path}: variants: names must be distinct words (letters, digits, _ . + -), "
-                f"got {v.name!r}"
+                f"{path}: variants: names must be distinct words (letters, digits, _ . + -, "
+                f"starting with a letter, a digit or _), got {v.name!r}"
             )
         if v.name in ALGORITHMS.names():
             raise ConfigError(f"{path}: variants: {v.name!r} is a method's name; rename it")
         ALGORITHMS.get(v.method)  # an unknown method fails here, listing the known ones
+    for a in spec.ablations:  # "<ablation_method>-<name>" names the ablation's cell folders
+        safe_name(a.name, "ablation name", path)
     for what, items in (("variants", spec.variants), ("ablations", spec.ablations)):
         for item in items:
             unknown = [r for r in item.regimes if r not in regimes]
@@ -750,11 +771,22 @@ def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> Non
     atomic_write_text(path, buf.getvalue())
 
 
+#: What a cell may not start with, or a spreadsheet runs it as a formula (OWASP, CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: A number as ``_fmt`` writes one (also ``-0.5``, ``1e-05``, ``-inf``): never neutralised.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?|[+-]?(inf|nan)", re.IGNORECASE)
+
+
 def _fmt(v: Any) -> Any:
+    """A value as a CSV cell. A text cell that a spreadsheet would read as a formula (a client
+    named ``=HYPERLINK(...)``) gets a leading ``'``, which makes it text; numbers, negative ones
+    too, are written as they are."""
     if v is None:
         return ""
     if isinstance(v, float):
         return f"{v:.6g}"
+    if isinstance(v, str) and v.startswith(FORMULA_START) and not _NUMBER.fullmatch(v):
+        return "'" + v
     return v
 
 

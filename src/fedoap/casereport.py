@@ -9,17 +9,23 @@ When a results folder has ``cases.csv``:
 * **the selection metric**: a ``<method>-select-dice`` variant against its method (which selects
   on case Dice), and how many site-models predict nothing;
 * **FedOAP's variants** (ablations), judged on validation only, and the study's goals.
+
+Names read from the results (methods, variants, clients, regimes) are written through :func:`md`,
+which this module shares with :mod:`fedoap.report`, and scores through :func:`check_score`.
 """
 
 from __future__ import annotations
 
+import csv
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedoap.data.errors import DataError
 from fedoap.patients import (
     FEDOAP,
     LOCAL,
@@ -39,6 +45,65 @@ from fedoap.stats import Interval, seed_t_interval
 
 #: How the goals bound the safeguard's losses against local, in points of case Dice.
 MEAN_BOUND, SITE_BOUND = 2.0, 5.0
+
+#: The per-case scores of ``cases.csv``.
+CASE_SCORES = ("case_dice", "tumour_slice_dice", "empty_slice_fp_rate")
+
+
+# ------------------------------------------------------------------------------ names and scores
+
+#: What :func:`md` escapes: runs of ``_``, markdown's active characters and control characters.
+_MD_ACTIVE = re.compile(r"_+|[\\`*\[\]|~$&<>]|[\x00-\x1f\x7f]")
+_MD_ENTITY = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def _md_escape(m: re.Match[str]) -> str:
+    s, text, a, b = m.string, m.group(), m.start(), m.end()
+    if text[0] == "_":
+        # Between two letters or digits (``fedavg_ft``) an underscore never starts or ends
+        # emphasis, so ordinary names read back unchanged; elsewhere (``_x_``) it could.
+        inside = a > 0 and b < len(s) and s[a - 1].isalnum() and s[b].isalnum()
+        return text if inside else text.replace("_", r"\_")
+    if text in _MD_ENTITY:
+        return _MD_ENTITY[text]  # an entity is inert in every renderer, not only CommonMark
+    if ord(text) < 0x20 or text == "\x7f":
+        return f"&#{ord(text)};"  # a newline would end a table row
+    return "\\" + text
+
+
+def md(name: Any) -> str:
+    """``name`` as literal markdown text, also in a table cell.
+
+    ``& < >`` become entities (raw HTML is inert), ``| * _ ` [ ] ~ $ \\`` are backslash-escaped
+    (no table cell ends, no emphasis, code, link or math starts), and control characters become
+    numeric references (a newline does not end the row). Letters, digits, ``. - + : ( ) @``,
+    spaces and an underscore between letters (``fedavg_ft``) are left as they are, so ordinary
+    names read the same. Distinct names stay distinct.
+    """
+    return _MD_ACTIVE.sub(_md_escape, str(name))
+
+
+def md_code(name: str) -> str:
+    """``name`` as inline code where it is a plain word (letters, digits, ``. _ + -``), which
+    code shows as it is; anything else as :func:`md` text, since inside code an escape would
+    show."""
+    return f"`{name}`" if re.fullmatch(r"[\w.+-]+", name, re.ASCII) else md(name)
+
+
+def check_score(raw: str | None, column: str, where: str) -> None:
+    """Refuse a score cell that is a number but not a finite one (``inf``, ``nan``): a
+    :class:`DataError` naming ``where`` (the file and line) and ``column``. An empty cell (a
+    score that is undefined, such as the HD95 of an empty prediction) passes, and so does text
+    (the file's reader refuses it)."""
+    try:
+        x = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return
+    if not math.isfinite(x):
+        raise DataError(
+            f"{where}, column {column}: {raw!r} is not a finite score (a score is a number, "
+            "or empty where it is undefined)"
+        )
 
 
 # ------------------------------------------------------------------------------ sections
@@ -98,13 +163,13 @@ def safeguard_section(cases: Cases, results: list[dict[str, Any]]) -> list[str]:
             worst, verdict = "–", "–"
             if vs_local is not None:
                 site, w = min(vs_local.per_site.items(), key=lambda kv: kv[1].mean)
-                worst = f"{site} {100 * w.mean:+.1f}"
+                worst = f"{md(site)} {100 * w.mean:+.1f}"
                 ok = 100 * vs_local.mean.mean >= -MEAN_BOUND and 100 * w.mean >= -SITE_BOUND
                 verdict = "met" if ok else "not met"
             body.append(
                 [
                     size_label(cases, regime),
-                    v,
+                    md(v),
                     " / ".join(str(kept.count(c)) for c in ("federated", "local", "interpolated")),
                     f"{np.nanmean(alphas):.2f}",
                     f"+{100 * np.nanmean(cost):.0f}% wall time" if cost else "–",
@@ -162,7 +227,7 @@ def selection_section(cases: Cases, results: list[dict[str, Any]]) -> list[str]:
             body.append(
                 [
                     size_label(cases, regime),
-                    base,
+                    md(base),
                     c.mean.fmt(),
                     image.fmt() if image.seeds > 1 else "–",
                     f"{100 * fp_v:.0f}% / {100 * fp_b:.0f}%",
@@ -241,7 +306,7 @@ def variants_section(cases: Cases, results: list[dict[str, Any]]) -> tuple[list[
             body.append(
                 [
                     size_label(cases, regime),
-                    v,
+                    md(v),
                     val.fmt() if val.seeds > 1 else "–",
                     "kept" if val.mean > 0 else "dropped",
                     cell_text(test.mean if test else None),
@@ -289,7 +354,7 @@ def goals_section(cases: Cases, results: list[dict[str, Any]], best: dict[str, s
         verdict = "met" if c.mean.low > 0 else "not met"
         lines.append(
             f"- At the scarcest setting ({size_label(cases, scarce)} training patients per site), "
-            f"the best FedOAP variant by validation (`{variant}`) beats local with a "
+            f"the best FedOAP variant by validation ({md_code(variant)}) beats local with a "
             f"per-patient interval that excludes 0: **{verdict}** ({c.mean.fmt()} points of "
             f"case Dice; {rests_on(c)})."
         )
@@ -308,21 +373,37 @@ def goals_section(cases: Cases, results: list[dict[str, Any]], best: dict[str, s
             continue
         ok = "met" if worst_mean >= -MEAN_BOUND and worst_site[0] >= -SITE_BOUND else "not met"
         lines.append(
-            f"- With the safeguard (`{v}`), no setting's mean more than {MEAN_BOUND:g} points "
-            f"below local and no site more than {SITE_BOUND:g} below: **{ok}** "
-            f"(worst mean {worst_mean:+.1f}; worst site {worst_site[1]} at "
+            f"- With the safeguard ({md_code(v)}), no setting's mean more than {MEAN_BOUND:g} "
+            f"points below local and no site more than {SITE_BOUND:g} below: **{ok}** "
+            f"(worst mean {worst_mean:+.1f}; worst site {md(worst_site[1])} at "
             f"{worst_site[2]} patients, {worst_site[0]:+.1f})."
         )
     return [*lines, ""]
 
 
-def patient_sections(results_dir: Path, results: list[dict[str, Any]], figs: Path) -> list[str]:
-    """Everything above, when ``cases.csv`` exists (empty otherwise)."""
+def read_cases(results_dir: Path) -> Cases | None:
+    """``results_dir/cases.csv`` (None without one), with every score finite or empty."""
     path = results_dir / "cases.csv"
     if not path.is_file():
-        return []
-    cases = Cases(load_cases(path))
-    if not cases.rows:
+        return None
+    with open(path, newline="") as fh:
+        for i, row in enumerate(csv.DictReader(fh), start=2):  # line 1 is the header
+            for k in CASE_SCORES:
+                check_score(row.get(k), k, f"{path}, line {i}")
+    return Cases(load_cases(path))
+
+
+def _shown(cases: Cases) -> Cases:
+    """``cases`` with its variants and sites as :func:`md` writes them, for the tables that
+    :mod:`fedoap.patients` writes (md keeps distinct names distinct, and ordinary ones as they
+    are, so the comparisons are the same)."""
+    shown = [{**r, "variant": md(r["variant"]), "client": md(r["client"])} for r in cases.rows]
+    return Cases(shown)
+
+
+def patient_sections(cases: Cases | None, results: list[dict[str, Any]], figs: Path) -> list[str]:
+    """Everything above, from :func:`read_cases` (empty without cases)."""
+    if cases is None or not cases.rows:
         return []
     lines = [
         "# Per patient",
@@ -335,10 +416,11 @@ def patient_sections(results_dir: Path, results: list[dict[str, Any]], figs: Pat
         "t-interval of the client-mean difference stands beside it.",
         "",
     ]
+    shown = _shown(cases)
     for regime in cases.regimes():
-        table = versus_local(cases, regime)
+        table = versus_local(shown, regime)
         if table:
-            lines += [f"### {regime}: each method − local (case-Dice points)", "", *table]
+            lines += [f"### {md(regime)}: each method − local (case-Dice points)", "", *table]
     regimes = cases.regimes()
     sizes = {cases.cap(g) for g in regimes}
     if len(sizes) > 1 and all(LOCAL in cases.variants(g) for g in regimes):

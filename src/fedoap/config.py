@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from fedoap.errors import FedoapError
+from fedoap.fileio import SAFE_NAME, SAFE_NAME_RULE
 
 
 class ConfigError(FedoapError, ValueError):
@@ -637,23 +638,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{key}: {_short(value)} is out of range (a 64-bit integer)")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
         try:
             out = float(value)
         except OverflowError:  # an int beyond the float range
             out = math.inf
         if not math.isfinite(out):
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            raise ConfigError(f"{key}: must be a finite number, got {_short(value)}")
         return out
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_short(value)}")
         return value
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # pragma: no cover
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters so an error stays one readable line."""
+    if isinstance(value, int) and abs(value) >= 10**40:
+        # its repr is useless in a message, and past 4300 digits Python refuses to make it
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -684,13 +696,23 @@ def load_yaml(text: str, where: str, max_nodes: int = MAX_YAML_NODES) -> Any:
     Aliases are resolved only when Python objects are built; the node graph is composed
     without expanding them, so its expanded size is counted (each shared node once per use)
     and a bomb is refused before it costs memory. Errors name ``where``."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        # The reader checks every character as the loader is built: a NUL byte fails here.
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None
         _expanded_size(node, where, max_nodes)
         return loader.construct_document(node)
+    except ConfigError:
+        raise
+    except yaml.reader.ReaderError as err:
+        code = err.character if isinstance(err.character, int) else ord(err.character)
+        line = text.count("\n", 0, err.position) + 1
+        raise ConfigError(
+            f"{where}: not valid YAML: character U+{code:04X} at line {line} is not allowed"
+        ) from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -700,8 +722,12 @@ def load_yaml(text: str, where: str, max_nodes: int = MAX_YAML_NODES) -> Any:
         raise ConfigError(f"{where}: not valid YAML: {err}") from None
     except RecursionError:
         raise ConfigError(f"{where}: YAML nested too deeply") from None
+    except ValueError as err:  # e.g. an integer past Python's 4300-digit conversion limit
+        what = "a number has more than 4300 digits" if "digits" in str(err) else str(err)
+        raise ConfigError(f"{where}: not valid YAML: {what}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _expanded_size(root: yaml.Node, where: str, limit: int) -> int:
@@ -719,6 +745,7 @@ def _expanded_size(root: yaml.Node, where: str, limit: int) -> int:
         if isinstance(node, yaml.SequenceNode):
             total += sum(size(child) for child in node.value)
         elif isinstance(node, yaml.MappingNode):
+            _refuse_duplicate_keys(node, where)
             total += sum(size(k) + size(v) for k, v in node.value)
         open_.discard(key)
         if total > limit:
@@ -730,6 +757,21 @@ def _expanded_size(root: yaml.Node, where: str, limit: int) -> int:
         return total
 
     return size(root)
+
+
+def _refuse_duplicate_keys(node: yaml.MappingNode, where: str) -> None:
+    """YAML keeps the last of two equal keys; in a config that hides the first silently."""
+    seen: set[str] = set()
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        if key.value in seen:
+            mark = key.start_mark
+            raise ConfigError(
+                f"{where}: duplicate key {key.value[:80]!r} at line {mark.line + 1}, column "
+                f"{mark.column + 1} (YAML would keep only the last one)"
+            )
+        seen.add(key.value)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -811,9 +853,12 @@ def validate(cfg: Config) -> None:
     names = [c.name for c in d.clients]
     need(len(set(names)) == len(names), f"data.clients: duplicate client names in {names}")
     for i, c in enumerate(d.clients):
+        # A client's name becomes a file name (best/<name>.safetensors) and a CSV cell: it
+        # cannot be "..", hidden, an option or a formula.
         need(
-            bool(c.name) and "/" not in c.name and "\\" not in c.name and c.name not in (".", ".."),
-            f"data.clients[{i}].name: {c.name!r} is not a usable name",
+            SAFE_NAME.fullmatch(c.name) is not None,
+            f"data.clients[{i}].name: {_short(c.name)} is not a usable name: a client's name "
+            f"names its checkpoint file, so it is {SAFE_NAME_RULE}",
         )
         if c.source == "synthetic":
             need(c.style is not None, f"data.clients[{i}].style: required for a synthetic client")

@@ -50,3 +50,7 @@ class NotFoundError(FedoapError, FileNotFoundError):
 
 class FederationError(FedoapError, RuntimeError):
     """A federated run on Flower failed (a site's error, e.g. divergence, fails its round)."""
+
+
+class UnsafeNameError(FedoapError, ValueError):
+    """A name that would become part of a file name cannot be one (``../x``, ``a/b``)."""

@@ -5,20 +5,24 @@ file is created exclusively under a random name (:func:`exclusive_temp`), so a s
 planted where it will be written cannot redirect the write to another file; the rename replaces
 the target's own directory entry, so a target that is a symbolic link is replaced, never written
 through. And :func:`check_output_dir`: a command's output folder is checked before any work
-starts.
+starts; :func:`acquire_lock` and :func:`release_lock`: an advisory lock file one process at a
+time may hold.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fedoap.errors import OutputError
+from fedoap.errors import OutputError, UnsafeNameError
 
 #: Every temporary file fedoap writes ends in this (``RunDir.remove_stale_temporaries``).
 TMP_SUFFIX = ".tmp"
@@ -194,3 +198,89 @@ def mirrored_outputs(
         if o.is_dir():
             raise OutputError(f"{o} is a folder; --force replaces files only")
     return result
+
+
+class LockedError(BlockingIOError):
+    """:func:`acquire_lock`: another open file holds the lock. ``pid`` is the process id its
+    holder wrote into the file (None where it has not written one yet)."""
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        super().__init__(errno.EWOULDBLOCK, "locked by another process", str(path))
+        self.pid = pid
+
+
+def acquire_lock(path: Path) -> int:
+    """Take the exclusive advisory lock (``flock``) of the file ``path``, created if need be,
+    without waiting; return its open descriptor, which holds the lock until
+    :func:`release_lock`. Raises :class:`LockedError` if another open file holds it.
+
+    The lock is the kernel's: a holder that dies, even by SIGKILL, releases it, and a file left
+    behind is simply locked again. After locking, the descriptor is checked to still be the file
+    at ``path``: a holder removes the file on release (:func:`release_lock`), and whoever had
+    opened the removed file and then locked it holds a lock nobody else sees, so it tries again
+    on the new one. The holder's process id is written into the file, for error messages.
+    ``O_NOFOLLOW``: a symbolic link planted at ``path`` is an ``OSError``, never followed.
+    """
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        fd = os.open(path, flags, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _holder(fd)
+            os.close(fd)
+            raise LockedError(path, pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_file_at(fd, path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # released and removed by its holder meanwhile: lock the one there now
+
+
+def release_lock(fd: int, path: Path) -> None:
+    """Remove the lock file ``path`` if it is still the one ``fd`` locks (so that no lock file
+    outlives its run), then close ``fd``, which releases the lock. Removing it while still
+    holding the lock is what keeps :func:`acquire_lock`'s check sound."""
+    try:
+        if _is_file_at(fd, path):
+            os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    try:
+        here = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _holder(fd: int) -> int | None:
+    """The process id written in a lock file (None if it is empty or not a number)."""
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+#: A name that becomes one component of a file or folder name (a regime's figures folder, a
+#: method's figure, a benchmark cell's folder): letters, digits and ``. _ + -``, starting with a
+#: letter, a digit or ``_`` (so never ``..``, a hidden file, or something a command line reads as
+#: an option), at most 128 characters. Every name fedoap's own specs use fits: ``fedoap+sg``,
+#: ``cases-02``, ``fedoap.median.sign_flip``.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
+SAFE_NAME_RULE = "1 to 128 letters, digits and . _ + - (starting with a letter, a digit or _)"
+
+
+def safe_name(value: str, what: str, source: str | Path) -> str:
+    """``value``, unchanged, where it matches :data:`SAFE_NAME`; else :class:`UnsafeNameError`, a
+    one-line message that names ``source`` (the file, and where in it), ``what`` the value is,
+    and the value itself (``repr``: a newline in it stays on the line)."""
+    if not SAFE_NAME.fullmatch(value):
+        raise UnsafeNameError(
+            f"{source}: {what} {value!r} cannot be part of a file name; use {SAFE_NAME_RULE}"
+        )
+    return value

@@ -6,6 +6,11 @@ benchmark kept (``cells/*/examples.npz``); without them the grid is skipped with
 
 Statistics: for each (method, client) the mean over seeds and a 95% confidence interval
 ``t_{0.975, n-1} * sd / sqrt(n)``; the "mean" column averages clients within each seed first.
+
+``results.csv`` is read as untrusted: a score must be finite (or empty), a name that becomes part
+of a file name (regime, method, variant) must be one (:func:`fedoap.fileio.safe_name`), and both
+are checked before anything is written; names reach REPORT.md through
+:func:`fedoap.casereport.md`, as literal text.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from fedoap.casereport import patient_sections
+from fedoap.casereport import check_score, md, md_code, patient_sections, read_cases
 from fedoap.data.errors import DataError
 from fedoap.errors import NotFoundError
-from fedoap.fileio import atomic_write_text, check_output_dir, save_figure
+from fedoap.fileio import atomic_write_text, check_output_dir, safe_name, save_figure
 
 FEDOAP = "fedoap"
 MAIN_CURVES = ("fedoap", "feddp", "local", "fedavg", "fedavg_ft", "ditto")
@@ -64,6 +69,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [lines[0], "|" + "---|" * len(header), *lines[1:]]
 
 
+def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """:func:`markdown_table` of cells that are plain text, each written through :func:`md`: the
+    tables that are also drawn as figures, which show the same cells as they are."""
+    return markdown_table([md(h) for h in header], [[md(c) for c in row] for row in rows])
+
+
 def points(d: Stat) -> str:
     """A paired difference in points of Dice; one seed gives no interval, and says so."""
     if d.n < 2:
@@ -75,12 +86,21 @@ def _num(x: Any) -> float:
     return float(x) if x not in ("", None) else float("nan")
 
 
+#: The scores of results.csv: each a finite number, or empty where it is undefined.
+SCORES = ("test_dice", "test_iou", "test_hd95_px", "test_case_dice", "val_dice")
+
+
 def load_rows(path: Path) -> list[dict[str, Any]]:
+    """``results.csv`` with its numbers parsed. Errors name the file and line: a row that is
+    not a fedoap results row, a score that is a number but not a finite one, or a name that
+    cannot be part of a file name (:func:`check_names`)."""
     if not path.is_file():
         raise NotFoundError(f"{path} not found: run fedoap bench first")
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for i, r in enumerate(rows, start=2):  # line 1 is the header
+        for k in SCORES:
+            check_score(r.get(k), k, f"{path}, line {i}")
         try:
             for k in (
                 "test_dice",
@@ -101,7 +121,20 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
             r["regime"] = r.get("regime") or ""  # results from before regimes have none
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{path}, line {i}: not a fedoap results row ({err!r})") from None
+        check_names(r, f"{path}, line {i}")
     return rows
+
+
+def check_names(row: dict[str, Any], where: str) -> None:
+    """The row's names that name folders and files (:func:`fedoap.fileio.safe_name`): its
+    regime (``figures/<regime>/``, the cell folders' prefix), its method (``robustness_<method>
+    .png``) and its variant (the cell folders the image grid reads), except a leave-one-out
+    row's, which is ``<method>:<stage>`` and names nothing."""
+    if row["regime"]:
+        safe_name(row["regime"], "regime", where)
+    safe_name(row.get("method") or "", "method", where)
+    if row.get("kind") != "loo":
+        safe_name(row.get("variant") or "", "variant", where)
 
 
 #: How the report names a CPU cell from before runs recorded the processor's model.
@@ -123,7 +156,7 @@ def cost_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not devices:
         return []  # results from before the device was recorded
     # Before CPU runs recorded their processor, a CPU cell's device was just "cpu".
-    named = [CPU_UNNAMED if d == "cpu" else d for d in devices]
+    named = [CPU_UNNAMED if d == "cpu" else md(d) for d in devices]
     out = [f"Machine: {', '.join(named)}.", ""] + ([MIXED_MACHINES, ""] if len(devices) > 1 else [])
     cells: dict[tuple[str, str], dict[tuple[Any, ...], dict[str, Any]]] = {}
     for r in rows:
@@ -137,8 +170,8 @@ def cost_lines(rows: list[dict[str, Any]]) -> list[str]:
         mem = [r["peak_memory_gib"] for r in found.values() if not math.isnan(r["peak_memory_gib"])]
         body.append(
             [
-                kind,
-                variant,
+                md(kind),
+                md(variant),
                 str(len(found)),
                 f"{np.mean(secs):.0f}" if secs else "-",
                 f"{max(mem):.1f}" if mem else "-",
@@ -327,7 +360,7 @@ def fig_grid(results: Path, variants: list[str], path: Path, prefix: str = "") -
     try:
         clients = {c.name: c for c in prepare_clients(load_config(cfg_path).data)}
     except (OSError, ValueError) as err:
-        return f"data not available ({err}): image grid skipped"
+        return f"data not available ({md(err)}): image grid skipped"
     first = next(iter(examples.values()))
     names = [k.split("/")[0] for k in first.files if k.endswith("/pred")]
     k = len(first[f"{names[0]}/names"])
@@ -391,7 +424,7 @@ def sections(
     lines: list[str] = []
     if main.rows:
         seeds = sorted({r["seed"] for r in main.rows})
-        lines += [f"Seeds: {seeds}. Clients: {', '.join(main.clients)}.", ""]
+        lines += [f"Seeds: {seeds}. Clients: {', '.join(map(md, main.clients))}.", ""]
         lines += main_table(main, private)
         lines += goals(main, private)
         lines += case_table(main, private)
@@ -415,7 +448,7 @@ def sections(
         shown = [v for v in (FEDOAP, best, "local") if v is not None and v in main.variants]
         note = fig_grid(results, shown, figs / "examples.png", prefix)
         legend = "; ".join(
-            f"{c}: {v}" + (" (best baseline by mean Dice)" if v == best else "")
+            f"{c}: {md(v)}" + (" (best baseline by mean Dice)" if v == best else "")
             for c, v in zip(("red", "blue", "yellow"), shown, strict=False)
         )
         lines += [
@@ -489,13 +522,13 @@ def _per_site_table(
     for kind in kinds:
         for d in defences:
             if (d, kind) in diverged:
-                body.append([kind, d, *["diverged"] * len(clients)])
+                body.append([md(kind), md(d), *["diverged"] * len(clients)])
             elif (d, kind) in cells:
-                body.append([kind, d, *[both(cells[(d, kind)], c) for c in clients]])
+                body.append([md(kind), md(d), *[both(cells[(d, kind)], c) for c in clients]])
     return [
         "Per honest site (test Dice per image / per case, mean over seeds):",
         "",
-        *markdown_table(["attack", "defence", *clients], body),
+        *markdown_table(["attack", "defence", *map(md, clients)], body),
         "",
     ]
 
@@ -542,14 +575,15 @@ def robustness_goal(
         best = min((d for d in judged if seeds[d] == most), key=lambda d: judged[d])
         verdict = "met" if judged[best] <= 2.0 else "not met"
         head = (
-            f"**{verdict}**. The best is `{best}`, whose worst drop is {judged[best]:.1f} points "
-            f"(mean over seeds; the fewest seeds behind one of its cells: {seeds[best]})."
+            f"**{verdict}**. The best is {md_code(best)}, whose worst drop is "
+            f"{judged[best]:.1f} points (mean over seeds; the fewest seeds behind one of its "
+            f"cells: {seeds[best]})."
         )
         fewer = [d for d in judged if seeds[d] < most]
         if fewer:
             head += (
                 " Not compared, on fewer seeds: "
-                + ", ".join(f"{d} (n={seeds[d]})" for d in fewer)
+                + ", ".join(f"{md(d)} (n={seeds[d]})" for d in fewer)
                 + "."
             )
     else:
@@ -559,18 +593,18 @@ def robustness_goal(
         "within 2 points of clean under every model-poisoning attack: "
         f"{', '.join(MODEL_POISONING)}): {head} "
         "Worst drop per defence (+: below clean): "
-        + ", ".join(f"{d} {w:.1f}" for d, w in worst.items())
+        + ", ".join(f"{md(d)} {w:.1f}" for d, w in worst.items())
         + "."
     ]
     if own:
         out[0] += (
             " The attack's own damage, against each defence's clean run (which already differs "
-            "from the mean's): " + ", ".join(f"{d} {w:.1f}" for d, w in own.items()) + "."
+            "from the mean's): " + ", ".join(f"{md(d)} {w:.1f}" for d, w in own.items()) + "."
         )
     if partial:
         out[0] += (
             " Not judged, for attacks not run: "
-            + "; ".join(f"{d} (no {', '.join(missing[d])})" for d in partial)
+            + "; ".join(f"{md(d)} (no {', '.join(map(md, missing[d]))})" for d in partial)
             + "."
         )
     return [*out, ""]
@@ -584,8 +618,10 @@ def _robust_table(
     show_n: bool,
 ) -> list[str]:
     """Attacks (rows) x defences (columns) of the honest sites' mean Dice."""
-    body = [[k, *[_robust_cell(means.get((d, k)), clean, show_n) for d in defences]] for k in kinds]
-    return markdown_table(["attack", *defences], body)
+    body = [
+        [md(k), *[_robust_cell(means.get((d, k)), clean, show_n) for d in defences]] for k in kinds
+    ]
+    return markdown_table(["attack", *map(md, defences)], body)
 
 
 def _honest_means(
@@ -665,13 +701,13 @@ def robustness_section(rows: list[dict[str, Any]], figs: Path, rel: str) -> list
         ref = stat(clean[s] for s in seeds_run if s in clean)
         ref_case = stat(clean_case[s] for s in seeds_run if s in clean_case)
         lines += [
-            f"### {method}",
+            f"### {md(method)}",
             "",
-            f"Attacker(s): {', '.join(sorted(attackers))}; honest sites: the others. Seeds: "
-            f"{seeds_run}. Each cell: the honest sites' mean test Dice (mean ± 95% CI over seeds) "
-            f"and, in brackets, its difference in points from the clean run ({method} with "
-            f"validation and the mean, no attack: {ref.fmt()}), paired by seed. `diverged`: the "
-            "attack made the global model non-finite and the run stopped (no scores)."
+            f"Attacker(s): {', '.join(map(md, sorted(attackers)))}; honest sites: the others. "
+            f"Seeds: {seeds_run}. Each cell: the honest sites' mean test Dice (mean ± 95% CI over "
+            f"seeds) and, in brackets, its difference in points from the clean run ({md(method)} "
+            f"with validation and the mean, no attack: {ref.fmt()}), paired by seed. `diverged`: "
+            "the attack made the global model non-finite and the run stopped (no scores)."
             + (
                 " The cells ran different numbers of seeds: `[n=k]` gives each one's."
                 if uneven
@@ -756,9 +792,9 @@ def regimes_summary(rows: list[dict[str, Any]], regimes: list[str], private: set
 
         body.append(
             [
-                regime,
+                md(regime),
                 str(len(t.clients)),
-                f"{best} {t.mean(best).fmt()}",
+                f"{md(best)} {t.mean(best).fmt()}",
                 str(len(t.variants)),
                 "local is best" if best == "local" else _paired_or_dash(t, best, "local"),
                 _paired_or_dash(t, FEDOAP, "local"),
@@ -809,19 +845,22 @@ def privacy_section(rows: list[dict[str, Any]], regimes: list[str], figs: Path) 
     methods = list(dict.fromkeys(v for t in tables.values() for v in t.variants))
     label = {g: "∞ (no DP)" if math.isinf(budget[g]) else f"{budget[g]:.2g}" for g in order}
     header = [f"ε = {label[g]}" for g in order]
-    header += [f"{g}: ε = {per_case[g]:.2g} per case" for g in per_case]
-    header += [f"{g}: client-level ε = {client_level[g]:.3g}" for g in sorted(client_level)]
+    header += [f"{md(g)}: ε = {per_case[g]:.2g} per case" for g in per_case]
+    header += [f"{md(g)}: client-level ε = {client_level[g]:.3g}" for g in sorted(client_level)]
 
     def body_of(key: str) -> list[list[str]]:
         body = [
-            [m, *[tables[g].mean(m, key).fmt() if m in tables[g].variants else "-" for g in cols]]
+            [
+                md(m),
+                *[tables[g].mean(m, key).fmt() if m in tables[g].variants else "-" for g in cols],
+            ]
             for m in methods
         ]
         for m in methods:
             if m != "local":
                 body.append(
                     [
-                        f"{m} − local (points)",
+                        f"{md(m)} − local (points)",
                         *[
                             points(tables[g].paired(m, "local", key))
                             if {m, "local"} <= set(tables[g].variants)
@@ -878,12 +917,23 @@ def privacy_section(rows: list[dict[str, Any]], regimes: list[str], figs: Path) 
 
 
 def make_report(results: Path) -> Path:
+    """Write ``results/REPORT.md`` and ``results/figures/`` from ``results/results.csv`` (and
+    ``cases.csv`` where there is one); returns REPORT.md's path."""
+    # A name is drawn as it is: a "$" in one is text, never the start of matplotlib's mathtext,
+    # whose parser raises on a client named "$\frac{$".
+    with plt.rc_context({"text.parse_math": False}):
+        return _make_report(results)
+
+
+def _make_report(results: Path) -> Path:
     figs = results / "figures"
     # REPORT.md and figures/ go into RESULTS: refuse a file, or a folder that cannot be written,
     # before reading anything.
     check_output_dir(results, option="RESULTS")
     check_output_dir(figs, option="RESULTS")
+    # Both files are read and checked (scores, names) before anything is written.
     rows = load_rows(results / "results.csv")
+    cases = read_cases(results)
     figs.mkdir(exist_ok=True)
     private = privacy_breaking(rows)
     lines: list[str] = [
@@ -911,15 +961,15 @@ def make_report(results: Path) -> Path:
     lines += cost_lines(rows)
     regimes = sorted({r["regime"] for r in rows})
     if regimes == [""]:
-        lines += patient_sections(results, rows, figs)
+        lines += patient_sections(cases, rows, figs)
         lines += sections(results, rows, "", private)
     else:
         lines += regimes_summary(rows, regimes, private)
         if any(not math.isnan(r["epsilon"]) for r in rows):
             lines += privacy_section(rows, regimes, figs)
-        lines += patient_sections(results, rows, figs)
+        lines += patient_sections(cases, rows, figs)
         for regime in regimes:
-            lines += [f"# Regime: {regime}", ""]
+            lines += [f"# Regime: {md(regime)}", ""]
             lines += sections(results, [r for r in rows if r["regime"] == regime], regime, private)
     out = results / "REPORT.md"
     atomic_write_text(out, "\n".join(lines) + "\n")
@@ -930,7 +980,7 @@ def main_table(t: Table, private: set[str]) -> list[str]:
     header = [
         "method",
         "seeds",
-        *t.clients,
+        *map(md, t.clients),
         "mean",
         "worst client",
         "HD95 px (mean)",
@@ -943,7 +993,7 @@ def main_table(t: Table, private: set[str]) -> list[str]:
         name = (
             f"**{v}**"
             if v == FEDOAP
-            else v + (" (pools data: not private)" if v in private else "")
+            else md(v) + (" (pools data: not private)" if v in private else "")
         )
         wc, ws = t.worst(v)
         mb = (t.first(v, "bytes_up_per_round") + t.first(v, "bytes_down_per_round")) / 1e6
@@ -953,7 +1003,7 @@ def main_table(t: Table, private: set[str]) -> list[str]:
                 str(len(t.seeds(v))),
                 *[t.cell(v, c).fmt() for c in t.clients],
                 t.mean(v).fmt(),
-                f"{wc} {ws.mean:.3f}",
+                f"{md(wc)} {ws.mean:.3f}",
                 t.mean(v, "test_hd95_px").fmt(1),
                 f"{mb:.2f}",
                 f"{t.first(v, 'seconds_per_round'):.1f}",
@@ -975,7 +1025,7 @@ def main_table(t: Table, private: set[str]) -> list[str]:
             if b is None:
                 continue
             mb, mf = t.cell(b, c).mean, t.cell(FEDOAP, c).mean
-            out.append(f"| {c} | {b} | {mb:.3f} | {mf:.3f} | {100 * (mf - mb):+.1f} |")
+            out.append(f"| {md(c)} | {md(b)} | {mb:.3f} | {mf:.3f} | {100 * (mf - mb):+.1f} |")
         out.append("")
     return out
 
@@ -991,7 +1041,7 @@ def case_table(t: Table, private: set[str]) -> list[str]:
     key = "test_case_dice"
     if all(math.isnan(r.get(key, float("nan"))) for r in t.rows):
         return []
-    header = ["method", *t.clients, "mean"]
+    header = ["method", *map(md, t.clients), "mean"]
     out = [
         "## Case-level Dice",
         "",
@@ -1004,7 +1054,7 @@ def case_table(t: Table, private: set[str]) -> list[str]:
     ]
     body = []
     for v in sorted(t.variants, key=lambda v: t.mean(v, key).mean, reverse=True):
-        name = f"**{v}**" if v == FEDOAP else v + (" (not private)" if v in private else "")
+        name = f"**{v}**" if v == FEDOAP else md(v) + (" (not private)" if v in private else "")
         cells = [t.cell(v, c, key).fmt() for c in t.clients]
         body.append([name, *cells, t.mean(v, key).fmt()])
     out += [*markdown_table(header, body), ""]
@@ -1029,14 +1079,14 @@ def goals(t: Table, private: set[str]) -> list[str]:
     ok = f > t.mean(best).mean
     out.append(
         f"- FedOAP's mean Dice above every baseline's: **{'yes' if ok else 'no'}** "
-        f"(FedOAP {f:.3f}; best baseline {best} {t.mean(best).mean:.3f})."
+        f"(FedOAP {f:.3f}; best baseline {md(best)} {t.mean(best).mean:.3f})."
     )
     if "local" in t.variants:
         worse = [c for c in t.clients if t.cell(FEDOAP, c).mean <= t.cell("local", c).mean]
         out.append(
             f"- FedOAP above `local` on every client (no negative transfer): "
             f"**{'yes' if not worse else 'no'}**"
-            + (f" — not on {', '.join(worse)}." if worse else ".")
+            + (f" — not on {', '.join(map(md, worse))}." if worse else ".")
         )
     if "feddp" in t.variants:
         margin = 100 * (f - t.mean("feddp").mean)
@@ -1062,7 +1112,7 @@ def goals(t: Table, private: set[str]) -> list[str]:
         hd_b = t.mean(hd_best, "test_hd95_px").mean
         out.append(
             f"- HD95 no worse than the best baseline's: **{'yes' if hd_f <= hd_b else 'no'}** "
-            f"(FedOAP {hd_f:.2f} px; best {hd_best} {hd_b:.2f} px; methods with an undefined "
+            f"(FedOAP {hd_f:.2f} px; best {md(hd_best)} {hd_b:.2f} px; methods with an undefined "
             "mean HD95 on some client are left out)."
         )
     out += [
@@ -1074,7 +1124,7 @@ def goals(t: Table, private: set[str]) -> list[str]:
     ]
     for ref in dict.fromkeys(v for v in ("local", best, "feddp", "fedavg") if v in t.variants):
         d = t.paired(FEDOAP, ref)
-        out.append(f"- FedOAP − {ref}: {points(d)}")
+        out.append(f"- FedOAP − {md(ref)}: {points(d)}")
     out.append("")
     return out
 
@@ -1111,7 +1161,7 @@ def ablation_table(main: Table, ab: Table, figs: Path, rel: str = "figures") -> 
         "value alone (no CI). Δ: the variant minus FedOAP in points of mean Dice, paired by "
         "seed; an interval containing 0 means the component's effect is not measurable here.",
         "",
-        *markdown_table(header, body),
+        *text_table(header, body),
         "",
         f"![ablations]({rel}/ablations.png)",
         "",
@@ -1150,7 +1200,7 @@ def loo_table(t: Table, figs: Path, rel: str = "figures") -> list[str]:
         "the adaptation's epochs (`local_only`) and with a federation client's whole budget "
         "(`local_full`). Cells: test Dice / HD95 px.",
         "",
-        *markdown_table(header, body),
+        *text_table(header, body),
         "",
         f"![leave-one-out]({rel}/leave_one_out.png)",
         "",

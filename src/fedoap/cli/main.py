@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedoap.config import ConfigError, load_config
@@ -26,10 +27,12 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 #: What the command line reports as a one-line error (exit code 2): the project's own error
-#: types, and the machine's refusals (no space, no permission, read-only file system). Any other
-#: exception is a bug in fedoap and keeps its traceback.
+#: types, and the machine's refusals (no space, a file past its size limit, no permission, a
+#: read-only file system). Any other exception is a bug in fedoap and keeps its traceback.
 USER_ERRORS = (FedoapError, OSError)
-MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+MACHINE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+)
 
 
 def fail(err: Exception) -> None:
@@ -41,7 +44,8 @@ def fail(err: Exception) -> None:
         raise err
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     msg = "; ".join(lines) or type(err).__name__
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    # escaped: a name in the message ("[/x]") is not Rich markup
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 

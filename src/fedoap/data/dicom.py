@@ -31,6 +31,9 @@ GEOMETRY_ATOL = 1e-2
 #: Largest difference between two slices' direction cosines taken as one orientation.
 ORIENTATION_ATOL = 1e-4
 
+#: Largest relative difference between two slices' PixelSpacing taken as one grid.
+SPACING_RTOL = 1e-4
+
 #: LPS (DICOM) to RAS (NIfTI) world coordinates.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -56,7 +59,7 @@ def is_dicom_series(folder: Path) -> bool:
 
 
 def _floats(ds: Any, key: str, n: int, where: Path) -> np.ndarray:
-    value: Any = getattr(ds, key, None)
+    value: Any = _tag(ds, key, where)
     try:
         out = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
@@ -64,6 +67,72 @@ def _floats(ds: Any, key: str, n: int, where: Path) -> np.ndarray:
     if out.shape != (n,) or not np.isfinite(out).all():
         raise DataError(f"{where}: {key} must hold {n} numbers, got {value!r}")
     return out
+
+
+def _tag(ds: Any, key: str, where: Path, default: Any = None) -> Any:
+    """A tag's value; pydicom decodes lazily, so a malformed value fails here, not later."""
+    try:
+        return getattr(ds, key, default)
+    except Exception as err:  # pydicom raises several kinds for a value it cannot convert
+        raise DataError(f"{where}: cannot read its {key}: {err}") from None
+
+
+def _int(ds: Any, key: str, where: Path, default: int | None = None) -> int:
+    """An integer tag (Rows, NumberOfFrames: US or IS), required unless it has a default."""
+    value = _tag(ds, key, where)
+    if value is None or value == "":
+        if default is None:
+            raise DataError(f"{where}: has pixel data but no {key}")
+        return default
+    try:
+        out = int(str(value).strip())
+    except ValueError:
+        out = -1
+    if not 1 <= out < 2**31:
+        raise DataError(f"{where}: {key} must be a positive integer, got {str(value)[:40]!r}")
+    return out
+
+
+def _float(ds: Any, key: str, where: Path, default: float) -> float:
+    """A number tag (RescaleSlope: DS); absent or empty gives ``default``."""
+    value = _tag(ds, key, where)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {key} must be a number, got {str(value)[:40]!r}") from None
+
+
+def _is_image(ds: Any, where: Path) -> bool:
+    """Whether ``ds`` says it is an image: its SOP class is one of the "... Image Storage"."""
+    meta = getattr(ds, "file_meta", None)
+    uid = _tag(meta, "MediaStorageSOPClassUID", where) if meta is not None else None
+    uid = uid or _tag(ds, "SOPClassUID", where)
+    return "Image Storage" in str(getattr(uid, "name", ""))
+
+
+def _check_pixel_bytes(ds: Any, where: Path, rows: int, cols: int) -> None:
+    """Refuse uncompressed pixel data a whole row or more longer than Rows x Columns says: the
+    header does not describe the pixels. pydicom would drop the excess as padding and decode a
+    shifted or cropped image."""
+    data = _tag(ds, "PixelData", where)
+    if not data:  # an empty element reads as None
+        raise DataError(f"{where}: its PixelData is empty")
+    meta = getattr(ds, "file_meta", None)
+    syntax: Any = _tag(meta, "TransferSyntaxUID", where) if meta is not None else None
+    bits = _tag(ds, "BitsAllocated", where)
+    samples = _tag(ds, "SamplesPerPixel", where) or 1
+    native = getattr(syntax, "is_transfer_syntax", False) and not syntax.is_compressed
+    if not (native and isinstance(bits, int) and isinstance(samples, int)) or bits % 8:
+        return  # compressed, unknown, or not whole bytes: pydicom's decoder checks these
+    row = cols * samples * bits // 8
+    extra = len(data) - rows * row
+    if row > 0 and extra >= row:
+        raise DataError(
+            f"{where}: PixelData holds {extra:,} bytes more than {rows}x{cols} (Rows x Columns) "
+            f"pixels of {bits} bits: those tags do not describe its pixels"
+        )
 
 
 def read_dicom_series(
@@ -75,7 +144,6 @@ def read_dicom_series(
 
     try:
         import pydicom
-        from pydicom.errors import InvalidDicomError
     except ImportError:
         raise DataError(
             f"{folder}: reading DICOM needs pydicom (the [dicom] extra: "
@@ -87,18 +155,20 @@ def read_dicom_series(
     for f in files:
         try:
             ds = pydicom.dcmread(f)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+        except Exception as err:  # pydicom raises many kinds for a damaged file
             raise DataError(f"{f}: cannot read as DICOM (corrupt, or not DICOM?): {err}") from err
         if "PixelData" not in ds:
+            if _is_image(ds, f):  # pydicom stops quietly where a truncated file ends
+                raise DataError(f"{f}: an image without pixel data (a truncated file?)")
             continue  # a DICOMDIR, a report, a presentation state: no slice
-        if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
+        if _int(ds, "NumberOfFrames", f, default=1) != 1:
             raise DataError(
                 f"{f}: a multi-frame (enhanced) DICOM; convert it with dcm2niix and give the NIfTI"
             )
         slices.append((f, ds))
     if not slices:
         raise DataError(f"{folder}: no DICOM slice with pixel data")
-    series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in slices}
+    series = {str(_tag(ds, "SeriesInstanceUID", f, "")) for f, ds in slices}
     if len(series) > 1:
         raise DataError(
             f"{folder}: holds {len(series)} series ({', '.join(sorted(series)[:3])}...); give "
@@ -109,8 +179,14 @@ def read_dicom_series(
     iop = _floats(ds0, "ImageOrientationPatient", 6, first)
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
+    if abs(np.linalg.norm(normal) - 1.0) > 1e-2:
+        raise DataError(
+            f"{first}: ImageOrientationPatient {iop.tolist()} is not two perpendicular unit vectors"
+        )
     spacing = _floats(ds0, "PixelSpacing", 2, first)  # (between rows, between columns)
-    rows, cols = int(ds0.Rows), int(ds0.Columns)
+    if not (spacing > 0).all():
+        raise DataError(f"{first}: PixelSpacing must be positive, got {spacing.tolist()}")
+    rows, cols = _int(ds0, "Rows", first), _int(ds0, "Columns", first)
     if rows * cols > max_pixels:
         raise DataError(
             f"{first}: {cols}x{rows} = {rows * cols:,} pixels, more than the limit of "
@@ -127,8 +203,14 @@ def read_dicom_series(
             _floats(ds, "ImageOrientationPatient", 6, f), iop, atol=ORIENTATION_ATOL
         ):
             raise DataError(f"{f}: its orientation differs from {first.name}'s: not one volume")
-        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+        if (_int(ds, "Rows", f), _int(ds, "Columns", f)) != (rows, cols):
             raise DataError(f"{f}: {ds.Columns}x{ds.Rows} pixels, {first.name} {cols}x{rows}")
+        other = _floats(ds, "PixelSpacing", 2, f)
+        if not np.allclose(other, spacing, rtol=SPACING_RTOL, atol=0):
+            raise DataError(
+                f"{f}: PixelSpacing {other.tolist()} differs from {first.name}'s "
+                f"{spacing.tolist()}: not one volume"
+            )
         positions.append(_floats(ds, "ImagePositionPatient", 3, f))
     pos = np.stack(positions)
     order = np.argsort(pos @ normal, kind="stable")
@@ -150,19 +232,38 @@ def read_dicom_series(
             )
         dz = float(gaps.mean())
     else:
-        dz = float(getattr(ds0, "SliceThickness", 1.0) or 1.0)
+        dz = _float(ds0, "SliceThickness", first, 1.0) or 1.0
+        if not (math.isfinite(dz) and dz > 0):
+            raise DataError(f"{first}: SliceThickness must be a positive number, got {dz:g}")
+
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * spacing[1]  # i: along a row, one column at a time
+    lps[:3, 1] = col_dir * spacing[0]  # j: down a column, one row at a time
+    lps[:3, 2] = normal * dz
+    lps[:3, 3] = pos[0]
+    affine = LPS_TO_RAS @ lps
+    if not np.abs(affine).max() < np.finfo(np.float32).max:
+        raise DataError(
+            f"{folder}: ImagePositionPatient, PixelSpacing and the slice spacing give an affine "
+            f"entry of {np.abs(affine).max():.3g} mm, past what a NIfTI header holds (float32)"
+        )
 
     planes = []
     for f, ds in slices:
+        _check_pixel_bytes(ds, f, rows, cols)
         try:
             pixels = ds.pixel_array.astype(np.float32)
         except Exception as err:  # pydicom raises many kinds for a missing codec or bad data
             raise DataError(f"{f}: cannot decode its pixels: {err}") from err
-        if pixels.ndim != 2:
-            raise DataError(f"{f}: pixel data of shape {pixels.shape}; one grayscale plane needed")
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-        plane = pixels * slope + intercept
+        if pixels.shape != (rows, cols):
+            raise DataError(
+                f"{f}: pixel data of shape {pixels.shape}; one grayscale plane of {rows}x{cols} "
+                "(Rows x Columns) needed"
+            )
+        slope = _float(ds, "RescaleSlope", f, 1.0) or 1.0
+        intercept = _float(ds, "RescaleIntercept", f, 0.0)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked, and named, below
+            plane = pixels * slope + intercept
         if not (math.isfinite(slope) and math.isfinite(intercept)) or not np.isfinite(plane).all():
             raise DataError(
                 f"{f}: RescaleSlope {slope:g} and RescaleIntercept {intercept:g} give values "
@@ -171,12 +272,6 @@ def read_dicom_series(
         planes.append(plane.T)  # (columns, rows): NIfTI's i, j
     data = np.stack(planes, axis=-1)  # (columns, rows, slices)
 
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * spacing[1]  # i: along a row, one column at a time
-    lps[:3, 1] = col_dir * spacing[0]  # j: down a column, one row at a time
-    lps[:3, 2] = normal * dz
-    lps[:3, 3] = pos[0]
-    affine = LPS_TO_RAS @ lps
     header = nib.Nifti1Image(data, affine).header
     return Volume(
         data=data,

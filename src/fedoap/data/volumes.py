@@ -115,15 +115,28 @@ def read_volume(
     infinite voxels, are errors.
     """
     import nibabel as nib  # local: 0.3 s of import that only volume sources need
+    from nibabel.spatialimages import HeaderDataError
 
+    # What nibabel raises for a corrupt header or file: an unknown datatype, a vox_offset inside
+    # the header or an infinite scl_inter (HeaderDataError), a vox_offset or size past a C long
+    # (OverflowError), a short or damaged gzip stream (OSError, EOFError, zlib.error).
+    corrupt = (
+        nib.filebasedimages.ImageFileError,
+        HeaderDataError,
+        OSError,
+        EOFError,
+        ValueError,
+        OverflowError,
+        zlib.error,
+    )
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
         img: Any = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as err:
+    except corrupt as err:
         raise DataError(f"{path}: cannot read as NIfTI (corrupt or truncated?): {err}") from err
     shape = tuple(int(n) for n in img.shape)
-    if len(shape) < 2 or len(shape) > 4 or 0 in shape:
+    if len(shape) < 2 or len(shape) > 4 or min(shape) < 1:
         raise DataError(
             f"{path}: a volume must have 2 to 4 non-empty dimensions, got shape {shape}"
         )
@@ -145,9 +158,11 @@ def read_volume(
             f"{path}: shape {shape} has {total:,} voxels, more than the limit of {max_voxels:,} "
             "(data.max_volume_voxels; raise it if the data is genuine); not read"
         )
+    if not np.isfinite(img.affine).all():  # a NaN in the sform or qform the header uses
+        raise DataError(f"{path}: its affine (the header's sform or qform) is not finite numbers")
     try:
         data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error) as err:
+    except corrupt as err:
         raise DataError(f"{path}: cannot read its voxels (corrupt or truncated?): {err}") from err
     if data.ndim == 2:
         data = data[..., None]
@@ -157,6 +172,8 @@ def read_volume(
         bad = int((~np.isfinite(data)).sum())
         raise DataError(f"{path}: {bad:,} voxel(s) are NaN or infinite")
     zooms = tuple(float(z) for z in img.header.get_zooms())
+    if not all(math.isfinite(z) for z in zooms[:3]):
+        raise DataError(f"{path}: voxel spacing (pixdim) {zooms[:3]} is not finite numbers")
     return Volume(
         data=data, affine=np.asarray(img.affine), zooms=zooms, header=img.header, path=path
     )
@@ -167,14 +184,36 @@ def read_volume(
 # --------------------------------------------------------------------------------------------
 
 
+#: Largest dataset.json read: a Decathlon task's, listing a thousand cases, is under 200 KB.
+MAX_DATASET_JSON_BYTES = 16 * 2**20
+
+#: A channel index or label value as dataset.json writes it: a plain non-negative integer.
+INDEX = re.compile(r"[0-9]{1,9}")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a dataset.json value can be megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _read_dataset_json(root: Path) -> dict[str, Any]:
     path = root / "dataset.json"
     if not path.is_file():
         raise DataError(f"{root}: no dataset.json (the nnU-Net and Decathlon layouts need one)")
     try:
+        if path.stat().st_size > MAX_DATASET_JSON_BYTES:
+            raise DataError(
+                f"{path}: {path.stat().st_size:,} bytes, more than a dataset.json holds "
+                f"({MAX_DATASET_JSON_BYTES:,} at most)"
+            )
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: cannot read as JSON: {err}") from err
+        raise DataError(f"{path}: cannot read as JSON: {err}") from None
+    except RecursionError:
+        raise DataError(f"{path}: cannot read as JSON: nested too deeply") from None
+    except ValueError as err:  # an integer past Python's 4300-digit conversion limit
+        raise DataError(f"{path}: cannot read as JSON: {err}") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: must hold a JSON object")
     return meta
@@ -184,12 +223,14 @@ def _channel_names(meta: Mapping[str, Any], key: str, path: Path) -> dict[int, s
     """``{"0": "FLAIR", ...}`` of dataset.json's ``key`` as {index: name}."""
     raw = meta.get(key)
     if not isinstance(raw, Mapping) or not raw:
-        raise DataError(f"{path}: '{key}' must map channel indices to names, got {raw!r}")
+        raise DataError(f"{path}: '{key}' must map channel indices to names, got {_shown(raw)}")
     out = {}
     for k, v in raw.items():
-        if not str(k).isdigit():
-            raise DataError(f"{path}: '{key}' key {k!r} is not a channel index")
-        out[int(k)] = str(v)
+        if INDEX.fullmatch(str(k)) is None:
+            raise DataError(f"{path}: '{key}' key {str(k)[:40]!r} is not a channel index")
+        if not isinstance(v, str):
+            raise DataError(f"{path}: {key}.{k}: a channel name must be a string, got {_shown(v)}")
+        out[int(k)] = v
     return dict(sorted(out.items()))
 
 
@@ -212,7 +253,7 @@ def choose_channel(
     names: Mapping[int, str], wanted: int | str | None, where: str
 ) -> tuple[int, str]:
     """(index, name) of the channel ``wanted`` names (or indexes); errors list the channels."""
-    shown = ", ".join(f"{i}: {n}" for i, n in names.items())
+    shown = ", ".join(f"{i}: {n[:40]}" for i, n in list(names.items())[:20])
     if wanted is None:
         if len(names) == 1:
             return next(iter(names.items()))
@@ -236,12 +277,17 @@ def _nnunet_labels(meta: Mapping[str, Any], path: Path) -> dict[str, tuple[int, 
     """nnU-Net v2 ``labels``: name -> value, or name -> [values] (region-based training)."""
     raw = meta.get("labels")
     if not isinstance(raw, Mapping) or not raw:
-        raise DataError(f"{path}: 'labels' must map label names to values, got {raw!r}")
+        raise DataError(f"{path}: 'labels' must map label names to values, got {_shown(raw)}")
     out = {}
     for name, value in raw.items():
         values = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-            raise DataError(f"{path}: labels.{name}: must be a label value >= 0, got {value!r}")
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in values
+        ):
+            raise DataError(
+                f"{path}: labels.{str(name)[:40]}: must be a label value from 0 to 2^31-1, got "
+                f"{_shown(value)}"
+            )
         out[str(name)] = tuple(values)
     return out
 
@@ -250,12 +296,16 @@ def _msd_labels(meta: Mapping[str, Any], path: Path) -> dict[str, tuple[int, ...
     """Decathlon ``labels``: ``{"0": "background", "1": "edema"}`` as name -> (value,)."""
     raw = meta.get("labels")
     if not isinstance(raw, Mapping) or not raw:
-        raise DataError(f"{path}: 'labels' must map label values to names, got {raw!r}")
+        raise DataError(f"{path}: 'labels' must map label values to names, got {_shown(raw)}")
     out: dict[str, tuple[int, ...]] = {}
     for value, name in raw.items():
-        if not str(value).isdigit():
-            raise DataError(f"{path}: labels key {value!r} is not a label value")
-        out[str(name)] = (int(value),)
+        if INDEX.fullmatch(str(value)) is None:
+            raise DataError(f"{path}: labels key {str(value)[:40]!r} is not a label value")
+        if not isinstance(name, str):
+            raise DataError(
+                f"{path}: labels.{value}: a label name must be a string, got {_shown(name)}"
+            )
+        out[name] = (int(value),)
     return out
 
 
@@ -278,8 +328,9 @@ def nnunet_layout(root: Path, channel: int | str | None) -> Layout:
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in NIFTI_ENDINGS:
         raise DataError(
-            f"{jpath}: file_ending {ending!r}: fedoap reads NIfTI ({', '.join(NIFTI_ENDINGS)}); "
-            "convert the volumes first (e.g. SimpleITK's WriteImage, or dcm2niix for DICOM)"
+            f"{jpath}: file_ending {_shown(ending)}: fedoap reads NIfTI "
+            f"({', '.join(NIFTI_ENDINGS)}); convert the volumes first (e.g. SimpleITK's "
+            "WriteImage, or dcm2niix for DICOM)"
         )
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     for folder in (images_dir, labels_dir):
@@ -332,10 +383,12 @@ def _inside(root: Path, given: Any, jpath: Path, key: str) -> Path:
     absolute path, or ``..``): a dataset.json must not make fedoap read, train on and cache files
     its owner did not put in the dataset. A file meant to be read from elsewhere is linked into
     the folder, which is the owner's explicit choice."""
-    rel = Path(str(given))
+    if not isinstance(given, str) or not given.strip() or "\0" in given:
+        raise DataError(f"{jpath}: {key} must be a file's path, got {_shown(given)}")
+    rel = Path(given)
     if rel.is_absolute() or ".." in rel.parts:
         raise DataError(
-            f"{jpath}: {key} {str(given)!r} leads outside {root}; give a path inside the "
+            f"{jpath}: {key} {_shown(given)} leads outside {root}; give a path inside the "
             "dataset folder (link the file into it to read it from elsewhere)"
         )
     return (root / rel).resolve()
@@ -349,17 +402,24 @@ def msd_layout(root: Path, channel: int | str | None) -> Layout:
     if not isinstance(training, list) or not training:
         raise DataError(f"{jpath}: 'training' must list {{image, label}} pairs")
     cases = []
+    seen: dict[str, int] = {}  # case id -> its index in training
     for k, entry in enumerate(training):
         if not isinstance(entry, Mapping) or "image" not in entry:
             raise DataError(f"{jpath}: training[{k}] must have an 'image' (and a 'label')")
         image = _inside(root, entry["image"], jpath, f"training[{k}].image")
         case_id = nifti_stem(image)
         if case_id is None:
-            raise DataError(f"{jpath}: training[{k}].image {entry['image']!r} is not NIfTI")
+            raise DataError(f"{jpath}: training[{k}].image {_shown(entry['image'])} is not NIfTI")
+        if case_id in seen:
+            raise DataError(
+                f"{jpath}: training[{k}] and training[{seen[case_id]}] are both case "
+                f"'{case_id}': list each case once"
+            )
+        seen[case_id] = k
         if not image.is_file():
             raise DataError(f"case '{case_id}': image {image} not found")
         if not entry.get("label"):
-            raise DataError(f"case '{case_id}': training[{k}] has no label")
+            raise DataError(f"case '{case_id}': {jpath}: training[{k}] has no label")
         label = _inside(root, entry["label"], jpath, f"training[{k}].label")
         if not label.is_file():
             raise DataError(f"case '{case_id}': no label {label}")
@@ -446,7 +506,8 @@ def normalise_volume(data: np.ndarray, kind: str, v: VolumeSpec, where: str) -> 
     Works in float32 with float64 sums: a 512 x 512 x 600 CT is 0.6 GB as float32, twice that
     as float64.
     """
-    x = data.astype(np.float32)
+    with np.errstate(over="ignore"):  # values past float32 become inf: handled below
+        x = data.astype(np.float32)
     if kind == "ct":
         if v.window is None:
             raise DataError(

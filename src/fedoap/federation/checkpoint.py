@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,7 +44,21 @@ def save_tensors(path: Path, tensors: StateDict, meta: dict[str, Any] | None = N
     clean = _exclusive(tensors)
     meta_json = json.dumps(meta or {})
     metadata = {META_KEY: meta_json, DIGEST_KEY: digest(clean, meta_json)}
-    atomic_write_with(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
+    atomic_write_with(path, lambda tmp: _save_file(clean, tmp, metadata, path))
+
+
+def _save_file(tensors: StateDict, tmp: str, metadata: dict[str, str], path: Path) -> None:
+    """safetensors' ``save_file``, whose I/O failures (a full disk) come back as the
+    ``OSError`` they are: safetensors wraps them in ``SafetensorError`` with the errno in its
+    text ("... No space left on device (os error 28)")."""
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        errno_ = int(code.group(1))
+        raise OSError(errno_, f"cannot write {path}: {os.strerror(errno_)}") from None
 
 
 def _exclusive(tensors: StateDict) -> StateDict:

@@ -691,11 +691,26 @@ class FlowerTransport:
 server_app = ServerApp()
 
 
+def _flag(context: Context, key: str) -> bool:
+    return str(context.run_config.get(key, "false")).lower() in ("1", "true", "yes")
+
+
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
-    run_dir = Path(_s(context.run_config, "run-dir"))
-    resume = str(context.run_config.get("resume", "false")).lower() in ("1", "true", "yes")
-    rd = RunDir(run_dir)
+    """The run in ``run-dir``, under its lock (a second run or resume of the folder is refused,
+    naming the holder), unless ``lock-held``: the ``fedoap run`` that launched this simulation
+    holds it for the ServerApp."""
+    rd = RunDir(Path(_s(context.run_config, "run-dir")))
+    if _flag(context, "lock-held"):
+        _serve(grid, context, rd)
+        return
+    with rd.lock():
+        _serve(grid, context, rd)
+
+
+def _serve(grid: Grid, context: Context, rd: RunDir) -> None:
+    run_dir = rd.root
+    resume = _flag(context, "resume")
     cfg_yaml = rd.config.read_text()
     cfg = config_from_yaml(cfg_yaml)
     alg = build_algorithm(cfg)
@@ -704,7 +719,7 @@ def server_main(grid: Grid, context: Context) -> None:
         raise ConfigError(f"method {cfg.method} cannot run on Flower: {reason}")
     names = [c.name for c in cfg.data.clients]
     base = {"fedoap-config": cfg_yaml, "run-dir": str(run_dir.resolve())}
-    pin_keys = str(context.run_config.get("pin-node-keys", "false")).lower() in ("1", "true", "yes")
+    pin_keys = _flag(context, "pin-node-keys")
     transport = FlowerTransport(
         grid,
         base,

@@ -426,7 +426,8 @@ def run_simulation(
     with FlowerSession(run_dir / "flower") as fl:
         fl.start_superlink(simulation=True)
         fl.configure_simulation(num_clients)
-        config = {"run-dir": str(run_dir.resolve())}
+        # this process holds the run folder's lock (fedoap.runs.RunDir.lock) for the ServerApp
+        config = {"run-dir": str(run_dir.resolve()), "lock-held": "true"}
         run_id = fl.run({**config, "resume": "true"} if resume else config)
         log(f"Flower run {run_id} submitted to {fl.address}")
         run = fl.wait(run_id, done_hint=summary_written(run_dir))
