@@ -9,11 +9,30 @@ from tests.conftest import tiny_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_shipped_configs_load():
-    for name in ("quickstart", "federation4"):
-        cfg = load_config(REPO / "configs" / f"{name}.yaml")
-        assert isinstance(cfg, Config)
-        build_algorithm(cfg)
+SHIPPED_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+SHIPPED_SPECS = sorted((REPO / "benchmarks").glob("[!_]*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    build_algorithm(cfg)
+
+
+@pytest.mark.parametrize("path", SHIPPED_SPECS, ids=lambda p: p.name)
+def test_shipped_benchmark_specs_load_and_plan(path):
+    from fedoap.bench import load_spec, plan
+
+    spec, bases = load_spec(path)
+    cells = plan(spec, bases)
+    assert cells and len({c.key for c in cells}) == len(cells)  # one folder per cell
+    for cell in cells:
+        build_algorithm(cell.cfg)
+
+
+def test_every_shipped_config_and_spec_is_found():
+    assert len(SHIPPED_CONFIGS) >= 7 and len(SHIPPED_SPECS) >= 9
 
 
 def test_dotted_overrides_apply_and_parse_types():

@@ -71,6 +71,27 @@ def test_pbl_differs_from_plain_when_active_and_has_gradient():
     assert z.grad is not None and z.grad.abs().sum() > 0
 
 
+def test_pbl_is_the_lambda_weighted_sum_of_clean_and_perturbed_losses():
+    # L = (1 - lam) L_seg(z, y) + lam L_seg(z + s xi M, y), with xi drawn from the same
+    # generator as the loss draws it, and M computed here from its definition (error region).
+    torch.manual_seed(0)
+    z, y = torch.randn(2, 1, 16, 16) * 3, square_mask().repeat(2, 1, 1, 1)
+    lam, s, tau = 0.3, 2.0, 0.75
+    m = (torch.sigmoid(z) - y).abs() > tau
+    assert 0 < m.float().mean() < 1
+    xi = torch.randn(z.shape, generator=torch.Generator().manual_seed(7))
+    want = (1 - lam) * SegLoss()(z, y) + lam * SegLoss()(z + s * xi * m, y)
+    got = PerturbedBoundaryLoss(region="error", tau=tau, s=s, lam=lam)(
+        z, y, torch.Generator().manual_seed(7)
+    )
+    torch.testing.assert_close(got, want)
+    # and lam = 1 is the perturbed loss alone
+    full = PerturbedBoundaryLoss(region="error", tau=tau, s=s, lam=1.0)(
+        z, y, torch.Generator().manual_seed(7)
+    )
+    torch.testing.assert_close(full, SegLoss()(z + s * xi * m, y))
+
+
 def test_soft_dice_equals_monai_dice_loss_values_and_gradients():
     """Training imports no MONAI (one Flower ClientApp process per message): our torch soft Dice
     must stay MONAI's DiceLoss(sigmoid=True, batch=True), value and gradient."""

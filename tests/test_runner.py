@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -164,12 +165,24 @@ def test_client_sampling_fraction(tmp_path):
 
 
 def test_fp32_and_bf16_both_train(tmp_path):
+    from fedoap.runs import read_metrics
+
+    first = {}
     for prec in ("fp32", "bf16"):
         s = quiet_run(
-            tiny_config(f"train.precision={prec}", "federation.rounds=1", "finetune.epochs=0"),
+            tiny_config(f"train.precision={prec}", "federation.rounds=3", "finetune.epochs=0"),
             tmp_path / prec,
         )
-        assert s["mean"]["test"]["dice"] is not None
+        assert s["execution"]["precision"] == prec
+        rows = [r for r in read_metrics(tmp_path / prec / "metrics.csv") if r["train_loss"]]
+        loss = {
+            k: np.mean([float(r["train_loss"]) for r in rows if r["round"] == str(k)])
+            for k in (1, 3)
+        }
+        assert loss[3] < loss[1] - 0.01, (prec, loss)  # it learns
+        first[prec] = loss[1]
+    # the same first round, up to bf16's rounding
+    assert first["bf16"] == pytest.approx(first["fp32"], rel=0.05)
 
 
 @pytest.mark.parametrize(
