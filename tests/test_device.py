@@ -24,8 +24,10 @@ from fedoap.training import evaluate, train_epochs
 from fedoap.training.device import (
     DeviceOutOfMemory,
     GradStep,
+    auto_precision,
     place,
     resolve_device,
+    resolve_precision,
     session,
     setup,
 )
@@ -341,7 +343,40 @@ def test_summary_splits_wall_time_into_phases(tmp_path):
     assert {"data", "train", "aggregate", "validate", "checkpoint", "test"} <= set(phases)
     assert sum(phases.values()) <= s["time"]["seconds_total"] + phases["data"] + 1.0
     assert phases["train"] > 0
-    assert s["execution"]["device"] == "cpu" and s["execution"]["precision"] == "bf16"
+    assert s["execution"]["device"] == "cpu"
+    assert s["execution"]["precision"] == auto_precision(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("native", "want"), [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_follows_the_cpu_and_the_run_records_what_it_ran_in(
+    tmp_path, monkeypatch, native, want
+):
+    from fedoap.api import run_experiment
+    from fedoap.bench import derive
+    from fedoap.config import load_config
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    cfg = tiny_config("federation.rounds=1", "finetune.epochs=0")
+    assert cfg.train.precision == "auto"  # the default
+    explicit = tiny_config("federation.rounds=1", "finetune.epochs=0", f"train.precision={want}")
+    assert resolve_precision(cfg) == explicit
+    # one identity with the explicit setting: a config that left precision at its default
+    # keeps the identity its results had when the default was bf16, where bf16 is native
+    assert derive(cfg, []).digest() == explicit.digest()
+    s = run_experiment(cfg, tmp_path / "r", progress=False, log=lambda m: None)
+    assert s["execution"]["precision"] == want
+    saved = load_config(tmp_path / "r" / "config.yaml")
+    assert saved.train.precision == want and saved.digest() == explicit.digest()
+    # a forced precision is kept
+    forced = tiny_config("train.precision=bf16")
+    assert resolve_precision(forced) is forced
+
+
+def test_precision_auto_on_a_gpu_is_what_the_card_supports(monkeypatch):
+    for supported, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert auto_precision(torch.device("cuda")) == want
 
 
 def test_out_of_memory_names_batch_and_image_size(tmp_path, monkeypatch):

@@ -300,8 +300,16 @@ def test_non_finite_loss_is_found_at_its_step():
 def test_digest_of_old_runs_is_unchanged():
     # on_divergence joined the config after runs existed: at its default it leaves the run's
     # identity (and so resume of earlier runs) unchanged.
-    assert load_config(REPO / "configs" / "federation4.yaml").digest() == "bd1bf95c60e4"
-    changed = load_config(REPO / "configs" / "federation4.yaml", ["train.on_divergence=exclude"])
+    # (train.precision was bf16 by default then; auto resolves to it where bf16 is native.)
+    import torch
+
+    from fedoap.training.device import auto_precision, resolve_precision
+
+    f4 = REPO / "configs" / "federation4.yaml"
+    assert load_config(f4, ["train.precision=bf16"]).digest() == "bd1bf95c60e4"
+    if auto_precision(torch.device("cpu")) == "bf16":
+        assert resolve_precision(load_config(f4, ["train.device=cpu"])).digest() == "bd1bf95c60e4"
+    changed = load_config(f4, ["train.precision=bf16", "train.on_divergence=exclude"])
     assert changed.digest() != "bd1bf95c60e4"
     # privacy.dp.unit joined after the privacy benchmark ran: its cells keep their keys.
     from fedoap.bench import digest

@@ -46,7 +46,7 @@ from fedoap.fileio import atomic_write_bytes, check_output_dir, mirrored_outputs
 from fedoap.models import FedOAPNet
 from fedoap.runs import RunDir
 from fedoap.training import evaluate, predict_logits
-from fedoap.training.device import oom_guard, place, session, setup
+from fedoap.training.device import oom_guard, place, resolve_precision, session, setup
 
 
 def run_experiment(
@@ -58,6 +58,7 @@ def run_experiment(
     clients: list[ClientData] | None = None,
 ) -> dict[str, Any]:
     """Validate everything, then train a new run in ``run_dir``; returns ``summary.json``."""
+    cfg = resolve_precision(cfg)  # the run records, and is identified by, what it runs in
     algorithm = build_algorithm(cfg)  # unknown method / options fail here, before data is read
     setup(cfg.train)  # so does a device that is not there
     if cfg.federation.runtime == "flower-sim":

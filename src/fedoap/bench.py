@@ -290,7 +290,10 @@ def derive(base: Config, overrides: Sequence[str]) -> Config:
             "train.on_divergence=exclude cannot be used in a benchmark (every cell must report "
             "every client); leave it at stop"
         )
-    return cfg
+    from fedoap.training.device import resolve_precision
+
+    # a cell's identity is the precision it runs in here (train.precision=auto resolved)
+    return resolve_precision(cfg)
 
 
 def plan(

@@ -295,9 +295,11 @@ class TrainConfig:
     batch_size: int = ranged(16, ge=1, le=65536)
     local_epochs: int = ranged(1, ge=1, le=10_000)
     # Autocast dtype for convolutions and matmuls; weights, optimiser state, losses and uploads
-    # stay fp32. bf16: CPUs and CUDA GPUs that support it (1.4-2x faster than fp32 on our CPUs;
-    # see README for the Dice check). fp16: autocast with a GradScaler (GPUs without bf16).
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # stay fp32. auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU
+    # with AVX512-BF16 or AMX), fp32 elsewhere (a CPU without them emulates bf16 about ten
+    # times slower); a run resolves it at start and records the result, which is part of the
+    # run's identity. bf16 / fp32: forced. fp16: autocast with a GradScaler (GPUs without bf16).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Validation metric that selects each client's model. case_dice: each case's (patient's)
     # pixels pooled, so an empty prediction on a patient with tumour scores 0. dice: per image,
     # where every tumour-free slice predicted empty scores 1, which rewards quiet models over

@@ -113,7 +113,7 @@ from fedoap.federation.state import (
 )
 from fedoap.models import FedOAPNet, StateDict
 from fedoap.runs import RunDir
-from fedoap.training.device import Timer, place, session, setup
+from fedoap.training.device import Timer, place, resolve_precision, session, setup
 
 #: Flower error codes (flwr.common.constant.ErrorCode, 1.42) that mean the site went away, not
 #: that its code failed: the site is lost for the step, and the run goes on.
@@ -711,8 +711,12 @@ def server_main(grid: Grid, context: Context) -> None:
 def _serve(grid: Grid, context: Context, rd: RunDir) -> None:
     run_dir = rd.root
     resume = _flag(context, "resume")
+    # A config written by hand may leave train.precision at auto: the server decides it once,
+    # on its device, and every site trains in it (the run's identity holds one precision).
     cfg_yaml = rd.config.read_text()
-    cfg = config_from_yaml(cfg_yaml)
+    cfg = resolve_precision(config_from_yaml(cfg_yaml))
+    if cfg.train.precision != config_from_yaml(cfg_yaml).train.precision:
+        cfg_yaml = cfg.to_yaml()
     alg = build_algorithm(cfg)
     reason = unsupported_reason(alg)
     if reason:

@@ -21,6 +21,7 @@ sites can be in one federation and exchange byte-identical payloads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedoap.config import ConfigError, TrainConfig
+from fedoap.config import Config, ConfigError, TrainConfig
 from fedoap.cpu import cpu_model
 from fedoap.errors import FedoapError
 
@@ -77,6 +78,28 @@ def _found() -> str:
     return build
 
 
+def auto_precision(device: torch.device) -> str:
+    """What ``train.precision=auto`` means on ``device``: bf16 where it is native (a CUDA GPU
+    that supports it, a CPU with AVX512-BF16 or AMX), fp32 elsewhere."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and native_low_precision("bf16", device):
+        return "bf16"
+    return "fp32"
+
+
+def resolve_precision(cfg: Config) -> Config:
+    """``cfg`` with ``train.precision=auto`` replaced by what it means on the run's device
+    (:func:`auto_precision`); any other value is kept. A run resolves it before its config is
+    saved or its identity (``Config.digest``) is taken, so a run records the precision it ran
+    in, and a config that left precision at its default keeps the identity it had when that
+    default was bf16 wherever bf16 is native."""
+    if cfg.train.precision != "auto":
+        return cfg
+    precision = auto_precision(resolve_device(cfg.train.device))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+
+
 def check_precision(precision: str, device: torch.device) -> None:
     """Refuse a precision the device cannot run, before anything runs."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -91,6 +114,8 @@ def native_low_precision(precision: str, device: torch.device) -> bool:
     """Whether ``device`` computes ``precision`` natively. A CPU without AVX512-BF16 or AMX
     emulates bf16: on an AVX2-only AMD EPYC, training the quickstart's model in bf16 ran at
     one tenth of fp32's speed (benchmarks/precision/cpu_speed.py)."""
+    if precision == "auto":
+        precision = auto_precision(device)
     if precision == "fp32" or device.type != "cpu":
         return True
     if precision == "bf16":
@@ -267,7 +292,10 @@ class Timer:
 
 
 def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager[Any]:
-    """Autocast for ``train.precision`` on ``device_type``; a no-op for fp32."""
+    """Autocast for ``train.precision`` on ``device_type``; a no-op for fp32. ``auto`` (a config
+    used without a run resolving it, :func:`resolve_precision`) means what it means there."""
+    if precision == "auto":
+        precision = auto_precision(torch.device(device_type))
     if precision == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     if precision == "fp16":
