@@ -13,6 +13,10 @@ class FedoapError(Exception):
     """Something the user can fix. The message names the key, file or client at fault."""
 
 
+class ConfigError(FedoapError, ValueError):
+    """A configuration value is missing, unknown or of the wrong type. The message names the key."""
+
+
 class CheckpointError(FedoapError, ValueError):
     """A checkpoint is missing, unreadable, written by another config, or fails its digest."""
 

@@ -1,0 +1,103 @@
+"""Experiment configuration: frozen dataclasses loaded from YAML with dotted overrides.
+
+A run is described by one :class:`Config`. It is read from a YAML file, then command-line
+overrides such as ``train.lr=3e-4`` or ``model.kv.mode=bank`` are applied, and the result is
+validated field by field. Unknown keys and wrong types fail with an error that names the dotted
+key, before any data is read or any run folder is touched.
+
+The resolved config is written to ``RUN_DIR/config.yaml`` and is all that is needed to rebuild a
+run (``fedoap run --resume RUN_DIR``).
+
+The package, one job per module: :mod:`~fedoap.config.ranges` (numeric ranges),
+:mod:`~fedoap.config.schema` (the sections), :mod:`~fedoap.config.loading` (YAML, overrides, the
+typed build), :mod:`~fedoap.config.validation` (cross-field rules) and
+:mod:`~fedoap.config.identity` (a run's digest).
+"""
+
+from fedoap.config.identity import (
+    DIGEST_SECTIONS_WHEN_SET,
+    DIGEST_WHEN_SET,
+    EXECUTION_KEYS,
+    config_digest,
+)
+from fedoap.config.loading import (
+    MAX_YAML_NODES,
+    apply_overrides,
+    from_dict,
+    load_config,
+    load_yaml,
+    parse_override,
+    save_config,
+)
+from fedoap.config.ranges import (
+    Range,
+    check_ranges,
+    ranged,
+)
+from fedoap.config.schema import (
+    SEED_MAX,
+    VOLUME_SOURCES,
+    AttackConfig,
+    AugmentConfig,
+    ClientDPConfig,
+    ClientSpec,
+    CompileMode,
+    Config,
+    DataConfig,
+    FederationConfig,
+    FinetuneConfig,
+    KVConfig,
+    ModelConfig,
+    PBLConfig,
+    PrivacyConfig,
+    SafeguardConfig,
+    SampleDPConfig,
+    SplitConfig,
+    TrainConfig,
+    VolumeSpec,
+)
+from fedoap.config.validation import (
+    DEVICE_PATTERN,
+    validate,
+)
+from fedoap.errors import ConfigError
+
+__all__ = [
+    "AttackConfig",
+    "AugmentConfig",
+    "ClientDPConfig",
+    "ClientSpec",
+    "CompileMode",
+    "Config",
+    "ConfigError",
+    "DEVICE_PATTERN",
+    "DIGEST_SECTIONS_WHEN_SET",
+    "DIGEST_WHEN_SET",
+    "DataConfig",
+    "EXECUTION_KEYS",
+    "FederationConfig",
+    "FinetuneConfig",
+    "KVConfig",
+    "MAX_YAML_NODES",
+    "ModelConfig",
+    "PBLConfig",
+    "PrivacyConfig",
+    "Range",
+    "SEED_MAX",
+    "SafeguardConfig",
+    "SampleDPConfig",
+    "SplitConfig",
+    "TrainConfig",
+    "VOLUME_SOURCES",
+    "VolumeSpec",
+    "apply_overrides",
+    "check_ranges",
+    "config_digest",
+    "from_dict",
+    "load_config",
+    "load_yaml",
+    "parse_override",
+    "ranged",
+    "save_config",
+    "validate",
+]
