@@ -11,12 +11,12 @@ When a results folder has ``cases.csv``:
 * **FedOAP's variants** (ablations), judged on validation only, and the study's goals.
 
 Names read from the results (methods, variants, clients, regimes) are written through :func:`md`,
-which this module shares with :mod:`fedoap.report`, and scores through :func:`check_score`.
+which this module shares with :mod:`fedoap.report`; scores are checked as they are read
+(:func:`fedoap.patients.check_score`).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from collections import defaultdict
@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from fedoap.data.errors import DataError
 from fedoap.patients import (
     FEDOAP,
     LOCAL,
@@ -45,9 +44,6 @@ from fedoap.stats import Interval, seed_t_interval
 
 #: How the goals bound the safeguard's losses against local, in points of case Dice.
 MEAN_BOUND, SITE_BOUND = 2.0, 5.0
-
-#: The per-case scores of ``cases.csv``.
-CASE_SCORES = ("case_dice", "tumour_slice_dice", "empty_slice_fp_rate")
 
 
 # ------------------------------------------------------------------------------ names and scores
@@ -88,22 +84,6 @@ def md_code(name: str) -> str:
     code shows as it is; anything else as :func:`md` text, since inside code an escape would
     show."""
     return f"`{name}`" if re.fullmatch(r"[\w.+-]+", name, re.ASCII) else md(name)
-
-
-def check_score(raw: str | None, column: str, where: str) -> None:
-    """Refuse a score cell that is a number but not a finite one (``inf``, ``nan``): a
-    :class:`DataError` naming ``where`` (the file and line) and ``column``. An empty cell (a
-    score that is undefined, such as the HD95 of an empty prediction) passes, and so does text
-    (the file's reader refuses it)."""
-    try:
-        x = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return
-    if not math.isfinite(x):
-        raise DataError(
-            f"{where}, column {column}: {raw!r} is not a finite score (a score is a number, "
-            "or empty where it is undefined)"
-        )
 
 
 # ------------------------------------------------------------------------------ sections
@@ -384,13 +364,7 @@ def goals_section(cases: Cases, results: list[dict[str, Any]], best: dict[str, s
 def read_cases(results_dir: Path) -> Cases | None:
     """``results_dir/cases.csv`` (None without one), with every score finite or empty."""
     path = results_dir / "cases.csv"
-    if not path.is_file():
-        return None
-    with open(path, newline="") as fh:
-        for i, row in enumerate(csv.DictReader(fh), start=2):  # line 1 is the header
-            for k in CASE_SCORES:
-                check_score(row.get(k), k, f"{path}, line {i}")
-    return Cases(load_cases(path))
+    return Cases(load_cases(path)) if path.is_file() else None
 
 
 def _shown(cases: Cases) -> Cases:

@@ -8,6 +8,8 @@ exception is a bug in fedoap and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FedoapError(Exception):
     """Something the user can fix. The message names the key, file or client at fault."""
@@ -58,3 +60,10 @@ class FederationError(FedoapError, RuntimeError):
 
 class UnsafeNameError(FedoapError, ValueError):
     """A name that would become part of a file name cannot be one (``../x``, ``a/b``)."""
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters so that the message stays
+    one readable line (a config or dataset.json value can be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

@@ -42,14 +42,37 @@ def to_float(x: str | None) -> float:
     return float(x) if x not in ("", None) else math.nan
 
 
+#: The per-case scores of ``cases.csv``.
+CASE_SCORES = ("case_dice", "tumour_slice_dice", "empty_slice_fp_rate")
+
+
+def check_score(raw: str | None, column: str, where: str) -> None:
+    """Refuse a score cell that is a number but not a finite one (``inf``, ``nan``): a
+    :class:`DataError` naming ``where`` (the file and line) and ``column``. An empty cell (a
+    score that is undefined, such as the HD95 of an empty prediction) passes, and so does text
+    (the file's reader refuses it)."""
+    try:
+        x = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return
+    if not math.isfinite(x):
+        raise DataError(
+            f"{where}, column {column}: {raw!r} is not a finite score (a score is a number, "
+            "or empty where it is undefined)"
+        )
+
+
 def load_cases(path: Path) -> list[dict[str, Any]]:
-    """``cases.csv`` with its numbers parsed; errors name the file and line."""
+    """``cases.csv`` with its numbers parsed; errors name the file and line, and a score must
+    be finite or empty (:func:`check_score`)."""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for i, r in enumerate(rows, start=2):
+        for k in CASE_SCORES:
+            check_score(r.get(k), k, f"{path}, line {i}")
         try:
             r["seed"] = int(r["seed"])
-            for k in ("case_dice", "tumour_slice_dice", "empty_slice_fp_rate", "train_cases"):
+            for k in (*CASE_SCORES, "train_cases"):
                 r[k] = to_float(r.get(k))
             cap = r.get("max_train_cases")
             r["max_train_cases"] = math.inf if cap in ("", None) else float(cap)

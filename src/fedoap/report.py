@@ -30,10 +30,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from fedoap.casereport import check_score, md, md_code, patient_sections, read_cases
+from fedoap.casereport import md, md_code, patient_sections, read_cases
 from fedoap.data.errors import DataError
 from fedoap.errors import NotFoundError
 from fedoap.fileio import atomic_write_text, check_output_dir, safe_name, save_figure
+from fedoap.patients import check_score
 
 FEDOAP = "fedoap"
 MAIN_CURVES = ("fedoap", "feddp", "local", "fedavg", "fedavg_ft", "ditto")

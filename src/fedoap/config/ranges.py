@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedoap.errors import ConfigError
+from fedoap.errors import ConfigError, shown
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,8 @@ def check_ranges(obj: Any, prefix: str = "") -> None:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters so an error stays one readable line."""
+    """:func:`fedoap.errors.shown`, and a huge integer by its number of digits."""
     if isinstance(value, int) and abs(value) >= 10**40:
         # its repr is useless in a message, and past 4300 digits Python refuses to make it
         return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+    return shown(value, limit)

@@ -37,6 +37,7 @@ from fedoap.config import ClientSpec, VolumeSpec
 from fedoap.data.errors import DataError
 from fedoap.data.sources import MAX_IMAGE_PIXELS, MAX_VOLUME_VOXELS, RawClient
 from fedoap.data.transforms import letterbox, unletterbox
+from fedoap.errors import shown
 
 #: File endings read as NIfTI (through nibabel).
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -191,12 +192,6 @@ MAX_DATASET_JSON_BYTES = 16 * 2**20
 INDEX = re.compile(r"[0-9]{1,9}")
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters: a dataset.json value can be megabytes."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _read_dataset_json(root: Path) -> dict[str, Any]:
     path = root / "dataset.json"
     if not path.is_file():
@@ -223,13 +218,13 @@ def _channel_names(meta: Mapping[str, Any], key: str, path: Path) -> dict[int, s
     """``{"0": "FLAIR", ...}`` of dataset.json's ``key`` as {index: name}."""
     raw = meta.get(key)
     if not isinstance(raw, Mapping) or not raw:
-        raise DataError(f"{path}: '{key}' must map channel indices to names, got {_shown(raw)}")
+        raise DataError(f"{path}: '{key}' must map channel indices to names, got {shown(raw)}")
     out = {}
     for k, v in raw.items():
         if INDEX.fullmatch(str(k)) is None:
             raise DataError(f"{path}: '{key}' key {str(k)[:40]!r} is not a channel index")
         if not isinstance(v, str):
-            raise DataError(f"{path}: {key}.{k}: a channel name must be a string, got {_shown(v)}")
+            raise DataError(f"{path}: {key}.{k}: a channel name must be a string, got {shown(v)}")
         out[int(k)] = v
     return dict(sorted(out.items()))
 
@@ -277,7 +272,7 @@ def _nnunet_labels(meta: Mapping[str, Any], path: Path) -> dict[str, tuple[int, 
     """nnU-Net v2 ``labels``: name -> value, or name -> [values] (region-based training)."""
     raw = meta.get("labels")
     if not isinstance(raw, Mapping) or not raw:
-        raise DataError(f"{path}: 'labels' must map label names to values, got {_shown(raw)}")
+        raise DataError(f"{path}: 'labels' must map label names to values, got {shown(raw)}")
     out = {}
     for name, value in raw.items():
         values = value if isinstance(value, list) else [value]
@@ -286,7 +281,7 @@ def _nnunet_labels(meta: Mapping[str, Any], path: Path) -> dict[str, tuple[int, 
         ):
             raise DataError(
                 f"{path}: labels.{str(name)[:40]}: must be a label value from 0 to 2^31-1, got "
-                f"{_shown(value)}"
+                f"{shown(value)}"
             )
         out[str(name)] = tuple(values)
     return out
@@ -296,14 +291,14 @@ def _msd_labels(meta: Mapping[str, Any], path: Path) -> dict[str, tuple[int, ...
     """Decathlon ``labels``: ``{"0": "background", "1": "edema"}`` as name -> (value,)."""
     raw = meta.get("labels")
     if not isinstance(raw, Mapping) or not raw:
-        raise DataError(f"{path}: 'labels' must map label values to names, got {_shown(raw)}")
+        raise DataError(f"{path}: 'labels' must map label values to names, got {shown(raw)}")
     out: dict[str, tuple[int, ...]] = {}
     for value, name in raw.items():
         if INDEX.fullmatch(str(value)) is None:
             raise DataError(f"{path}: labels key {str(value)[:40]!r} is not a label value")
         if not isinstance(name, str):
             raise DataError(
-                f"{path}: labels.{value}: a label name must be a string, got {_shown(name)}"
+                f"{path}: labels.{value}: a label name must be a string, got {shown(name)}"
             )
         out[name] = (int(value),)
     return out
@@ -328,7 +323,7 @@ def nnunet_layout(root: Path, channel: int | str | None) -> Layout:
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in NIFTI_ENDINGS:
         raise DataError(
-            f"{jpath}: file_ending {_shown(ending)}: fedoap reads NIfTI "
+            f"{jpath}: file_ending {shown(ending)}: fedoap reads NIfTI "
             f"({', '.join(NIFTI_ENDINGS)}); convert the volumes first (e.g. SimpleITK's "
             "WriteImage, or dcm2niix for DICOM)"
         )
@@ -384,11 +379,11 @@ def _inside(root: Path, given: Any, jpath: Path, key: str) -> Path:
     its owner did not put in the dataset. A file meant to be read from elsewhere is linked into
     the folder, which is the owner's explicit choice."""
     if not isinstance(given, str) or not given.strip() or "\0" in given:
-        raise DataError(f"{jpath}: {key} must be a file's path, got {_shown(given)}")
+        raise DataError(f"{jpath}: {key} must be a file's path, got {shown(given)}")
     rel = Path(given)
     if rel.is_absolute() or ".." in rel.parts:
         raise DataError(
-            f"{jpath}: {key} {_shown(given)} leads outside {root}; give a path inside the "
+            f"{jpath}: {key} {shown(given)} leads outside {root}; give a path inside the "
             "dataset folder (link the file into it to read it from elsewhere)"
         )
     return (root / rel).resolve()
@@ -409,7 +404,7 @@ def msd_layout(root: Path, channel: int | str | None) -> Layout:
         image = _inside(root, entry["image"], jpath, f"training[{k}].image")
         case_id = nifti_stem(image)
         if case_id is None:
-            raise DataError(f"{jpath}: training[{k}].image {_shown(entry['image'])} is not NIfTI")
+            raise DataError(f"{jpath}: training[{k}].image {shown(entry['image'])} is not NIfTI")
         if case_id in seen:
             raise DataError(
                 f"{jpath}: training[{k}] and training[{seen[case_id]}] are both case "
