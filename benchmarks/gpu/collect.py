@@ -1,4 +1,4 @@
-"""``results.md`` from one ``benchmarks/gpu/run.sh`` call's unpacked results, with issue 9's goals.
+"""``results.md`` from one ``benchmarks/gpu/run.sh`` run's unpacked results, with the GPU goals.
 
 python benchmarks/gpu/collect.py benchmarks/results/gpu
 """
@@ -18,7 +18,7 @@ def _table(rows: list[list[Any]], head: list[str]) -> list[str]:
 
 
 def collect(res: Path) -> str:
-    lines = ["# GPU measurements (issue 9)", ""]
+    lines = ["# GPU measurements", ""]
     steps = (res / "steps.txt").read_text() if (res / "steps.txt").is_file() else ""
     tp_path = res / "throughput.json"
     tp = json.loads(tp_path.read_text()) if tp_path.is_file() else {"settings": []}
@@ -26,7 +26,7 @@ def collect(res: Path) -> str:
     lines += [
         f"Machine: {machine.get('name', machine.get('device', '?'))}, torch {machine.get('torch')}"
         f" (CUDA {machine.get('cuda')}), {tp.get('date', '?')}. Command: "
-        "`bash benchmarks/gpu/run.sh` through the device tool (see its header).",
+        "`bash benchmarks/gpu/run.sh` (see its header).",
         "",
         "## Training throughput (images/s)",
         "",

@@ -1,4 +1,4 @@
-# Shared by the device-tool scripts (paper.sh, trust.sh); sourced, not run. Each caller sets
+# Shared by the GPU scripts (paper.sh, trust.sh); sourced, not run. Each caller sets
 # PY, REPO, WORK, RES and, before run_until_deadline, deadline (epoch seconds).
 
 # write_spec NAME [OVERRIDE ...]: $WORK/NAME.yaml from benchmarks/NAME.yaml, pointed at the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the one file that a GPU call of the device tool carries (run here, on the CPU machine):
+# Build the one file a GPU machine without the data needs (run on a machine with ../shared/data):
 # CONFIG's clients preprocessed at its image size (`fedoap data prepare`) and the MONAI and
 # Opacus wheels (the GPU machine has torch but neither), in .gpu/payload.tar.xz. The npz files
 # are stored uncompressed and the tar is xz -9e compressed. configs/paper.yaml (128x128, the

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Issue 11 on the device tool: benchmarks/paper.yaml (w=64, 128^2, every training image, 3 seeds)
-# in parts that fit the device budget. Each call
-#   1. unpacks the payload once per machine ($WORK lives as long as the machine stays warm),
+# benchmarks/paper.yaml (w=64, 128^2, every training image, 3 seeds) on one GPU, in parts of about
+# ten minutes. Each run
+#   1. unpacks the payload once per machine (into $WORK, reused by later runs on it),
 #   2. runs the bench stages in priority order until BUDGET seconds are used; the cell running
-#      then is stopped and resumes on the next call from its last checkpoint (the bench cache
+#      then is stopped and resumes on the next run from its last checkpoint (the bench cache
 #      skips finished cells),
 #   3. writes REPORT.md with `fedoap report` and packs every cell, without checkpoints, into
 #      $OUT/paper-results.tar.gz (unpack it into benchmarks/results/paper/ here).
-# Prepare here with `bash benchmarks/gpu/pack.sh`, then call the device tool with
-#   carry: [".gpu/payload.tar.xz"]   command: "bash benchmarks/gpu/paper.sh"   timeout_s: 580
-# and again on the warm machine (same command) until every cell is in.
+# Build the payload with `bash benchmarks/gpu/pack.sh` on a machine with ../shared/data; with
+# .gpu/payload.tar.xz in the repository on the GPU machine, run `bash benchmarks/gpu/paper.sh`
+# there, and again (same command) until every cell is in.
 #
 # STAGES (default "first core rest ablation"), in this order:
 #   first     fedoap seed 0 alone: one cell's time and memory before the rest are planned
@@ -17,7 +17,7 @@
 #   rest      ditto, apfl, fedavg x seeds 0 1 2
 #   ablation  fedoap no_dca and kv_bank, seed 0
 #   long      benchmarks/paper-long.yaml: fedoap and local, seed 0
-# BUDGET (default 480) seconds of bench work per call; JOBS (default 1) cells at a time;
+# BUDGET (default 480) seconds of bench work per run; JOBS (default 1) cells at a time;
 # CKPT (default 5) federation.checkpoint_every (an execution setting, not part of a cell's
 # identity: 5 writes the 2.8 GB resume checkpoint at the end of each stage only).
 # CPU dry run of the whole script, one shrunk cell (numbers meaningless):

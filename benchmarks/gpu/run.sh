@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Issue 9's GPU measurements as one call of the device tool, sized for <= 8 min on one H100:
+# The GPU measurements as one command, sized for <= 8 min on one H100:
 #   1. training images/s through fedoap's real loop beside the bare model + optimiser
 #      (w=64, 128^2, batch 64, bf16; eager and compiled) and the small CPU profile
 #      (w=8, 96^2, batch 8 and 64; eager and CUDA graphs);           benchmarks/gpu/throughput.py
 #   2. one whole FedOAP configs/paper.yaml run: wall time and summary.json's time.phases;
 #   3. the CUDA tests (determinism, a CUDA and a CPU site in one federation, kill and resume);
 #   4. with LONG=1 (another call): `local` on configs/paper-long.yaml, for its validation curve.
-# Prepare here with `bash benchmarks/gpu/pack.sh`, then call the device tool with
-#   carry: [".gpu/payload.tar.xz"]   command: "bash benchmarks/gpu/run.sh"   timeout_s: 560
-# Everything lands in $OUT/gpu-results.tar.gz (no checkpoints); unpack it into
+# On a machine with ../shared/data, `bash benchmarks/gpu/pack.sh` builds .gpu/payload.tar.xz (the
+# data and the wheels the GPU machine lacks); with it in the repository on the GPU machine, run
+# `bash benchmarks/gpu/run.sh` there. Everything lands in $OUT/gpu-results.tar.gz (no
+# checkpoints); unpack it into
 # benchmarks/results/gpu/ and run `python benchmarks/gpu/collect.py benchmarks/results/gpu`.
 # A CPU dry run of the whole script (tiny sizes, numbers meaningless): QUICK=1 bash ...
 set -uo pipefail

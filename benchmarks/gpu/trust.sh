@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Issue 15 on the device tool: benchmarks/privacy.yaml and benchmarks/robustness.yaml (FedOAP and
-# FedAvg), every seed, on one GPU. Each call
-#   1. unpacks the payload once per machine ($WORK lives as long as the machine stays warm),
+# On one GPU: benchmarks/privacy.yaml and benchmarks/robustness.yaml (FedOAP and
+# FedAvg), every seed, on one GPU. Each run
+#   1. unpacks the payload once per machine (into $WORK, reused by later runs on it),
 #   2. runs a one-round smoke run (DP-SGD FedOAP, and FedAvg with an attack and the median), and
 #      stops there if it fails, before any device time goes into the benchmarks,
 #   3. runs the three benches at the same time until BUDGET seconds are used; the cells running
-#      then are stopped (the bench cache skips finished cells on the next call),
+#      then are stopped (the bench cache skips finished cells on the next run),
 #   4. packs every finished cell, without checkpoints, into $OUT/trust-results.tar.gz. Unpack it
 #      here and report each folder with `fedoap report` (the CPU is enough for that).
-# Prepare here with `bash benchmarks/gpu/pack.sh configs/federation4.yaml`, then call the device
-# tool with
-#   carry: [".gpu/payload.tar.xz"]   command: "bash benchmarks/gpu/trust.sh"   timeout_s: 590
-# BUDGET (default 470) seconds of bench work per call; JOBS_PRIVACY, JOBS_FEDOAP, JOBS_FEDAVG
+# Build the payload with `bash benchmarks/gpu/pack.sh configs/federation4.yaml` on a machine with
+# ../shared/data; with .gpu/payload.tar.xz in the repository on the GPU machine, run
+# `bash benchmarks/gpu/trust.sh` there (about 10 minutes a run), and again until every cell is in.
+# BUDGET (default 470) seconds of bench work per run; JOBS_PRIVACY, JOBS_FEDOAP, JOBS_FEDAVG
 # (default 6, 6, 4) cells at a time in each bench; SEEDS (default "0 1 2"); DETERMINISTIC
 # (default 1) adds train.deterministic=true to every cell. Without it, two runs of one config on
 # an H200 differed by up to 6 points of the honest sites' mean Dice (2026-11-28, see the README),
