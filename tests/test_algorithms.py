@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedoap.algorithms import SHARED, FitContext, Update, build_algorithm, weighted_mean
+from fedoap.aggregation import build_aggregation, weighted_mean
+from fedoap.algorithms import SHARED, FitContext, Update, build_algorithm
 from fedoap.algorithms.fedoap import BANK, SUMMARY, kmeans, kv_summary
 from fedoap.data import prepare_clients
 from tests.conftest import tiny_config
@@ -56,7 +57,8 @@ def test_aggregate_is_the_example_weighted_mean():
     counts = [10, 30, 60]
     updates = [Update({k: torch.randn(s) for k, s in shapes.items()}, n) for n in counts]
     # Execute
-    new = alg.aggregate({k: torch.zeros(s) for k, s in shapes.items()}, updates, {})
+    zeros = {k: torch.zeros(s) for k, s in shapes.items()}
+    new = alg.aggregate(zeros, updates, {}, build_aggregation(cfg))
     # Assert
     for k in shapes:
         expected = (
@@ -109,7 +111,7 @@ def test_bank_summary_is_bounded_and_merged(client, summary):
         s = kv_summary(model, x, cfg.model.kv, torch.Generator().manual_seed(0), "fp32")
         assert s.shape == (rows, c)
     other = Update({**update.arrays, SUMMARY: update.arrays[SUMMARY] + 1}, update.num_examples * 3)
-    merged = alg.aggregate(g, [update, other], {})
+    merged = alg.aggregate(g, [update, other], {}, build_aggregation(cfg))
     if summary == "kmeans":
         assert merged[BANK].shape == (10, c)
     else:

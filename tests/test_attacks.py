@@ -52,17 +52,19 @@ def shared(run_dir) -> dict[str, torch.Tensor]:
 
 def run(tmp_path, name: str, *over: str) -> dict:
     cfg = tiny_config("method=fedavg", "train.precision=fp32", "finetune.epochs=0", *over)
-    return run_experiment(cfg, tmp_path / name, progress=False, log=lambda s: None)
+    return run_experiment(cfg, tmp_path / name, progress=False)
 
 
 def test_refused_attackers_leave_the_honest_sites_as_if_they_sent_nothing(tmp_path):
     # The scaled upload is refused by its norm, the NaN one as not finite; either way the round
     # averages the two honest sites only, so both runs end with the same global model.
-    scaled = run(tmp_path, "scale", "federation.attack.sites=[ct]", "federation.attack.kind=scale")
-    nan = run(tmp_path, "nan", "federation.attack.sites=[ct]", "federation.attack.kind=nan")
+    scaled = run(
+        tmp_path, "scale", "federation.attack.clients=[ct]", "federation.attack.kind=scale"
+    )
+    nan = run(tmp_path, "nan", "federation.attack.clients=[ct]", "federation.attack.kind=nan")
     for summary, why in ((scaled, "update norm"), (nan, "not finite")):
         refused = summary["refused"]
-        assert [(r["round"], r["site"]) for r in refused] == [(1, "ct"), (2, "ct")]
+        assert [(r["round"], r["client"]) for r in refused] == [(1, "ct"), (2, "ct")]
         assert all(why in r["reason"] for r in refused)
     a, b = shared(tmp_path / "scale"), shared(tmp_path / "nan")
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -73,7 +75,7 @@ def test_refused_attackers_leave_the_honest_sites_as_if_they_sent_nothing(tmp_pa
 def test_without_the_norm_check_a_scaled_upload_reaches_the_mean_but_not_the_median(tmp_path):
     # Distance of the final global model from the same rule's clean run. On our CPU: 488 for
     # the mean (the attack took it over) and 0.62 for the median of three.
-    over = ("federation.attack.sites=[ct]", "federation.max_update_norm_ratio=null")
+    over = ("federation.attack.clients=[ct]", "federation.max_update_norm_ratio=null")
     mean = run(tmp_path, "mean", *over)
     assert not mean.get("refused")
     run(tmp_path, "median", *over, "federation.aggregator=median")
@@ -88,16 +90,16 @@ def test_without_the_norm_check_a_scaled_upload_reaches_the_mean_but_not_the_med
 
 
 def test_an_attack_on_an_unknown_site_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"federation.attack.sites\[0\]: 'xx' is not a client"):
-        tiny_config("federation.attack.sites=[xx]")
-    with pytest.raises(ConfigError, match="federation.attack.kind: no federation.attack.sites"):
+    with pytest.raises(ConfigError, match=r"federation.attack.clients\[0\]: 'xx' is not a client"):
+        tiny_config("federation.attack.clients=[xx]")
+    with pytest.raises(ConfigError, match="federation.attack.kind: no federation.attack.clients"):
         tiny_config("federation.attack.kind=nan")
 
 
 def test_refusals_are_in_metrics_csv_and_no_defence_lets_the_attack_in(tmp_path):
     import csv
 
-    run(tmp_path, "nan", "federation.attack.sites=[ct]", "federation.attack.kind=nan")
+    run(tmp_path, "nan", "federation.attack.clients=[ct]", "federation.attack.kind=nan")
     rows = list(csv.DictReader((tmp_path / "nan" / "metrics.csv").open()))
     fed = [r for r in rows if r["stage"] == "federated"]
     assert {r["round"] for r in fed} == {"1", "2"}
@@ -108,7 +110,7 @@ def test_refusals_are_in_metrics_csv_and_no_defence_lets_the_attack_in(tmp_path)
         run(
             tmp_path,
             "open",
-            "federation.attack.sites=[ct]",
+            "federation.attack.clients=[ct]",
             "federation.attack.kind=nan",
             "federation.validate_updates=false",
         )

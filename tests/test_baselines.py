@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fedoap.training.engine as engine
+from fedoap.aggregation import build_aggregation
 from fedoap.algorithms import ALGORITHMS, SHARED, FitContext, build_algorithm
 from fedoap.api import run_experiment
 from fedoap.data import prepare_clients
@@ -37,7 +38,7 @@ def run_rounds(cfg, clients, rounds=1):
             )
             updates.append(up)
             uploads[c.name] = up
-        g = alg.aggregate(g, updates, server)
+        g = alg.aggregate(g, updates, server, build_aggregation(cfg))
     return alg, model, g, states, uploads
 
 
@@ -134,7 +135,8 @@ def test_server_optimizers_against_hand_computation(method):
     ws, m, v, mom = [1.0], 0.0, (getattr(o, "tau", 0.0) ** 2), 0.0
     for client_value in (1.5, 1.2):
         # Execute
-        g = alg.aggregate(g, [Update({"shared.w": torch.tensor([client_value])}, 3)], server)
+        up = Update({"shared.w": torch.tensor([client_value])}, 3)
+        g = alg.aggregate(g, [up], server, build_aggregation(alg.cfg))
         # Assert: the paper's update, computed by hand
         d = client_value - ws[-1]
         if method == "fedavgm":
@@ -194,7 +196,7 @@ def test_fedrep_trains_head_then_body(clients, monkeypatch):
         phases.append("head" if names <= head else "body" if not names & head else "mixed")
         return real(model, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr("fedoap.algorithms.base.train_epochs", spy)
+    monkeypatch.setattr("fedoap.training.local.train_epochs", spy)
     run_rounds(cfg, clients[:1])
     assert phases == ["head", "body"]
 
@@ -307,9 +309,7 @@ def test_centralized_sees_every_training_image_once_per_epoch(tmp_path, monkeypa
 
     monkeypatch.setattr(engine, "batches", spy)
     clients = prepare_clients(cfg.data)
-    summary = run_experiment(
-        cfg, tmp_path / "c", progress=False, log=lambda s: None, clients=clients
-    )
+    summary = run_experiment(cfg, tmp_path / "c", progress=False, clients=clients)
     total = sum(len(c.train) for c in clients)
     assert len(epochs) == 2
     for seen in epochs:
@@ -351,7 +351,6 @@ def test_every_method_runs_end_to_end(tmp_path, method):
         tiny_config(f"method={method}", "federation.rounds=1"),
         tmp_path / method,
         progress=False,
-        log=lambda s: None,
     )
     assert s["method"] == method
     assert all(0 <= c["test"]["dice"] <= 1 for c in s["clients"].values())

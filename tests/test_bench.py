@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from fedoap.adapt import adapt
 from fedoap.api import run_experiment
 from fedoap.bench import is_done, load_spec, plan, run_bench, select_variants
 from fedoap.data.synthetic import generate_client
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
+
+GOALS = REPO / "benchmarks" / "analysis" / "goals.py"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def federation_without_ct(npz_clients, tmp_path_factory):
     cfg = from_dict(Config, data)
     validate(cfg)
     run = tmp_path_factory.mktemp("fed") / "run"
-    run_experiment(cfg, run, progress=False, log=lambda s: None)
+    run_experiment(cfg, run, progress=False)
     return run, cfg
 
 
@@ -59,17 +62,22 @@ def test_adapt_to_an_unseen_client(npz_clients, federation_without_ct):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     seen_threads = []
+
+    class Threads(logging.Handler):  # the thread count while adapt logs its progress
+        def emit(self, record: logging.LogRecord) -> None:
+            seen_threads.append(torch.get_num_threads())
+
+    log = logging.getLogger("fedoap.adapt")
+    handler, level = Threads(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     try:
-        s = adapt(
-            run,
-            npz_clients / "ct.npz",
-            "ct",
-            epochs=2,
-            log=lambda _: seen_threads.append(torch.get_num_threads()),
-        )
+        s = adapt(run, npz_clients / "ct.npz", "ct", epochs=2)
         after = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+        log.removeHandler(handler)
+        log.setLevel(level)
     # The federation's train.num_threads applies inside, and the process's count is restored.
     assert seen_threads and set(seen_threads) == {1} and after == 2
     for key in ("zero_shot", "adapted", "local_only", "local_full"):
@@ -77,14 +85,14 @@ def test_adapt_to_an_unseen_client(npz_clients, federation_without_ct):
     assert s["init"] == "averaged" and 0 <= s["adapted"]["best_epoch"] <= 2
     assert s["local_full"]["epochs"] == cfg.federation.rounds * cfg.train.local_epochs + 2
     with pytest.raises(ValueError, match="was part of the federation"):
-        adapt(run, npz_clients / "us.npz", "us", log=lambda s: None)
+        adapt(run, npz_clients / "us.npz", "us")
     with pytest.raises(ValueError, match="--init must be one of"):
-        adapt(run, npz_clients / "ct.npz", "ct", init="best", log=lambda s: None)
+        adapt(run, npz_clients / "ct.npz", "ct", init="best")
 
 
 def test_adapt_nearest_starts_from_the_best_donor_on_validation(npz_clients, federation_without_ct):
     run, _ = federation_without_ct
-    s = adapt(run, npz_clients / "ct.npz", "ct", epochs=1, init="nearest", log=lambda s: None)
+    s = adapt(run, npz_clients / "ct.npz", "ct", epochs=1, init="nearest")
     assert set(s["init_val"]) == {"mri", "us"}
     donor = max(s["init_val"], key=s["init_val"].get)
     assert s["init_from"] == donor
@@ -114,14 +122,12 @@ def test_bench_runs_caches_and_writes_results(npz_clients, tmp_path):
     cells = plan(spec, bases)
     assert [c.kind for c in cells] == ["main", "main", "ablation", "loo", "loo", "loo"]
     out = tmp_path / "out"
-    run_bench(spec, bases, out, cells[:2], jobs=2, log=lambda s: None)
+    run_bench(spec, bases, out, cells[:2], jobs=2)
     assert all(is_done(c, out) for c in cells[:2])
     mtimes = {
         c.key: (out / "cells" / c.key / "run" / "summary.json").stat().st_mtime for c in cells[:2]
     }
-    run_bench(
-        spec, bases, out, cells, jobs=1, log=lambda s: None
-    )  # extends; the first two are cached
+    run_bench(spec, bases, out, cells, jobs=1)  # extends; the first two are cached
     for key, t in mtimes.items():
         assert (out / "cells" / key / "run" / "summary.json").stat().st_mtime == t
     with open(out / "results.csv") as fh:
@@ -146,14 +152,14 @@ def test_bench_runs_caches_and_writes_results(npz_clients, tmp_path):
     (out / "cells" / cells[0].key / "examples.npz").unlink()
     assert not is_done(cells[0], out, spec) and is_done(cells[0], out)
     summary_mtime = (out / "cells" / cells[0].key / "run" / "summary.json").stat().st_mtime
-    run_bench(spec, bases, out, cells[:1], jobs=1, log=lambda s: None)
+    run_bench(spec, bases, out, cells[:1], jobs=1)
     assert is_done(cells[0], out, spec)
     assert (out / "cells" / cells[0].key / "run" / "summary.json").stat().st_mtime == summary_mtime
 
     # The report regenerates from results.csv (plus the kept masks and the data, for the grid).
     from fedoap.report import make_report
 
-    report = make_report(out).read_text()
+    report = make_report(out, GOALS).read_text()
     for section in (
         "## All methods",
         "margin over the best baseline",
@@ -263,12 +269,12 @@ def test_a_flower_run_is_never_adapted_or_resumed_from_parts_the_server_lacks(
     (flower_run / "summary.json").write_text(json.dumps({**summary, "runtime": "flower"}))
     for init in ("averaged", "nearest"):
         with pytest.raises(ConfigError, match=r"a Flower run.*use --init fresh"):
-            adapt(flower_run, npz_clients / "ct.npz", "ct", epochs=1, init=init, log=print)
-    s = adapt(flower_run, npz_clients / "ct.npz", "ct", epochs=1, init="fresh", log=print)
+            adapt(flower_run, npz_clients / "ct.npz", "ct", epochs=1, init=init)
+    s = adapt(flower_run, npz_clients / "ct.npz", "ct", epochs=1, init="fresh")
     assert s["init"] == s["init_from"] == "fresh"
     (flower_run / "summary.json").unlink()  # as if the server had been killed
     with pytest.raises(ConfigError, match="was run on a Flower deployment: resume it there"):
-        resume_experiment(flower_run, progress=False, log=print)
+        resume_experiment(flower_run, progress=False)
 
 
 def test_an_attack_grid_runs_every_defence_and_keeps_a_divergence_as_its_outcome(
@@ -282,7 +288,7 @@ def test_an_attack_grid_runs_every_defence_and_keeps_a_divergence_as_its_outcome
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     spec_path = tmp_path / "spec.yaml"
     grid = {
-        "sites": ["ct"],
+        "clients": ["ct"],
         "kinds": ["nan"],
         "defences": [
             {"name": "none", "overrides": ["federation.validate_updates=false"]},
@@ -304,14 +310,14 @@ def test_an_attack_grid_runs_every_defence_and_keeps_a_divergence_as_its_outcome
         "fedavg.median.clean",
         "fedavg.median.nan",
     ]
-    # One column of the grid and the main cell, as `fedoap bench --variant` selects them; the
+    # One column of the grid and the main cell, as `fedoap bench --variants` selects them; the
     # cells keep their keys, so a partial run fills the same results folder.
     some = select_variants(cells, ["fedavg", "fedavg.median.*"])
     assert [c.key for c in some] == [cells[0].key, cells[4].key, cells[5].key]
-    with pytest.raises(ConfigError, match=r"--variant 'fedavg\.krum\.\*' matches no planned cell"):
+    with pytest.raises(ConfigError, match=r"--variants 'fedavg\.krum\.\*' matches no planned"):
         select_variants(cells, ["fedavg.krum.*"])
     out = tmp_path / "out"
-    run_bench(spec, bases, out, cells, jobs=2, log=lambda s: None)  # a divergence is no failure
+    run_bench(spec, bases, out, cells, jobs=2)  # a divergence is no failure
     assert all(is_done(c, out, spec) for c in cells)
     diverged = (out / "cells" / cells[2].key / "diverged.txt").read_text()
     assert "validate_updates=false let every upload in" in diverged
@@ -340,7 +346,7 @@ def test_an_attack_grid_runs_every_defence_and_keeps_a_divergence_as_its_outcome
             rows[("fedavg.validation.nan", c)]["test_dice"]
             == rows[("fedavg.median.nan", c)]["test_dice"]
         )
-    report = make_report(out).read_text()
+    report = make_report(out, GOALS).read_text()
     section = report[report.index("## Robustness") :]
     nan_row = next(ln for ln in section.splitlines() if ln.startswith("| nan"))
     assert nan_row.split("|")[2].strip() == "diverged"
@@ -396,7 +402,7 @@ def test_a_data_size_study_collects_cases_and_reports_them_per_patient(npz_clien
         ]
     )
     out = tmp_path / "out"
-    run_bench(bspec, bases, out, cells, jobs=2, log=lambda s: None)
+    run_bench(bspec, bases, out, cells, jobs=2)
     with open(out / "cases.csv") as fh:
         cases = list(csv.DictReader(fh))
     with open(out / "results.csv") as fh:
@@ -416,7 +422,7 @@ def test_a_data_size_study_collects_cases_and_reports_them_per_patient(npz_clien
         assert bool(r["safeguard_choice"]) == (r["variant"] == "fedavg_ft+sg")
     assert {int(r["train_cases"]) for r in results if r["regime"] == "cases-02"} == {2}
 
-    report = make_report(out).read_text()
+    report = make_report(out, GOALS).read_text()
     for section in (
         "# Per patient",
         "### cases-02: each method − local",
@@ -479,7 +485,7 @@ def test_spec_names_that_name_cell_folders_must_be_file_names(tmp_path):
 
 
 def test_csv_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path):
-    from fedoap.bench import RESULT_FIELDS, _write_csv
+    from fedoap.bench.results import RESULT_FIELDS, _write_csv
 
     # Before: a client named =HYPERLINK(...) went into results.csv as it is, a formula.
     formulas = ['=HYPERLINK("http://x.test","y")', "+cmd", "-2+3", "@SUM(A1)", "\tx", "\rx"]

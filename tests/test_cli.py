@@ -82,6 +82,34 @@ def test_multi_value_options_accept_space_and_comma_lists():
     ]  # fmt: skip
     # A trailing option without values is left for click to reject.
     assert expand_multi_value(["bench", "--only"]) == ["bench", "--only"]
+    # --variants takes several values the same way; --variant, its earlier spelling, too.
+    assert expand_multi_value(["bench", "--variants", "fedoap", "fedoap.median.*"]) == [
+        "bench", "--variants", "fedoap", "--variants", "fedoap.median.*",
+    ]  # fmt: skip
+    assert expand_multi_value(["--variant", "a", "--variant", "b,c"]) == [
+        "--variant", "a", "--variant", "b", "--variant", "c",
+    ]  # fmt: skip
+
+
+def test_bench_variants_take_several_values_and_the_old_repeated_form(tmp_path, capsys):
+    from fedoap.cli.main import main
+
+    spec = tmp_path / "b.yaml"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config().to_dict()))
+    methods = ["local", "fedavg", "fedprox"]
+    spec.write_text(yaml.safe_dump({"base": "base.yaml", "methods": methods, "seeds": [0]}))
+    listed = []
+    for chosen in (
+        ["--variants", "local", "fedavg"],
+        ["--variant", "local", "--variant", "fedavg"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "-c", str(spec), "-o", str(tmp_path / "o"), *chosen, "--dry-run"])
+        assert exit_info.value.code == 0
+        listed.append(capsys.readouterr().out)
+    assert listed[0] == listed[1]
+    assert "local-seed0-" in listed[0] and "fedavg-seed0-" in listed[0]
+    assert "fedprox" not in listed[0]
 
 
 def test_bench_dry_run_takes_space_separated_seeds(tmp_path, capsys):

@@ -13,13 +13,14 @@ import os
 import pytest
 import torch
 
+from fedoap.aggregation import build_aggregation, weighted_mean
 from fedoap.algorithms import build_algorithm
 from fedoap.algorithms.base import FitContext
 from fedoap.api import run_experiment
 from fedoap.config import ConfigError, TrainConfig
 from fedoap.data import prepare_clients
 from fedoap.data.dataset import Split
-from fedoap.federation.robust import weighted_mean
+from fedoap.federation.boundary import run_fit
 from fedoap.training import evaluate, train_epochs
 from fedoap.training.device import (
     DeviceOutOfMemory,
@@ -40,7 +41,7 @@ needs_cuda = pytest.mark.skipif(
 
 
 def quiet(cfg, path):
-    return run_experiment(cfg, path, progress=False, log=lambda s: None)
+    return run_experiment(cfg, path, progress=False)
 
 
 # ------------------------------------------------------------------ device selection
@@ -171,8 +172,13 @@ def test_client_data_must_be_on_the_models_device():
     model = alg.build_model()
     client = prepare_clients(cfg.data)[0].to("meta")  # anything but the model's device
     with pytest.raises(ValueError, match="ClientData.to"):
-        alg.run_fit(
-            model, alg.init_global(model), alg.init_client(model), client, FitContext("c", 1, 0)
+        run_fit(
+            alg,
+            model,
+            alg.init_global(model),
+            alg.init_client(model),
+            client,
+            FitContext("c", 1, 0),
         )
 
 
@@ -185,7 +191,7 @@ def test_uploads_and_state_are_contiguous_cpu_fp32_even_from_channels_last():
     place(model, cfg.train, torch.device("cpu"))
     assert model.encoder.stages[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     client = prepare_clients(cfg.data)[0]
-    update, new = alg.run_fit(model, global_arrays, state, client, FitContext("mri", 1, 0))
+    update, new = run_fit(alg, model, global_arrays, state, client, FitContext("mri", 1, 0))
     assert set(update.arrays) == set(global_arrays) | {"kv.summary"}
     for k, v in {**update.arrays, **new.personal}.items():
         assert v.device.type == "cpu" and v.is_contiguous(), k
@@ -208,14 +214,14 @@ def test_a_cuda_site_and_a_cpu_site_in_one_federation():
     for client, dev in zip(clients, ("cuda", "cpu"), strict=True):
         model = place(alg.build_model(), cfg.train, torch.device(dev))
         state = alg.init_client(alg.build_model())
-        u, _ = alg.run_fit(model, g, state, client.to(dev), FitContext(client.name, 1, 0))
+        u, _ = run_fit(alg, model, g, state, client.to(dev), FitContext(client.name, 1, 0))
         updates.append(u)
     a, b = updates
     assert set(a.arrays) == set(b.arrays)
     for k in a.arrays:
         assert a.arrays[k].device.type == b.arrays[k].device.type == "cpu"
         assert a.arrays[k].dtype == b.arrays[k].dtype and a.arrays[k].is_contiguous()
-    mean = alg.aggregate(g, updates, {})
+    mean = alg.aggregate(g, updates, {}, build_aggregation(cfg))
     expected = weighted_mean(updates, list(a.arrays))
     na, nb = a.num_examples, b.num_examples
     k = next(k for k in a.arrays if a.arrays[k].is_floating_point())
@@ -250,7 +256,7 @@ def test_every_precision_learns(precision):
     model = alg.build_model()
     data = _toy_split()
     before = evaluate(model, data, precision)["dice"]
-    opt = alg.make_optimizer(list(model.parameters()), None)
+    opt = alg.trainer.optimizer(list(model.parameters()), None)
     gen = make_generator(0, "toy")
     first = train_epochs(model, opt, data, 1, alg.loss("fit"), gen, 8, precision)
     later = train_epochs(model, opt, data, 6, alg.loss("fit"), gen, 8, precision)
@@ -364,7 +370,7 @@ def test_precision_auto_follows_the_cpu_and_the_run_records_what_it_ran_in(
     # one identity with the explicit setting: a config that left precision at its default
     # keeps the identity its results had when the default was bf16, where bf16 is native
     assert derive(cfg, []).digest() == explicit.digest()
-    s = run_experiment(cfg, tmp_path / "r", progress=False, log=lambda m: None)
+    s = run_experiment(cfg, tmp_path / "r", progress=False)
     assert s["execution"]["precision"] == want
     saved = load_config(tmp_path / "r" / "config.yaml")
     assert saved.train.precision == want and saved.digest() == explicit.digest()

@@ -226,7 +226,7 @@ def run_dp(tmp_path, name, *over):
     from fedoap.api import run_experiment
 
     cfg = tiny_config("train.precision=fp32", *over)
-    return run_experiment(cfg, tmp_path / name, progress=False, log=lambda s: None)
+    return run_experiment(cfg, tmp_path / name, progress=False)
 
 
 def test_the_budget_covers_every_step_fine_tuning_included_and_meets_the_target(tmp_path):
@@ -346,8 +346,8 @@ def test_group_privacy_is_the_basic_bound_and_says_when_it_guarantees_nothing():
 
 
 def test_dp_fedavg_clips_each_update_averages_equally_and_adds_noise_of_z_c_over_k():
+    from fedoap.aggregation.dp import dp_fedavg
     from fedoap.algorithms import Update
-    from fedoap.privacy import dp_fedavg
 
     g = {"shared.w": torch.zeros(3)}
     ups = [
@@ -524,3 +524,20 @@ def test_the_run_table_prints_each_sites_per_patient_reading(monkeypatch, capsys
     assert rows["ct"].split("│")[-2].strip() == "0.30 (k=3)"
     assert rows["mri"].split("│")[-2].strip() == "none (k=9)"  # 9 e^8 5e-4 >= 1
     assert rows["cvc"].split("│")[-2].strip() == "= ε (per case)"
+
+
+def test_only_the_methods_tested_under_dp_declare_it_and_subclasses_declare_their_own():
+    """``supports_dp`` is inherited like any class attribute: a method derived from FedAvg that
+    changes training or aggregation must declare False again, so the set is checked here."""
+    from fedoap.algorithms import ALGORITHMS
+
+    supported = {n for n in ALGORITHMS.names() if ALGORITHMS.get(n).supports_dp}
+    assert supported == {"fedavg", "fedoap", "local"}
+    refused = ALGORITHMS.names()
+    for name in refused:
+        if name in supported:
+            continue
+        with pytest.raises(ConfigError, match=f"privacy.dp: method {name} is not supported"):
+            build_algorithm(
+                tiny_config(f"method={name}", "privacy.dp.enabled=true", "privacy.dp.epsilon=3")
+            )

@@ -48,7 +48,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for name, over in CASES.items():
         cfg = tiny_config(*FAST, *over)
-        run_experiment(cfg, root / name, progress=False, log=lambda s: None)
+        run_experiment(cfg, root / name, progress=False)
         out[name] = root / name
     return out
 

@@ -6,7 +6,9 @@ The tests that start, kill and resume real SuperLink/SuperNode processes are mar
 
 Needs the ``[flower]`` extra (CI installs it); without it the module is skipped, since the core
 package does not depend on Flower. Every test uses a private FLWR_HOME and the offline settings
-(no dependency installation, no telemetry) from ``fedoap.federation.flower_launch``.
+(no dependency installation, no telemetry) from ``fedoap.federation.flower_launch``; the
+loopback federations are set up by ``tests/flower_helpers.py``, as ``scripts/flower_loopback.sh``
+sets up its own.
 """
 
 from __future__ import annotations
@@ -32,19 +34,18 @@ from fedoap.federation.checkpoint import load_tensors, peek_meta  # noqa: E402
 from fedoap.federation.flower_launch import (  # noqa: E402
     FlowerSession,
     _descendants,
-    make_node_keys,
-    make_tls,
     summary_written,
 )
 from fedoap.models.partition import sub  # noqa: E402
 from fedoap.runs import read_metrics  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
+from tests.flower_helpers import LoopbackSession, make_node_keys  # noqa: E402
 
 pytestmark = pytest.mark.flower
 
 
 def quiet(cfg, path):
-    return run_experiment(cfg, path, progress=False, log=lambda s: None)
+    return run_experiment(cfg, path, progress=False)
 
 
 @pytest.mark.parametrize("mode", ["weights", "bank"])
@@ -154,21 +155,6 @@ def test_methods_that_need_individual_models_are_refused_before_anything_starts(
         assert not (tmp_path / method).exists()
 
 
-def _start_nodes(fl, tmp_path, cfg, tls):
-    certs = make_tls(tmp_path / "certs") if tls else None
-    fl.start_superlink(tls=certs, node_auth=tls)
-    nodes = {}
-    for c in cfg.data.clients:
-        key = None
-        if tls:
-            key, pub = make_node_keys(tmp_path / "keys", c.name)
-            fl.register_node(pub)
-        nodes[c.name] = fl.start_supernode(
-            c.name, {"client-name": c.name}, tls=certs, private_key=key
-        )
-    return certs, nodes
-
-
 def _kill_server_app(fl):
     """SIGKILL the ServerApp process of this session's SuperLink (not the SuperLink itself)."""
     # The SuperLink's SuperExec starts it in a session of its own, pointed at the SuperLink.
@@ -187,8 +173,8 @@ def _deploy(tmp_path, cfg, tls=False, kill_server_after=None):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_config(cfg, run_dir / "config.yaml")
-    with FlowerSession(tmp_path / "flower") as fl:
-        certs, _ = _start_nodes(fl, tmp_path, cfg, tls)
+    with LoopbackSession(tmp_path / "flower") as fl:
+        certs, _ = fl.start_sites(tmp_path, [c.name for c in cfg.data.clients], tls=tls)
         rejected = None
         if tls:  # a node whose key was never registered must be refused
             bad_key, _ = make_node_keys(tmp_path / "keys", "intruder")
@@ -327,8 +313,8 @@ def test_a_killed_supernode_is_lost_for_a_round_and_rejoins_from_its_own_state(t
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_config(cfg, run_dir / "config.yaml")
-    with FlowerSession(tmp_path / "flower") as fl:
-        _, nodes = _start_nodes(fl, tmp_path, cfg, tls=False)
+    with LoopbackSession(tmp_path / "flower") as fl:
+        _, nodes = fl.start_sites(tmp_path, [c.name for c in cfg.data.clients])
         run_id = fl.run({"run-dir": str(run_dir.resolve())})
         _wait_for(lambda: _position(run_dir)[1] >= 1, 600, "round 1 did not finish")
         # Mid round 2 the site's machine goes down: the SuperNode and every process it started.
@@ -389,7 +375,7 @@ def test_a_killed_server_resumes_to_the_uninterrupted_result(tmp_path):
     assert not (run_dir / "summary.json").exists()
     stopped_at = _position(run_dir)
     assert stopped_at[0] == "federated" and stopped_at[1] < 4
-    resumed = resume_experiment(run_dir, progress=False, log=lambda s: None)
+    resumed = resume_experiment(run_dir, progress=False)
     assert resumed["flower"]["status"] == "finished:completed"
     _assert_same_run(ref, resumed, tmp_path / "reference", run_dir)
 
@@ -407,7 +393,7 @@ def test_the_clientapp_import_paths_stay_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     code = (
-        "import sys, fedoap.federation.flower, fedoap.algorithms, fedoap.training; "
+        "import sys, fedoap.federation.flower_client, fedoap.federation.flower_site; "
         "print(sorted(m for m in ('monai', 'matplotlib', 'scipy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,7 +1,7 @@
-"""Which node holds which site on Flower (issue 15): a site is pinned to its node, its sizes to
+"""Which node holds which site on Flower: a site is pinned to its node, its sizes to
 its first join, and every refused claim is recorded.
 
-Unit tests of :class:`~fedoap.federation.flower.FlowerTransport` over a fake ``Grid`` that
+Unit tests of :class:`~fedoap.federation.flower_transport.FlowerTransport` over a fake ``Grid`` that
 answers at once, the way the SuperLink and the real ClientApp would (same record names, an
 error reply for an unavailable node). No Flower process is started.
 """
@@ -21,8 +21,8 @@ from flwr.proto.node_pb2 import NodeInfo  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from fedoap.federation.flower import NODE_UNAVAILABLE, FlowerTransport  # noqa: E402
-from fedoap.federation.flower_client import METRICS, step_records  # noqa: E402
+from fedoap.federation.flower_records import METRICS, step_records  # noqa: E402
+from fedoap.federation.flower_transport import NODE_UNAVAILABLE, FlowerTransport  # noqa: E402
 from fedoap.federation.site import Step  # noqa: E402
 
 NAMES = ["mri", "us", "ct"]
@@ -36,7 +36,7 @@ def site(index: Any, sizes: tuple[int, int, int] | None = None) -> Answer:
     train, val, test = sizes or SIZES[NAMES[index]]
 
     def answer(msg: Message) -> Message:
-        if msg.metadata.message_type == "query":  # flower.identify()'s reply
+        if msg.metadata.message_type == "query":  # flower_site.identify()'s reply
             claim = {"client-index": index, "num-train": train, "num-val": val, "num-test": test}
             return Message(content=RecordDict({METRICS: MetricRecord(claim)}), reply_to=msg)
         result = json.dumps({"rows": [], "test": None, "seconds": {"train": 0.1}})
@@ -123,7 +123,7 @@ def joined(grid: FakeGrid, **kwargs: Any) -> FlowerTransport:
     """Nodes 1, 2, 3 hold mri, us, ct."""
     for i in range(len(NAMES)):
         grid.connect(i + 1, site(i))
-    transport = FlowerTransport(grid, {}, NAMES, timeout=0.3, log=lambda _: None, **kwargs)
+    transport = FlowerTransport(grid, {}, NAMES, timeout=0.3, **kwargs)
     transport.wait_for_all(deadline_s=5)
     assert transport.nodes == {1: "mri", 2: "us", 3: "ct"}
     return transport
@@ -262,7 +262,7 @@ def test_the_pinned_sizes_and_refusals_survive_a_server_restart():
     grid2.connect(1, site(0))
     grid2.connect(2, site(1))
     grid2.connect(3, site(2, sizes=(31, 3, 3)))
-    again = FlowerTransport(grid2, {}, NAMES, timeout=0.3, log=lambda _: None)
+    again = FlowerTransport(grid2, {}, NAMES, timeout=0.3)
     again.restore_history(history)
     again.identify()
     again.restore_history(history)  # Server.restore restores it again: nothing is lost
@@ -296,7 +296,7 @@ def test_a_site_declaring_more_images_than_the_bound_is_refused_at_join():
     grid = FakeGrid()
     for i, name in enumerate(NAMES):
         grid.connect(i + 1, site(i, (10**9, 3, 3) if name == "us" else None))
-    transport = FlowerTransport(grid, {}, NAMES, timeout=0.3, log=lambda _: None, max_train=1000)
+    transport = FlowerTransport(grid, {}, NAMES, timeout=0.3, max_train=1000)
     # Execute
     transport.identify()
     replied, lost = step(transport, 1)

@@ -64,7 +64,7 @@ def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) 
 
 
 def quiet(cfg: Config, path: Path) -> dict:
-    return run_experiment(cfg, path, progress=False, log=lambda s: None)
+    return run_experiment(cfg, path, progress=False)
 
 
 def write_cfg(path: Path, cfg: Config) -> Path:
@@ -253,8 +253,8 @@ def test_diverged_client_is_excluded_and_reported_when_asked(tmp_path, monkeypat
 def test_a_non_finite_aggregate_always_stops_the_run(tmp_path, monkeypatch):
     aggregate = Algorithm.aggregate
 
-    def nan_server_step(alg, global_arrays, updates, server):
-        new = aggregate(alg, global_arrays, updates, server)
+    def nan_server_step(alg, global_arrays, updates, server, policy):
+        new = aggregate(alg, global_arrays, updates, server, policy)
         key = next(k for k, v in new.items() if v.is_floating_point())
         return {**new, key: torch.full_like(new[key], math.inf)}
 
@@ -454,7 +454,7 @@ def test_run_is_complete_only_when_every_output_is_written(tmp_path, monkeypatch
     assert rd.metrics.exists() and not rd.summary.exists() and not rd.is_complete()
     (tmp_path / "run" / "metrics.csv.tmp").write_text("torn")  # as a kill mid-write leaves
     monkeypatch.undo()
-    summary = resume_experiment(rd.root, progress=False, log=lambda s: None)
+    summary = resume_experiment(rd.root, progress=False)
     assert rd.is_complete() and (rd.plots / "val_dice.png").is_file()
     assert json.loads(rd.summary.read_text()) == summary
     assert not list(rd.root.rglob("*.tmp"))

@@ -100,3 +100,13 @@ def test_case_scores_by_hand():
     assert b["empty_slice_fp_rate"] == 0.0
     only_empty = case_scores(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), ["c"])[0]
     assert only_empty["tumour_slice_dice"] is None and only_empty["case_dice"] == 1.0
+
+
+def test_selection_never_picks_an_uncomputable_score_and_keeps_the_earliest_tie():
+    from fedoap.metrics.selection import improves, selection_score
+
+    assert selection_score({"case_dice": None}, "case_dice") == -math.inf
+    assert not improves({"case_dice": None}, "case_dice", -math.inf)  # None never wins
+    assert improves({"case_dice": 0.0}, "case_dice", -math.inf)  # any score beats none
+    assert not improves({"case_dice": 0.5}, "case_dice", 0.5)  # a tie keeps the earlier
+    assert improves({"case_dice": 0.51}, "case_dice", 0.5)

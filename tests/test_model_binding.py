@@ -29,7 +29,7 @@ def two_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
         data={"image_size": 32, "clients": [{"name": n, **client} for n in ("a", "b")]},
     )
     run_dir = tmp_path_factory.mktemp("binding") / "run"
-    run_experiment(cfg, run_dir, progress=False, log=lambda s: None)
+    run_experiment(cfg, run_dir, progress=False)
     return run_dir
 
 

@@ -73,7 +73,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         },
     )
     run_dir = tmp_path_factory.mktemp("outputs") / "run"
-    run_experiment(cfg, run_dir, progress=False, log=lambda s: None)
+    run_experiment(cfg, run_dir, progress=False)
     return run_dir
 
 

@@ -10,6 +10,7 @@ import torch
 
 from fedoap.algorithms import Update, build_algorithm
 from fedoap.errors import FederationError
+from fedoap.federation.boundary import run_fit
 from fedoap.federation.protocol import check_upload
 from fedoap.federation.server import Server
 from fedoap.federation.site import Reply
@@ -38,8 +39,13 @@ def test_the_template_is_what_a_real_fit_uploads(fedoap_bank):
 
     cfg, alg, model = fedoap_bank
     data = prepare_clients(cfg.data)[0]
-    update, _ = alg.run_fit(
-        model, alg.init_global(model), alg.init_client(model), data, FitContext(data.name, 1, 0)
+    update, _ = run_fit(
+        alg,
+        model,
+        alg.init_global(model),
+        alg.init_client(model),
+        data,
+        FitContext(data.name, 1, 0),
     )
     template = alg.upload_template(model)
     assert any(k.startswith("kv.") for k in template)
@@ -124,7 +130,6 @@ def _server(fedoap_bank, tmp_path, script, *overrides):
         dict(zip(names, [10, 20, 30], strict=True)),
         model,
         Timer(torch.device("cpu")),
-        log=lambda s: None,
     )
     server.global_arrays = good_upload(server.template, 0.0)
     return server, names
@@ -149,7 +154,7 @@ def test_the_server_refuses_bad_replies_and_aggregates_the_rest(fedoap_bank, tmp
         if k.startswith("shared.") and template[k][1].is_floating_point:
             assert torch.equal(server.global_arrays[k], torch.ones_like(server.global_arrays[k]))
     assert server.losses == {names[0]: 0.5}
-    assert [(r["site"], r["round"]) for r in server.refused] == [(names[1], 1), (names[2], 1)]
+    assert [(r["client"], r["round"]) for r in server.refused] == [(names[1], 1), (names[2], 1)]
     assert "not finite" in server.refused[0]["reason"]
     assert "30 training images" in server.refused[1]["reason"]
     # Nothing acceptable: the global model stays as it was.
@@ -194,7 +199,7 @@ def test_outlying_update_and_summary_norms_are_refused_the_rest_aggregated(fedoa
         server, names = _server(fedoap_bank, tmp_path, script)
         server.transport.trusted = True  # in-process too: not a bug, a judgement on values
         server._federated_step(1)
-        assert [(r["round"], r["site"]) for r in server.refused] == [(1, names[2])]
+        assert [(r["round"], r["client"]) for r in server.refused] == [(1, names[2])]
         assert why in server.refused[0]["reason"] and "10 x" not in server.refused[0]["reason"]
         assert set(server.losses) == set(names[:2])
         key = next(

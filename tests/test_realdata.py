@@ -21,7 +21,7 @@ def test_federation4_smoke(shared_data, tmp_path):
             "finetune.epochs=1",
         ],
     )
-    summary = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    summary = run_experiment(cfg, tmp_path / "run", progress=False)
     assert set(summary["clients"]) == {"brain_mri", "breast_us", "colon_kvasir", "colon_cvc"}
     for c in summary["clients"].values():
         assert c["n"]["train"] == 24 and c["n"]["test"] > 0

@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from fedoap.report import Table
+from fedoap.report import Analysis, Table, load_analysis
+from tests.conftest import REPO
+
+#: This repository's study goals, the sections ``fedoap report --analysis`` adds.
+GOALS_FILE = REPO / "benchmarks" / "analysis" / "goals.py"
+
+
+def study_goals() -> Analysis:
+    return load_analysis(GOALS_FILE)
 
 
 def rows(variant, seed_values, kind="main"):
@@ -41,7 +49,7 @@ def _goal_line(lines, prefix):
 
 
 def test_feddp_margin_is_established_only_by_the_paired_interval():
-    from fedoap.report import goals
+    goals = study_goals().main
 
     def table(fedoap_by_seed):
         base = {s: {"x": 0.5, "y": 0.5} for s in (0, 1, 2)}
@@ -136,8 +144,9 @@ def main_row(regime: str, method: str, seed: int, client: str, dice: float, **ex
     }
 
 
-def report_of(folder, rows: list[dict]) -> str:
-    """``fedoap report``'s text for ``rows`` written as ``folder/results.csv``."""
+def report_of(folder, rows: list[dict], analysis=None) -> str:
+    """``fedoap report``'s text for ``rows`` written as ``folder/results.csv`` (with the
+    sections of the ``analysis`` file, if one is named)."""
     import csv
 
     from fedoap.bench import RESULT_FIELDS
@@ -147,7 +156,7 @@ def report_of(folder, rows: list[dict]) -> str:
         w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    return make_report(folder).read_text()
+    return make_report(folder, analysis).read_text()
 
 
 def test_report_has_a_table_per_regime_and_a_regimes_summary(tmp_path):
@@ -235,7 +244,11 @@ def test_privacy_regimes_are_ordered_by_the_epsilon_spent_with_the_gain_over_loc
 
 
 def test_the_robustness_goal_judges_only_a_defence_that_ran_every_model_poisoning_attack():
-    from fedoap.report import MODEL_POISONING, _robust_cell, robustness_goal
+    from fedoap.report import MODEL_POISONING
+    from fedoap.report.attacks import _robust_cell
+
+    def robustness_goal(honest, clean, defences):
+        return study_goals().attacks(honest, clean, defences, "test Dice per image")
 
     clean = {0: 0.50, 1: 0.60}
     # median: every model-poisoning attack, worst drop 1.5 points (sign_flip, paired by seed);
@@ -299,7 +312,7 @@ def test_robustness_is_reported_per_case_too_where_an_empty_predictor_hides_the_
                         "clean_digest": clean_digest,
                     }
                 )
-    text = report_of(tmp_path, out)
+    text = report_of(tmp_path, out, analysis=GOALS_FILE)
     section = text[text.index("## Robustness") :]
     scale_rows = [ln for ln in section.splitlines() if ln.startswith("| scale |")]
     image, case = scale_rows[0], scale_rows[1]  # the image table comes first, then the case one
@@ -311,3 +324,56 @@ def test_robustness_is_reported_per_case_too_where_an_empty_predictor_hides_the_
     assert per_site.split("|")[3:5] == [" 0.700 / 0.000 ", " 0.500 / 0.500 "]
     # Only scale ran: no defence can be judged on every model-poisoning attack, by either measure.
     assert section.count("**not judged**") == 2
+
+
+def test_a_study_adds_its_sections_only_where_it_is_named(tmp_path):
+    # fedoap beats feddp by 3 points on every seed; the report alone states no goal.
+    out = [
+        main_row("", method, seed, client, 0.5 + 0.01 * seed + shift)
+        for method, shift in (("local", 0.0), ("feddp", 0.0), ("fedoap", 0.03))
+        for seed in (0, 1, 2)
+        for client in ("a", "b")
+    ]
+    plain = report_of(tmp_path, out)
+    assert "## All methods" in plain and "## The goals, measured" not in plain
+    judged = report_of(tmp_path, out, analysis=GOALS_FILE)
+    assert "- Margin over FedDP at least +2.5 points: **yes**" in judged
+    assert judged.index("## All methods") < judged.index("## The goals, measured")
+    # Everything else is the same text.
+    start = judged.index("## The goals, measured")
+    goals = judged[start : judged.index("\n## ", start) + 1]
+    # Everything else is the same text, the command that made it naming the analysis file.
+    named = f" --analysis {GOALS_FILE}`"
+    assert named in judged
+    assert judged.replace(goals, "").replace(named, "`", 1) == plain
+
+    # A file of one's own: a subclass overriding one hook, bound to ANALYSIS.
+    mine = tmp_path / "mine.py"
+    mine.write_text(
+        "from fedoap.report import Analysis\n"
+        "class Mine(Analysis):\n"
+        "    def main(self, table, private):\n"
+        "        return [f'## Mine: {len(table.variants)} methods', '']\n"
+        "ANALYSIS = Mine()\n"
+    )
+    assert "## Mine: 3 methods" in report_of(tmp_path, out, analysis=mine)
+
+
+def test_an_analysis_file_that_is_missing_or_binds_nothing_is_refused_by_name(tmp_path):
+    from fedoap.errors import ConfigError, NotFoundError
+
+    with pytest.raises(NotFoundError, match=f"analysis file {tmp_path / 'nope.py'} not found"):
+        load_analysis(tmp_path / "nope.py")
+    empty = tmp_path / "empty.py"
+    empty.write_text("ANALYSIS = 1\n")
+    with pytest.raises(ConfigError, match="binds no ANALYSIS to an instance of"):
+        load_analysis(empty)
+
+
+def test_the_command_line_names_a_missing_analysis_file_in_one_line(tmp_path):
+    from tests.test_outputs import assert_one_error_line, fedoap
+
+    report_of(tmp_path, [main_row("", "local", 0, "a", 0.5)])
+    missing = tmp_path / "goals.py"
+    res = fedoap("report", tmp_path, "--analysis", missing)
+    assert_one_error_line(res, f"analysis file {missing} not found")

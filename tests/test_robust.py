@@ -1,4 +1,4 @@
-"""Robust aggregation (fedoap.federation.robust) against closed forms, and aggregate() refusing
+"""Robust aggregation (fedoap.aggregation) against closed forms, and aggregate() refusing
 input that would poison the global model when it is called directly."""
 
 from __future__ import annotations
@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedoap.algorithms import Update, build_algorithm
-from fedoap.config import ConfigError
-from fedoap.federation.robust import (
+from fedoap.aggregation import build_aggregation
+from fedoap.aggregation.rules import (
     coordinate_median,
     krum,
     krum_scores,
@@ -16,6 +15,8 @@ from fedoap.federation.robust import (
     trimmed_mean,
     weighted_mean,
 )
+from fedoap.algorithms import Update, build_algorithm
+from fedoap.config import ConfigError
 from tests.conftest import tiny_config
 
 
@@ -91,7 +92,7 @@ def test_one_scaled_upload_moves_the_mean_but_not_the_robust_rules():
         assert bool(((w >= lo) & (w <= hi)).all()), w
 
 
-# ------------------------------------------------------- aggregate() called directly (issue 15)
+# ------------------------------------------------------- aggregate() called directly
 
 
 def _direct(**changes: object) -> tuple[object, dict, list[Update]]:
@@ -129,7 +130,7 @@ def test_aggregate_refuses_what_would_poison_the_global_model(poison, match):
     else:
         b.arrays[key] = b.arrays[key].flatten()[:1]  # would broadcast against the others
     with pytest.raises(ValueError, match=match):
-        alg.aggregate(glob, [a, b], {})  # type: ignore[attr-defined]
+        alg.aggregate(glob, [a, b], {}, build_aggregation(alg.cfg))  # type: ignore[attr-defined]
 
 
 def test_aggregate_uses_the_configured_rule():
@@ -138,19 +139,19 @@ def test_aggregate_uses_the_configured_rule():
     glob = alg.init_global(alg.build_model())
     key = next(k for k, v in glob.items() if v.is_floating_point())
     updates = [Update({k: v + d for k, v in glob.items()}, 1) for d in (0.0, 1.0, 100.0)]
-    new = alg.aggregate(glob, updates, {})
+    new = alg.aggregate(glob, updates, {}, build_aggregation(cfg))
     assert torch.allclose(new[key], glob[key] + 1.0)
 
 
 def test_aggregator_options_are_checked_against_the_rule():
     with pytest.raises(ConfigError, match="federation.trim_beta: only used by"):
         tiny_config("federation.trim_beta=0.3")
-    with pytest.raises(ConfigError, match="federation.byzantine: only used by"):
-        tiny_config("federation.aggregator=median", "federation.byzantine=2")
+    with pytest.raises(ConfigError, match="federation.num_byzantine: only used by"):
+        tiny_config("federation.aggregator=median", "federation.num_byzantine=2")
     # Three sites: f = 1 needs more than 4 per round (f < n/2 - 1 fails).
-    with pytest.raises(ConfigError, match=r"byzantine=1: multi_krum needs more than 2 f \+ 2"):
+    with pytest.raises(ConfigError, match=r"num_byzantine=1: multi_krum needs more than 2 f \+ 2"):
         tiny_config("federation.aggregator=multi_krum")
-    tiny_config("federation.aggregator=krum", "federation.byzantine=0")
+    tiny_config("federation.aggregator=krum", "federation.num_byzantine=0")
     tiny_config("federation.aggregator=trimmed_mean", "federation.trim_beta=0.4")
 
 
@@ -160,7 +161,7 @@ def test_a_run_with_the_median_learns(tmp_path):
     cfg = tiny_config(
         "method=fedavg", "federation.aggregator=median", "train.precision=fp32", "finetune.epochs=0"
     )
-    summary = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    summary = run_experiment(cfg, tmp_path / "run", progress=False)
     import csv
 
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
@@ -181,7 +182,7 @@ def test_the_token_mean_bank_is_combined_by_the_same_rule():
     for fill in (1.0, 2.0, 500.0):
         arrays = {k: torch.full(shape, fill, dtype=dtype) for k, (shape, dtype) in template.items()}
         ups_.append(Update(arrays, 1))
-    bank = alg.aggregate(glob, ups_, {})["kv.bank"]
+    bank = alg.aggregate(glob, ups_, {}, build_aggregation(cfg))["kv.bank"]
     assert torch.equal(bank, torch.full_like(bank, 2.0))  # the median, not the mean (167.7)
 
 

@@ -88,7 +88,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cfg = tiny_config("federation.rounds=1", "finetune.epochs=0")
     cfg_path = root / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
-    run_experiment(cfg, root / "run", progress=False, log=lambda s: None)
+    run_experiment(cfg, root / "run", progress=False)
     return root / "run", cfg_path
 
 
@@ -138,7 +138,7 @@ def test_a_flower_server_app_on_a_run_in_use_is_refused_before_it_reads_anything
     # a fedoap run launches passes lock-held, as that process holds R for it.
     from types import SimpleNamespace
 
-    from fedoap.federation.flower import server_main
+    from fedoap.federation.flower_server import server_main
 
     run = copy_run(finished[0], tmp_path / "run", finished=False)
     before = snapshot(run)

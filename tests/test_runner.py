@@ -24,7 +24,7 @@ from tests.conftest import results_of, tiny_config
 
 
 def quiet_run(cfg, path: Path):
-    return run_experiment(cfg, path, progress=False, log=lambda s: None)
+    return run_experiment(cfg, path, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,6 @@ def test_refuses_to_overwrite_and_force_moves_aside(fedoap_run, tmp_path):
         path,
         force=True,
         progress=False,
-        log=lambda s: None,
     )
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
     assert len(moved) == 1 and (moved[0] / "precious.txt").read_text() == "keep me"
@@ -251,7 +250,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, device):
     done = len(read_metrics(metrics))
     assert 6 <= done < 3 * 6
 
-    resumed = resume_experiment(run_dir, progress=False, log=lambda s: None)
+    resumed = resume_experiment(run_dir, progress=False)
     assert results_of(resumed) == results_of(reference)
     rows = read_metrics(metrics)
     assert len(rows) == 3 * 6
@@ -266,7 +265,7 @@ def test_resume_refuses_a_different_config(fedoap_run):
     from fedoap.config import ConfigError
 
     with pytest.raises(ConfigError, match="differs from"):
-        resume_experiment(path, tiny_config("seed=5"), progress=False, log=lambda s: None)
+        resume_experiment(path, tiny_config("seed=5"), progress=False)
 
 
 def test_run_restores_the_thread_count(tmp_path):
@@ -311,7 +310,7 @@ def test_checkpoint_every_k_rounds_still_resumes_exactly(tmp_path, monkeypatch):
         quiet_run(cfg, tmp_path / "killed")
     assert writes == ["federated:2"]  # round 3 was trained but not saved
     monkeypatch.setattr(server_mod.Server, "_federated_step", real_round)
-    resumed = resume_experiment(tmp_path / "killed", progress=False, log=lambda s: None)
+    resumed = resume_experiment(tmp_path / "killed", progress=False)
     # Resumed from round 2: rounds 3 and 4 again, then the stage change and the last epoch.
     assert writes == ["federated:2", "finetune:0", "finetune:1"]
     assert results_of(resumed) == results_of(reference)

@@ -19,7 +19,7 @@ ARGS = ("train.num_threads=1", "train.precision=fp32")
 
 
 def quiet(cfg, path):
-    return run_experiment(cfg, path, progress=False, log=lambda s: None)
+    return run_experiment(cfg, path, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_a_run_killed_in_the_safeguard_stage_resumes_to_the_same_result(tmp_path
     with pytest.raises(KeyboardInterrupt):
         quiet(cfg, tmp_path / "killed")
     monkeypatch.setattr(site_mod.Site, "_safeguard_step", real)
-    resumed = resume_experiment(tmp_path / "killed", progress=False, log=lambda s: None)
+    resumed = resume_experiment(tmp_path / "killed", progress=False)
     assert results_of(resumed) == results_of(reference)
     assert (tmp_path / "killed" / "test_cases.csv").read_text() == (
         tmp_path / "reference" / "test_cases.csv"

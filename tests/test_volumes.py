@@ -116,7 +116,7 @@ def one_round(run_dir: Path, clients: list[dict[str, Any]]) -> Config:
         "finetune.epochs=0",
         data={"image_size": 32, "clients": clients},
     )
-    run_experiment(cfg, run_dir, progress=False, log=lambda s: None)
+    run_experiment(cfg, run_dir, progress=False)
     return cfg
 
 
@@ -545,7 +545,7 @@ def test_lgg_as_nnunet_federation_predicts_nifti_equal_to_the_in_memory_result(
         "federation.rounds=2",
         data={"root": str(root), "image_size": 128, "max_train_images": 64, "clients": clients},
     )
-    summary = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    summary = run_experiment(cfg, tmp_path / "run", progress=False)
 
     # Splits are by patient: every nnU-Net case lies in one split, and all its slices with it.
     data = {c.name: c for c in prepare_clients(cfg.data)}

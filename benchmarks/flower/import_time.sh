@@ -11,7 +11,7 @@ med() { for _ in 1 2 3 4 5; do PYTHONPATH=$1 python -c "import time; t = time.pe
 echo "| module | seconds |"
 echo "|---|---|"
 echo "| fedoap.federation.flower at f96a2a6 (before) | $(med "$old/src" fedoap.federation.flower) |"
-echo "| fedoap.federation.flower now (simulation, worker=false) | $(med "$PWD/src" fedoap.federation.flower) |"
+echo "| fedoap.federation.flower_site now (simulation, worker=false) | $(med "$PWD/src" fedoap.federation.flower_site) |"
 echo "| fedoap.federation.flower_client now (deployment relay) | $(med "$PWD/src" fedoap.federation.flower_client) |"
 echo "| flwr.supernode.cli (Flower's own flwr-clientapp) | $(med "$PWD/src" flwr.supernode.cli) |"
 echo "| torch | $(med "$PWD/src" torch) |"

@@ -84,8 +84,8 @@ for stage in $STAGES; do
 done
 
 # Report what is finished, then pack it (no checkpoints: 2.8 GB each).
-[ -f "$RES/results.csv" ] && $PY -m fedoap.cli.main report "$RES" >> "$RES/bench.log" 2>&1
-[ -f "$LONG/results.csv" ] && $PY -m fedoap.cli.main report "$LONG" >> "$RES/bench.log" 2>&1
+[ -f "$RES/results.csv" ] && $PY -m fedoap.cli.main report "$RES" --analysis benchmarks/analysis/goals.py >> "$RES/bench.log" 2>&1
+[ -f "$LONG/results.csv" ] && $PY -m fedoap.cli.main report "$LONG" --analysis benchmarks/analysis/goals.py >> "$RES/bench.log" 2>&1
 tar -C "$WORK" --exclude=checkpoints --exclude='*.tmp' -czf "$OUT/paper-results.tar.gz" \
   paper paper-long
 echo "total $(($(date +%s) - start)) s; $(ls "$RES/cells" 2>/dev/null | wc -l) cell folders" \

@@ -60,7 +60,7 @@ $PY -m fedoap.cli.main run "${smoke[@]}" method=fedoap privacy.dp.enabled=true \
   privacy.dp.epsilon=8 -o "$WORK/smoke-dp" > "$RES/smoke-dp.log" 2>&1 &
 p1=$!
 $PY -m fedoap.cli.main run "${smoke[@]}" method=fedavg federation.aggregator=median \
-  'federation.attack.sites=[breast_us]' federation.attack.kind=noise -o "$WORK/smoke-attack" \
+  'federation.attack.clients=[breast_us]' federation.attack.kind=noise -o "$WORK/smoke-attack" \
   > "$RES/smoke-attack.log" 2>&1 &
 p2=$!
 wait $p1; r1=$?

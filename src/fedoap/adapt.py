@@ -23,6 +23,7 @@ Every model's test score is read once, at the end. ``OUT/summary.json`` holds
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,10 @@ from fedoap.api import run_config
 from fedoap.config import ClientSpec, Config, ConfigError
 from fedoap.data.dataset import ClientData, make_client
 from fedoap.errors import NotFoundError
+from fedoap.federation.boundary import run_finetune_epoch, run_fit
 from fedoap.federation.state import load_run_state
 from fedoap.fileio import SAFE_NAME, SAFE_NAME_RULE, check_output_dir
+from fedoap.metrics.selection import improves, selection_score
 from fedoap.models import StateDict
 from fedoap.models.partition import sub
 from fedoap.runs import RunDir
@@ -45,6 +48,8 @@ from fedoap.training.device import oom_guard, place, session
 INITS = ("averaged", "fresh", "nearest")
 #: Most fine-tuning epochs ``--epochs`` takes (as ``finetune.epochs``).
 MAX_ADAPT_EPOCHS = 100_000
+
+logger = logging.getLogger(__name__)
 
 
 def new_client_data(cfg: Config, path: Path, name: str) -> ClientData:
@@ -77,7 +82,8 @@ def _select(
     metric: str,
     include_start: bool,
 ) -> tuple[int, dict[str, Any], StateDict]:
-    """Train ``epochs`` epochs, validating after each; returns (best epoch, its val, weights)."""
+    """Train ``epochs`` epochs, validating after each; returns (best epoch, its val, weights),
+    by the one selection rule (:mod:`fedoap.metrics.selection`)."""
     best: tuple[int, dict[str, Any], StateDict] | None = None
     if include_start:
         val = score()
@@ -85,7 +91,7 @@ def _select(
     for e in range(1, epochs + 1):
         train_epoch(e)
         val = score()
-        if best is None or val[metric] > best[1][metric]:
+        if best is None or improves(val, metric, selection_score(best[1], metric)):
             best = (e, val, snapshot())
     assert best is not None
     return best
@@ -98,7 +104,6 @@ def adapt(
     epochs: int = 2,
     parts: str = "all",
     init: str = "averaged",
-    log: Callable[[str], None] = print,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Steps 1-4 of the module docstring; returns what ``OUT/summary.json`` holds.
@@ -113,7 +118,7 @@ def adapt(
         raise NotFoundError(f"{rd.summary} not found: adapt needs a finished run")
     cfg = run_config(run_dir, device)
     with session(cfg.train) as dev, oom_guard(cfg.train, cfg.data.image_size, dev):
-        return _adapt(rd, cfg, data_path, name, epochs, parts, init, log, dev)
+        return _adapt(rd, cfg, data_path, name, epochs, parts, init, dev)
 
 
 def _check_options(name: str, epochs: int, parts: str, init: str) -> None:
@@ -136,7 +141,6 @@ def _adapt(
     epochs: int,
     parts: str,
     init: str,
-    log: Callable[[str], None],
     device: torch.device,
 ) -> dict[str, Any]:
     cfg = dataclasses.replace(
@@ -195,7 +199,9 @@ def _adapt(
             load({**fresh, **shared, **parts_c})
             donor_val[c] = float(evaluate(model, data.val, precision, batch_size=eval_bs)[metric])
         nearest = max(donor_val, key=lambda c: donor_val[c])
-        log(f"nearest federation client on {name}'s validation split: {nearest} ({donor_val})")
+        logger.info(
+            f"nearest federation client on {name}'s validation split: {nearest} ({donor_val})"
+        )
         personal = donors[nearest]
     else:
         personal = {k: fresh[k] for k in personal_keys}
@@ -209,8 +215,8 @@ def _adapt(
 
     def ft_epoch(e: int) -> None:
         ctx = FitContext(name, e, cfg.seed)
-        _, holder["state"] = alg.run_finetune_epoch(
-            model, payload, holder["state"], data, ctx, first=e == 1
+        _, holder["state"] = run_finetune_epoch(
+            alg, model, payload, holder["state"], data, ctx, first=e == 1
         )
 
     def snap() -> StateDict:
@@ -225,7 +231,7 @@ def _adapt(
         metric,
         True,
     )
-    log(f"adapted: best epoch {best_e} of {epochs} (val {metric} {best_val[metric]:.3f})")
+    logger.info(f"adapted: best epoch {best_e} of {epochs} (val {metric} {best_val[metric]:.3f})")
 
     # 3. local baselines from scratch, same split
     local_cfg = dataclasses.replace(
@@ -242,8 +248,8 @@ def _adapt(
         st = {"state": scratch_init}
 
         def epoch(e: int) -> None:
-            _, st["state"] = local_alg.run_fit(
-                m, {}, st["state"], data, FitContext(name, e, cfg.seed)
+            _, st["state"] = run_fit(
+                local_alg, m, {}, st["state"], data, FitContext(name, e, cfg.seed)
             )
 
         m.load_state_dict(scratch_init.personal)

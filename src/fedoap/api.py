@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedoap.algorithms import KV, Algorithm, build_algorithm
+from fedoap.algorithms import KV, build_algorithm
 from fedoap.config import (
     VOLUME_SOURCES,
     ClientSpec,
@@ -40,7 +41,7 @@ from fedoap.data.volumes import (
     write_mask,
 )
 from fedoap.errors import CheckpointError, NotFoundError
-from fedoap.federation.runner import Runner
+from fedoap.federation.runtimes import runtime_for
 from fedoap.federation.state import load_selected, runtime_of
 from fedoap.fileio import atomic_write_bytes, check_output_dir, mirrored_outputs
 from fedoap.models import FedOAPNet
@@ -48,95 +49,60 @@ from fedoap.runs import RunDir
 from fedoap.training import evaluate, predict_logits
 from fedoap.training.device import oom_guard, place, resolve_precision, session, setup
 
+logger = logging.getLogger(__name__)
+
 
 def run_experiment(
     cfg: Config,
     run_dir: Path,
     force: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = print,
     clients: list[ClientData] | None = None,
 ) -> dict[str, Any]:
     """Validate everything, then train a new run in ``run_dir``; returns ``summary.json``."""
     cfg = resolve_precision(cfg)  # the run records, and is identified by, what it runs in
     algorithm = build_algorithm(cfg)  # unknown method / options fail here, before data is read
     setup(cfg.train)  # so does a device that is not there
-    if cfg.federation.runtime == "flower-sim":
-        check_flower(cfg, algorithm)
+    runtime = runtime_for(cfg, algorithm)  # and a method the runtime cannot run
     t0 = time.perf_counter()
     if clients is None:
         clients = prepare_clients(cfg.data)  # bad data fails here, before the folder is touched
     data_seconds = time.perf_counter() - t0
     if cfg.privacy.dp.enabled:  # so does a site DP-SGD cannot sample, or a budget out of reach
         for c in clients:
-            algorithm.site_dp(c.name, c.train.case_ids)
+            algorithm.trainer.site_dp(c.name, c.train.case_ids)
     rd = RunDir(run_dir)
     if rd.is_started() and not force:
         rd.prepare(force=False)  # raises RunExistsError with the standard message
     for c in clients:
         for note in c.notes:
-            log(f"note: {note}")
+            logger.info(f"note: {note}")
     with rd.lock(create=True):  # held for the whole run: a second process is refused
         moved = rd.prepare(force=force)
         if moved is not None:
-            log(f"moved the existing run folder to {moved}")
+            logger.info(f"moved the existing run folder to {moved}")
         save_config(cfg, rd.config)
         splits = ("train", "val", "test")
         rd.write_json(
             rd.splits, {c.name: {s: c.split(s).names.tolist() for s in splits} for c in clients}
         )
-        if cfg.federation.runtime == "flower-sim":
-            return run_on_flower_simulation(cfg, rd, log)
-        runner = Runner(
-            cfg, algorithm, clients, rd, progress=progress, log=log, data_seconds=data_seconds
-        )
-        return runner.run()
-
-
-def check_flower(cfg: Config, algorithm: Algorithm) -> None:
-    """Fail early, with a reason, if a run cannot use the Flower runtime."""
-    try:
-        from fedoap.federation.flower import unsupported_reason
-    except ImportError as err:
-        raise ConfigError(
-            f"federation.runtime=flower-sim needs Flower: pip install -e '.[flower]' ({err})"
-        ) from None
-    reason = unsupported_reason(algorithm)
-    if reason:
-        raise ConfigError(f"method {cfg.method} cannot run on Flower: {reason}")
-
-
-def run_on_flower_simulation(
-    cfg: Config, rd: RunDir, log: Callable[[str], None], resume: bool = False
-) -> dict[str, Any]:
-    """The same run through Flower's simulation engine; it writes the same run folder."""
-    from fedoap.federation.flower_launch import run_simulation
-
-    run = run_simulation(rd.root, len(cfg.data.clients), log=log, resume=resume)
-    summary = dict(json.loads(rd.summary.read_text()))
-    summary["flower"] = {k: run.get(k) for k in ("run-id", "status", "elapsed", "network-traffic")}
-    rd.write_json(rd.summary, summary)
-    rd.remove_stale_temporaries()  # the ServerApp could not: this process holds the lock
-    return summary
+        return runtime.run(cfg, algorithm, clients, rd, progress, data_seconds)
 
 
 def resume_experiment(
     run_dir: Path,
     overrides_cfg: Config | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Continue a killed run from ``checkpoints/last.safetensors``."""
     rd = RunDir(run_dir)
     if not rd.config.is_file():
         raise NotFoundError(f"{rd.config} not found: {run_dir} is not a run folder")
     with rd.lock():  # a run still going is refused before anything is read or written
-        return _resume(rd, overrides_cfg, progress, log)
+        return _resume(rd, overrides_cfg, progress)
 
 
-def _resume(
-    rd: RunDir, overrides_cfg: Config | None, progress: bool, log: Callable[[str], None]
-) -> dict[str, Any]:
+def _resume(rd: RunDir, overrides_cfg: Config | None, progress: bool) -> dict[str, Any]:
     run_dir = rd.root
     cfg = load_config(rd.config)
     if overrides_cfg is not None and overrides_cfg.digest() != cfg.digest():
@@ -145,33 +111,17 @@ def _resume(
             "(start a new run folder to change it)"
         )
     if rd.is_complete():
-        log(f"{run_dir} is already complete; nothing to resume")
+        logger.info(f"{run_dir} is already complete; nothing to resume")
         return dict(json.loads(rd.summary.read_text()))
-    if cfg.federation.runtime == "flower-sim" or runtime_of(rd) == "flower":
-        if cfg.federation.runtime != "flower-sim":
-            raise ConfigError(
-                f"{run_dir} was run on a Flower deployment: resume it there, with flwr run "
-                "... --run-config \"run-dir='...' resume='true'\" (docs/flower.md); the sites "
-                "continue from their own folders"
-            )
-        check_flower(cfg, build_algorithm(cfg))
-        log(f"resuming the Flower simulation in {run_dir} from its server checkpoint")
-        return run_on_flower_simulation(cfg, rd, log, resume=True)
+    if runtime_of(rd) == "flower" and cfg.federation.runtime != "flower-sim":
+        raise ConfigError(
+            f"{run_dir} was run on a Flower deployment: resume it there, with flwr run "
+            "... --run-config \"run-dir='...' resume='true'\" (docs/flower.md); the sites "
+            "continue from their own folders"
+        )
     algorithm = build_algorithm(cfg)
     setup(cfg.train)
-    t0 = time.perf_counter()
-    clients = prepare_clients(cfg.data)
-    data_seconds = time.perf_counter() - t0
-    runner = Runner(
-        cfg, algorithm, clients, rd, progress=progress, log=log, data_seconds=data_seconds
-    )
-    if rd.last.is_file():
-        runner.restore()
-        stage, done = runner.position
-        log(f"resuming {run_dir} after {stage} step {done}")
-    else:
-        log(f"no checkpoint in {rd.checkpoints}; starting {run_dir} from round 1")
-    return runner.run()
+    return runtime_for(cfg, algorithm).resume(cfg, algorithm, rd, progress)
 
 
 def run_config(run_dir: Path, device: str | None = None) -> Config:

@@ -22,18 +22,10 @@ from fedoap.algorithms import (  # noqa: F401  (registration)
     lg_fedavg,
     local,
 )
-from fedoap.algorithms.base import (
-    KV,
-    SHARED,
-    Algorithm,
-    ClientState,
-    FitContext,
-    Update,
-    nbytes,
-)
+from fedoap.algorithms.base import Algorithm, FitContext
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.basetypes import KV, SHARED, ClientState, Update, nbytes
 from fedoap.config import Config, ConfigError
-from fedoap.federation.robust import weighted_mean
 
 
 def build_algorithm(cfg: Config) -> Algorithm:
@@ -54,5 +46,4 @@ __all__ = [
     "Update",
     "build_algorithm",
     "nbytes",
-    "weighted_mean",
 ]

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedoap.algorithms.base import SHARED, Algorithm, ClientState, FitContext, Update, clone
+from fedoap.algorithms.base import Algorithm, FitContext
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.basetypes import SHARED, ClientState, Update, clone
 from fedoap.config import ranged
 from fedoap.data.augment import augment_batch
 from fedoap.data.dataset import ClientData
@@ -91,8 +92,8 @@ class APFL(Algorithm):
         v_params = {k: nn.Parameter(v_state[k].clone()) for k in w_params}
         buffers = {k: v_state[k] for k, _ in model.named_buffers()}
         alpha = state.extra[ALPHA].clone().requires_grad_(True)
-        opt_w = self.make_optimizer(list(w_params.values()), state.optimizers.get("fit"))
-        opt_v = self.make_optimizer(list(v_params.values()), state.optimizers.get("local"))
+        opt_w = self.trainer.optimizer(list(w_params.values()), state.optimizers.get("fit"))
+        opt_v = self.trainer.optimizer(list(v_params.values()), state.optimizers.get("local"))
         gen = ctx.generator("fit")
         dev = ctx.device
         step = GradStep(t.precision, dev)

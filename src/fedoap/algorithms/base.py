@@ -1,81 +1,52 @@
-"""The algorithm interface: plain objects over state dicts, independent of any runtime.
+"""The algorithm interface: a federated method's hooks over state dicts, independent of any
+runtime.
 
 A federated method is a subclass of :class:`Algorithm` that overrides as little as it can. It
 declares
 
 * the backbone variant (``attention``) and which top-level modules are personal
   (``personal_modules``; see :mod:`fedoap.models.partition`);
-* the server step (:meth:`Algorithm.aggregate`): weighted mean of the uploads by default;
+* its capabilities, as class attributes (``has_finetune``, ``supports_dp``, ``pooled``,
+  ``sends_personal_models``, ``breaks_privacy``);
+* the server step (:meth:`Algorithm.aggregate`): the server's aggregation policy over the
+  uploads by default;
 * the client step (:meth:`Algorithm.fit`): load global + personal weights, train local epochs,
   upload the shared part;
-* whether it has a local fine-tuning stage (:attr:`Algorithm.has_finetune`) and its loss.
+* its fine-tuning stage and its loss.
 
-Everything that crosses the network is a flat ``dict[str, Tensor]`` with namespaced keys
-(``shared.<state key>``, ``kv.<name>``), exactly what a Flower ``ArrayRecord`` holds. Everything a
-client keeps is a :class:`ClientState`, which never leaves the client. The in-process runner and
-the Flower apps call these same methods.
+What crosses the network and what a client keeps are the shared types of :mod:`fedoap.basetypes`.
+Local training (plain or DP-SGD) is the :class:`~fedoap.training.local.LocalTrainer`'s job; the
+device boundary and divergence handling are the site's (:mod:`fedoap.federation.boundary`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
-from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.aggregation import Aggregation
+from fedoap.algorithms.registry import check_privacy
+from fedoap.basetypes import SHARED, ClientState, StateDict, Update, clone
 from fedoap.config import Config, ConfigError, check_ranges, from_dict
 from fedoap.data.dataset import ClientData, Split
-from fedoap.errors import DivergedError
-from fedoap.federation.robust import combine
 from fedoap.losses import SegLoss
-from fedoap.models import FedOAPNet, Partition, StateDict
-from fedoap.models.net import AttentionKind
+from fedoap.models import FedOAPNet, Partition
+from fedoap.models.net import AttentionKind, build_net
 from fedoap.models.partition import keys_of_children, sub
-from fedoap.privacy import (
-    CLIENT_DP_ROUNDS,
-    SiteDP,
-    dp_fedavg,
-    dp_units,
-    plan_site,
-    planned_epochs,
-)
-from fedoap.training import make_generator, train_epochs
-from fedoap.training.device import model_device
-from fedoap.training.engine import LossFn, nonfinite_keys
-
-SHARED = "shared."
-KV = "kv."
+from fedoap.privacy import planned_epochs
+from fedoap.training import make_generator
+from fedoap.training.engine import LossFn
+from fedoap.training.local import LocalTrainer
 
 
 @dataclass(frozen=True)
 class NoOptions:
     """Methods without options of their own."""
-
-
-@dataclass
-class ClientState:
-    """What a client keeps between rounds. Never sent."""
-
-    personal: StateDict  # the client's personal parameters and buffers
-    # Named torch optimiser state_dicts ("fit", "finetune", ...); they persist across rounds.
-    optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    extra: StateDict = field(default_factory=dict)  # method-specific tensors
-
-
-@dataclass
-class Update:
-    """What a client sends after local training."""
-
-    arrays: StateDict  # namespaced: shared.*, kv.*
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,16 +57,11 @@ class FitContext:
     round: int  # 1-based federated round, or R + e in the fine-tuning stage
     seed: int
     progress: Callable[[int], None] | None = None
-    # Where the client trains; set by the device boundary (Algorithm.run_fit) from the model.
+    # Where the client trains; set by the device boundary (federation.boundary) from the model.
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def generator(self, stage: str) -> torch.Generator:
         return make_generator(self.seed, stage, self.round, self.client, device=self.device)
-
-
-def nbytes(arrays: StateDict) -> int:
-    """Bytes of a payload as it travels (raw tensor data)."""
-    return sum(t.numel() * t.element_size() for t in arrays.values())
 
 
 class Algorithm:
@@ -115,15 +81,15 @@ class Algorithm:
     breaks_privacy: ClassVar[bool] = False
     #: Train one model on the pooled training sets instead of per client (``centralized``).
     pooled: ClassVar[bool] = False
-    #: Whether ``privacy.dp`` / ``privacy.client_dp`` can run it: its local training is
-    #: :meth:`train` with a per-example loss and no penalty, and it aggregates with this
-    #: class's :meth:`aggregate` (set for the methods tested under DP). Not inherited: a
-    #: subclass changes training or aggregation, so it declares its own (:meth:`dp_supported`).
+    #: Whether sites send model weights at all (``local``: nothing).
+    shares_weights: ClassVar[bool] = True
+    #: Whether ``privacy.dp`` / ``privacy.client_dp`` can run it: it trains with :meth:`train`,
+    #: a per-example loss and no penalty, and aggregates with the server's policy alone. A
+    #: subclass that changes training or aggregation declares ``False`` again.
     supports_dp: ClassVar[bool] = False
-
-    @classmethod
-    def dp_supported(cls) -> bool:
-        return bool(cls.__dict__.get("supports_dp", False))
+    #: Whether its fine-tuning needs every site's own model (FedDP's :meth:`finetune_payload`):
+    #: only a transport that holds the sites' states can run it.
+    sends_personal_models: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -132,41 +98,18 @@ class Algorithm:
             check_ranges(self.options, prefix="algorithm.")
         except ConfigError as err:
             raise ConfigError(f"{err} (method {self.name})") from None
-        p = cfg.privacy
-        for key, on in (("privacy.dp", p.dp.enabled), ("privacy.client_dp", p.client_dp.enabled)):
-            if on and not self.dp_supported():
-                supported = ", ".join(
-                    n for n in ALGORITHMS.names() if ALGORITHMS.get(n).dp_supported()
-                )
-                raise ConfigError(
-                    f"{key}: method {self.name} is not supported under DP yet (supported: "
-                    f"{supported})"
-                )
-        if p.client_dp.enabled and self.name == "local":
-            raise ConfigError("privacy.client_dp: method local shares nothing to noise")
+        check_privacy(type(self), cfg)
         # Under DP-SGD the loss must be a mean of per-example terms (fedoap.privacy).
-        self.seg_loss = SegLoss(per_image=p.dp.enabled)
-        self._site_dp: dict[tuple[str, int], SiteDP] = {}
+        self.seg_loss = SegLoss(per_image=cfg.privacy.dp.enabled)
+        epochs = planned_epochs(cfg, self.has_finetune, self.passes_per_round())
+        self.trainer = LocalTrainer(cfg, epochs)
 
     # ------------------------------------------------------------------ structure
 
     def build_model(self) -> FedOAPNet:
-        """The shared backbone for this method, on the CPU, initialised from the run seed (the
-        process's global RNG is left as it was). :func:`fedoap.training.device.place` puts it
-        on the run's device."""
-        m = self.cfg.model
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed)
-            return FedOAPNet(
-                in_channels=self.cfg.data.channels,
-                width=m.width,
-                depth=m.depth,
-                heads=m.heads,
-                norm=m.norm,
-                attention=self.attention_kind(),
-                use_adapter=self.uses_adapter and m.use_adapter,
-                gate=self.attention_gate(),
-            )
+        """The method's backbone on the CPU, initialised from the run seed (:func:`build_net`)."""
+        adapter = self.uses_adapter and self.cfg.model.use_adapter
+        return build_net(self.cfg, self.attention_kind(), adapter, self.attention_gate())
 
     def attention_kind(self) -> AttentionKind:
         return self.attention
@@ -174,17 +117,6 @@ class Algorithm:
     def attention_gate(self) -> bool:
         """Whether the attention's output has a gate (:class:`fedoap.models.AttentionGate`)."""
         return False
-
-    def site_dp(self, client: str, case_ids: np.ndarray) -> SiteDP:
-        """The DP-SGD parameters of a client whose training images belong to ``case_ids``
-        (``privacy.dp``), fixed for the run: planned over every epoch it may train, for its
-        images or its cases (``privacy.dp.unit``; fedoap.privacy)."""
-        n = dp_units(self.cfg, case_ids)
-        key = (client, n)
-        if key not in self._site_dp:
-            epochs = planned_epochs(self.cfg, self.has_finetune, self.passes_per_round())
-            self._site_dp[key] = plan_site(self.cfg, client, n, epochs)
-        return self._site_dp[key]
 
     def passes_per_round(self) -> int:
         """Passes over the local training set per round (for progress bars and budgets)."""
@@ -210,37 +142,24 @@ class Algorithm:
         return {k: (tuple(v.shape), v.dtype) for k, v in self.init_global(model).items()}
 
     def aggregate(
-        self, global_arrays: StateDict, updates: Sequence[Update], server: StateDict
+        self,
+        global_arrays: StateDict,
+        updates: Sequence[Update],
+        server: StateDict,
+        policy: Aggregation,
     ) -> StateDict:
-        """New global arrays from the round's uploads. Default: mean weighted by examples,
+        """New global arrays from the round's uploads. Default: the server's policy over the
+        shared part (``federation.aggregator``, or DP-FedAvg under ``privacy.client_dp``:
+        :mod:`fedoap.aggregation`); with the ``mean`` rule that is FedAvg,
 
-        ``w_{t+1} = sum_k n_k w_k / sum_k n_k``   (FedAvg, McMahan et al. 2017, Alg. 1),
-
-        or the robust rule ``federation.aggregator`` names (:mod:`fedoap.federation.robust`).
+        ``w_{t+1} = sum_k n_k w_k / sum_k n_k``   (McMahan et al. 2017, Alg. 1).
 
         ``server`` is a mutable dict of tensors for server-side state (momentum buffers, ...);
         it is saved in checkpoints.
         """
         if not updates:
             return global_arrays
-        f = self.cfg.federation
-        keys = [k for k in updates[0].arrays if k.startswith(SHARED)]
-        new = dict(global_arrays)
-        cdp = self.cfg.privacy.client_dp
-        if cdp.enabled:  # DP-FedAvg (fedoap.privacy): clipped, equally weighted, noised
-            done = int(server.get(CLIENT_DP_ROUNDS, torch.zeros((), dtype=torch.int64)))
-            gen = make_generator(self.cfg.seed, "client_dp", done + 1)
-            new.update(
-                dp_fedavg(
-                    global_arrays, list(updates), keys, cdp.clip_norm, cdp.noise_multiplier, gen
-                )
-            )
-            server[CLIENT_DP_ROUNDS] = torch.tensor(done + 1, dtype=torch.int64)
-            return new
-        new.update(
-            combine(updates, keys, f.aggregator, f.trim_beta, f.byzantine, f.validate_updates)
-        )
-        return new
+        return {**global_arrays, **policy(global_arrays, updates, server)}
 
     # ------------------------------------------------------------------ client
 
@@ -266,21 +185,6 @@ class Algorithm:
             personal = set(self.partition(model).personal)
             return [p for k, p in model.named_parameters() if k in personal]
         return list(model.parameters())
-
-    def make_optimizer(
-        self, params: list[nn.Parameter], state: dict[str, Any] | None, lr: float | None = None
-    ) -> torch.optim.Optimizer:
-        """AdamW over ``params``, resuming ``state`` (a CPU state dict) where given.
-
-        On CUDA it is the fused implementation: one kernel for all parameters instead of a
-        few per tensor (small models are launch-bound), with the same update rule."""
-        t = self.cfg.train
-        fused = bool(params) and params[0].is_cuda
-        opt = torch.optim.AdamW(params, lr=lr or t.lr, weight_decay=t.weight_decay, fused=fused)
-        if state is not None:
-            opt.load_state_dict(state)
-            match_layout(opt)
-        return opt
 
     def loss(self, stage: str) -> LossFn:
         """Training loss for a stage. Default: ``L_seg`` everywhere."""
@@ -318,34 +222,11 @@ class Algorithm:
         ctx: FitContext,
         penalty: Callable[[], torch.Tensor] | None = None,
     ) -> float:
-        """``epochs`` of local training with this run's batch size, precision and augmentation.
-
-        Parameters outside the optimiser are frozen for the call (no gradient is computed for
-        them), so head-only or body-only phases cost what they should.
-        """
-        t = self.cfg.train
-        common = (model, optimizer, split, epochs, loss_fn, gen)
-        with only_these_train(model, optimizer):
-            if not self.cfg.privacy.dp.enabled:
-                return train_epochs(
-                    *common,
-                    t.batch_size,
-                    t.precision,
-                    augment=self.cfg.data.augment,
-                    penalty=penalty,
-                    progress=ctx.progress,
-                )
-            from fedoap.training.dp import dp_train_epochs
-
-            if penalty is not None:  # supports_dp methods have none
-                raise ConfigError(f"privacy.dp: method {self.name} trains with a penalty")
-            return dp_train_epochs(
-                *common,
-                self.site_dp(ctx.client, split.case_ids),
-                t.precision,
-                augment=self.cfg.data.augment,
-                progress=ctx.progress,
-            )
+        """``epochs`` of local training by the site's :class:`LocalTrainer` (plain, or DP-SGD
+        under ``privacy.dp``) with this run's batch size, precision and augmentation."""
+        return self.trainer.train(
+            model, optimizer, split, epochs, loss_fn, gen, ctx.client, ctx.progress, penalty
+        )
 
     def fit(
         self,
@@ -357,7 +238,7 @@ class Algorithm:
     ) -> tuple[Update, ClientState]:
         """One round of local training. Returns the upload and the client's new state."""
         self.load(model, global_arrays, state)
-        opt = self.make_optimizer(self.trainable(model, "fit"), state.optimizers.get("fit"))
+        opt = self.trainer.optimizer(self.trainable(model, "fit"), state.optimizers.get("fit"))
         penalty = self.penalty(model, global_arrays, state)
         loss = self.train(
             model,
@@ -372,107 +253,6 @@ class Algorithm:
         arrays = self.upload(model, data, ctx)
         update = Update(arrays, len(data.train), {"train_loss": loss})
         return update, self.save_state(model, {"fit": opt}, state)
-
-    # ------------------------------------------------------------------ device boundary
-
-    def run_fit(
-        self,
-        model: nn.Module,
-        global_arrays: StateDict,
-        state: ClientState,
-        data: ClientData,
-        ctx: FitContext,
-    ) -> tuple[Update, ClientState]:
-        """:meth:`fit` on the model's device: what the runtimes call.
-
-        What the client receives (global arrays, its own state) goes to the model's device; what
-        it sends (the upload) and keeps between rounds (its state) comes back as contiguous CPU
-        fp32 tensors. Uploads are therefore the same tensors and bytes whatever device a site
-        trains on, and aggregation never sees a device.
-        """
-        args = on_device(model, global_arrays, state, data, ctx)
-        with self.divergence_guard(ctx, "fit"):
-            update, new = self.fit(model, *args)
-        cpu = torch.device("cpu")
-        upload = Update(to_device(update.arrays, cpu), update.num_examples, update.metrics)
-        new = state_to(new, cpu)
-        # Every method's loop ends in train_epochs' check; this one also covers what a method
-        # computes after it (uploads, KV summaries, personal state) and its own loops.
-        self.check_finite(ctx, "fit", update.metrics.get("train_loss"), upload.arrays, new)
-        return upload, new
-
-    def run_finetune_epoch(
-        self,
-        model: nn.Module,
-        global_arrays: StateDict,
-        state: ClientState,
-        data: ClientData,
-        ctx: FitContext,
-        first: bool,
-    ) -> tuple[float, ClientState]:
-        """:meth:`finetune_epoch` on the model's device (see :meth:`run_fit`)."""
-        args = on_device(model, global_arrays, state, data, ctx)
-        with self.divergence_guard(ctx, "finetune"):
-            loss, new = self.finetune_epoch(model, *args, first)
-        new = state_to(new, torch.device("cpu"))
-        self.check_finite(ctx, "finetune", loss, {}, new)
-        return loss, new
-
-    # ------------------------------------------------------------------ divergence
-
-    def lr_key(self, stage: str) -> str:
-        """The config key of the learning rate a stage trains with."""
-        if stage == "finetune" and self.cfg.finetune.lr is not None:
-            return "finetune.lr"
-        return "train.lr"
-
-    def diverged(self, ctx: FitContext, stage: str, detail: str, step: int | None) -> DivergedError:
-        """The error for a client whose training stopped being finite: where, and what to try."""
-        key = self.lr_key(stage)
-        lr = self.cfg.finetune.lr if key == "finetune.lr" else self.cfg.train.lr
-        return DivergedError(
-            f"client '{ctx.client}', round {ctx.round} ({stage}): training diverged: {detail}. "
-            f"Likely causes: a learning rate too high for this model ({key}={lr:g}) or badly "
-            "scaled input images (see the data notes). Lower the learning rate, or set "
-            "train.on_divergence=exclude to drop this client and let the others go on",
-            client=ctx.client,
-            round=ctx.round,
-            stage=stage,
-            step=step,
-            detail=detail,
-        )
-
-    @contextlib.contextmanager
-    def divergence_guard(self, ctx: FitContext, stage: str) -> Iterator[None]:
-        """Give a :class:`DivergedError` from the training loop its client, round and advice."""
-        try:
-            yield
-        except DivergedError as err:
-            if err.client is not None:
-                raise
-            raise self.diverged(ctx, stage, err.detail, err.step) from None
-
-    def check_finite(
-        self,
-        ctx: FitContext,
-        stage: str,
-        loss: float | None,
-        upload: StateDict,
-        state: ClientState,
-    ) -> None:
-        """Raise :class:`DivergedError` if the loss, the upload or the kept state is not finite."""
-        if loss is not None and not math.isfinite(loss):
-            raise self.diverged(ctx, stage, f"the mean training loss is {loss}", None)
-        parts = {"upload": upload, "personal state": state.personal, "extra state": state.extra}
-        for what, arrays in parts.items():
-            bad = nonfinite_keys(arrays)
-            if bad:
-                raise self.diverged(
-                    ctx,
-                    stage,
-                    f"{len(bad)} tensor(s) of its {what} are not finite ({bad[0]})",
-                    None,
-                )
 
     # ------------------------------------------------------------------ fine-tuning
 
@@ -498,7 +278,7 @@ class Algorithm:
     ) -> tuple[float, ClientState]:
         """One epoch of the local fine-tuning stage (a fresh optimiser at the first epoch)."""
         self.personalize(model, global_arrays, state)
-        opt = self.make_optimizer(
+        opt = self.trainer.optimizer(
             self.trainable(model, "finetune"),
             None if first else state.optimizers.get("finetune"),
             lr=self.cfg.finetune.lr,
@@ -533,85 +313,3 @@ class Algorithm:
             personal=clone(model.state_dict()),
             optimizers={"finetune": optimizer.state_dict()},
         )
-
-
-def clone(state: StateDict) -> StateDict:
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
-def to_device(arrays: StateDict, device: torch.device, copy: bool = False) -> StateDict:
-    """``arrays`` on ``device``; on the CPU as contiguous tensors (what is saved and sent).
-    Tensors already there are not copied unless ``copy``."""
-    if device.type == "cpu":
-        return {k: v.detach().to(device, copy=copy).contiguous() for k, v in arrays.items()}
-    return {k: v.detach().to(device, copy=copy) for k, v in arrays.items()}
-
-
-def _tree_to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu").contiguous()
-    if isinstance(obj, dict):
-        return {k: _tree_to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_tree_to_cpu(v) for v in obj]
-    return obj
-
-
-def state_to(state: ClientState, device: torch.device) -> ClientState:
-    """A client's state with its tensors on ``device``. Optimiser states go to the device only
-    through ``load_state_dict`` (which puts AdamW's step counters where each implementation
-    wants them), and come back to the CPU whole."""
-    optimizers = _tree_to_cpu(state.optimizers) if device.type == "cpu" else state.optimizers
-    return ClientState(
-        personal=to_device(state.personal, device),
-        optimizers=optimizers,
-        extra=to_device(state.extra, device),
-    )
-
-
-def on_device(
-    model: nn.Module,
-    global_arrays: StateDict,
-    state: ClientState,
-    data: ClientData,
-    ctx: FitContext,
-) -> tuple[StateDict, ClientState, ClientData, FitContext]:
-    """A client step's inputs on the model's device, after checking that the client's data is
-    there already (the runtimes move each client's splits once, never per batch)."""
-    dev = model_device(model)
-    if data.train.x.device != dev:
-        raise ValueError(
-            f"client {data.name!r}: data on {data.train.x.device} but the model on {dev}; "
-            "move the client's splits once with ClientData.to(device)"
-        )
-    return (
-        to_device(global_arrays, dev),
-        state_to(state, dev),
-        data,
-        dataclasses.replace(ctx, device=dev),
-    )
-
-
-def match_layout(opt: torch.optim.Optimizer) -> None:
-    """Give loaded optimiser moments their parameter's memory format (channels_last weights get
-    channels_last moments), as a fresh optimiser would have them."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p, {})
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
-                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
-
-
-@contextlib.contextmanager
-def only_these_train(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Temporarily set ``requires_grad=False`` on parameters the optimiser does not update."""
-    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    frozen = [p for p in model.parameters() if id(p) not in in_opt and p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fedoap.algorithms.base import SHARED, Algorithm, ClientState, FitContext, Update, clone
+from fedoap.algorithms.base import Algorithm, FitContext
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.basetypes import SHARED, ClientState, Update, clone
 from fedoap.config import ranged
 from fedoap.data.dataset import ClientData
 from fedoap.models import StateDict
@@ -65,12 +66,14 @@ class Ditto(Algorithm):
         epochs, loss_fn = self.cfg.train.local_epochs, self.loss("fit")
         # 1. The global model: FedAvg's local update.
         self.load(model, global_arrays, state)
-        opt_global = self.make_optimizer(list(model.parameters()), state.optimizers.get("global"))
+        opt_global = self.trainer.optimizer(
+            list(model.parameters()), state.optimizers.get("global")
+        )
         self.train(model, opt_global, data.train, epochs, loss_fn, ctx.generator("fit-global"), ctx)
         upload = self.upload(model, data, ctx)
         # 2. The personal model, pulled towards the global model it received.
         model.load_state_dict(sub(state.extra, PERSONAL))
-        opt = self.make_optimizer(list(model.parameters()), state.optimizers.get("fit"))
+        opt = self.trainer.optimizer(list(model.parameters()), state.optimizers.get("fit"))
         penalty = None
         if self.options.lam:
             lam = self.options.lam

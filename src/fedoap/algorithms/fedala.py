@@ -34,8 +34,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedoap.algorithms.base import SHARED, Algorithm, ClientState, FitContext, Update, clone
+from fedoap.algorithms.base import Algorithm, FitContext
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.basetypes import SHARED, ClientState, Update, clone
 from fedoap.config import ConfigError, ranged
 from fedoap.data.dataset import ClientData
 from fedoap.models import StateDict
@@ -141,7 +142,7 @@ class FedALA(Algorithm):
             weights = self.learn_weights(model, g, state, data, ctx)
             state = dataclasses.replace(state, extra={**state.extra, **prefixed(weights, WEIGHTS)})
         model.load_state_dict(self.combine(g, state, self.ala_keys(model)))
-        opt = self.make_optimizer(list(model.parameters()), state.optimizers.get("fit"))
+        opt = self.trainer.optimizer(list(model.parameters()), state.optimizers.get("fit"))
         loss = self.train(
             model,
             opt,

@@ -18,4 +18,5 @@ from fedoap.algorithms.registry import ALGORITHMS
 @ALGORITHMS.register("fedavg_ft")
 class FedAvgFT(FedAvg):
     name = "fedavg_ft"
+    supports_dp = False  # not tested under DP
     has_finetune = True

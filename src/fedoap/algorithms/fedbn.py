@@ -23,6 +23,7 @@ from fedoap.models.partition import keys_of_type
 @ALGORITHMS.register("fedbn")
 class FedBN(FedAvg):
     name = "fedbn"
+    supports_dp = False  # not tested under DP
 
     def personal_keys(self, model: nn.Module) -> set[str]:
         return keys_of_type(model, NORM_TYPES)

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedoap.algorithms.base import SHARED, Algorithm, ClientState
+from fedoap.algorithms.base import Algorithm
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.basetypes import SHARED, ClientState
 from fedoap.config import ranged
 from fedoap.models import StateDict
 from fedoap.models.partition import sub
@@ -56,6 +57,7 @@ class FedDP(Algorithm):
     attention = "self"
     personal_modules = ("query_proj",)
     has_finetune = True
+    sends_personal_models = True
 
     def finetune_payload(
         self, global_arrays: StateDict, states: dict[str, ClientState]

@@ -41,13 +41,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedoap.algorithms.base import KV, Algorithm, ClientState, FitContext, Update
+from fedoap.aggregation import Aggregation
+from fedoap.algorithms.base import Algorithm, FitContext
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.basetypes import KV, ClientState, StateDict, Update
 from fedoap.config import Config, ConfigError, KVConfig, ranged
 from fedoap.data.dataset import ClientData
-from fedoap.federation.robust import combine
 from fedoap.losses import PerturbedBoundaryLoss
-from fedoap.models import FedOAPNet, StateDict
+from fedoap.models import FedOAPNet
 from fedoap.models.net import AttentionKind
 from fedoap.models.partition import sub
 from fedoap.training import autocast
@@ -159,17 +160,19 @@ class FedOAP(Algorithm):
         return template
 
     def aggregate(
-        self, global_arrays: StateDict, updates: Sequence[Update], server: StateDict
+        self,
+        global_arrays: StateDict,
+        updates: Sequence[Update],
+        server: StateDict,
+        policy: Aggregation,
     ) -> StateDict:
-        new = super().aggregate(global_arrays, updates, server)
+        new = super().aggregate(global_arrays, updates, server, policy)
         if self.bank_mode and updates:
             summaries = [u.arrays[SUMMARY] for u in updates]
             if self.cfg.model.kv.summary == "kmeans":
                 new[BANK] = torch.cat(summaries, dim=0)  # (K * bank_size, C)
             else:  # per-position token means: one more tensor to combine, by the same rule
-                f = self.cfg.federation
-                rule = (f.aggregator, f.trim_beta, f.byzantine, f.validate_updates)
-                new[BANK] = combine(updates, [SUMMARY], *rule)[SUMMARY]
+                new[BANK] = policy.combine(updates, [SUMMARY])[SUMMARY]
         return new
 
 

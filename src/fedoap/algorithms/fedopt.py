@@ -16,17 +16,22 @@ from collections.abc import Sequence
 
 import torch
 
-from fedoap.algorithms.base import SHARED, Algorithm, Update
-from fedoap.models import StateDict
+from fedoap.aggregation import Aggregation
+from fedoap.algorithms.base import Algorithm
+from fedoap.basetypes import SHARED, StateDict, Update
 
 
 class ServerOptimizer(Algorithm):
     """FedAvg clients, optimiser step on the server. Subclasses define ``step``."""
 
     def aggregate(
-        self, global_arrays: StateDict, updates: Sequence[Update], server: StateDict
+        self,
+        global_arrays: StateDict,
+        updates: Sequence[Update],
+        server: StateDict,
+        policy: Aggregation,
     ) -> StateDict:
-        avg = super().aggregate(global_arrays, updates, server)
+        avg = super().aggregate(global_arrays, updates, server, policy)
         new = dict(avg)
         for k, w in global_arrays.items():
             if not (k.startswith(SHARED) and w.is_floating_point()):

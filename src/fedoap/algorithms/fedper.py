@@ -16,4 +16,5 @@ from fedoap.algorithms.registry import ALGORITHMS
 @ALGORITHMS.register("fedper")
 class FedPer(FedAvg):
     name = "fedper"
+    supports_dp = False  # not tested under DP
     personal_modules = ("head",)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedoap.algorithms.base import SHARED, ClientState
 from fedoap.algorithms.fedavg import FedAvg
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.basetypes import SHARED, ClientState
 from fedoap.config import ranged
 from fedoap.models import StateDict
 
@@ -29,6 +29,7 @@ class FedProxOptions:
 @ALGORITHMS.register("fedprox")
 class FedProx(FedAvg):
     name = "fedprox"
+    supports_dp = False  # not tested under DP
     Options = FedProxOptions
 
     def penalty(

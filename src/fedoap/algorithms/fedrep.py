@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fedoap.algorithms.base import Algorithm, ClientState, FitContext, Update
+from fedoap.algorithms.base import Algorithm, FitContext
 from fedoap.algorithms.registry import ALGORITHMS
+from fedoap.basetypes import ClientState, Update
 from fedoap.config import ranged
 from fedoap.data.dataset import ClientData
 from fedoap.models import StateDict
@@ -52,7 +53,7 @@ class FedRep(Algorithm):
         head = [p for k, p in model.named_parameters() if k in personal]
         body = [p for k, p in model.named_parameters() if k not in personal]
         loss_fn = self.loss("fit")
-        opt_head = self.make_optimizer(head, state.optimizers.get("head"))
+        opt_head = self.trainer.optimizer(head, state.optimizers.get("head"))
         self.train(
             model,
             opt_head,
@@ -62,7 +63,7 @@ class FedRep(Algorithm):
             ctx.generator("fit-head"),
             ctx,
         )
-        opt_body = self.make_optimizer(body, state.optimizers.get("fit"))
+        opt_body = self.trainer.optimizer(body, state.optimizers.get("fit"))
         loss = self.train(
             model,
             opt_body,

@@ -18,4 +18,5 @@ from fedoap.algorithms.registry import ALGORITHMS
 @ALGORITHMS.register("lg_fedavg")
 class LGFedAvg(FedAvg):
     name = "lg_fedavg"
+    supports_dp = False  # not tested under DP
     personal_modules = ("encoder", "bottleneck")

@@ -19,6 +19,7 @@ class Local(Algorithm):
     name = "local"
     has_finetune = True
     supports_dp = True
+    shares_weights = False
 
     def personal_keys(self, model: nn.Module) -> set[str]:
         return set(model.state_dict())

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from fedoap.cli.output import (
+    USER_ERRORS,
+    console,
+    fail,
+    fmt,
+    print_summary,
+    setup_logging,
+)
 from fedoap.config import ConfigError, load_config
-from fedoap.errors import FedoapError
 
 app = typer.Typer(
     add_completion=False,
@@ -22,125 +25,11 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="Personalised federated tumour segmentation (FedOAP and baselines).",
 )
-# Wide enough for the per-client table when output goes to a file or CI log.
-console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-
-#: What the command line reports as a one-line error (exit code 2): the project's own error
-#: types, and the machine's refusals (no space, a file past its size limit, no permission, a
-#: read-only file system). Any other exception is a bug in fedoap and keeps its traceback.
-USER_ERRORS = (FedoapError, OSError)
-MACHINE_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
-)
 
 
-def fail(err: Exception) -> None:
-    """Print ``err`` as one line and exit with code 2, or re-raise it when it is not the user's
-    or the machine's doing (a bug: its traceback is what a report needs)."""
-    if not isinstance(err, FedoapError) and not (
-        isinstance(err, OSError) and err.errno in MACHINE_ERRNOS
-    ):
-        raise err
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    msg = "; ".join(lines) or type(err).__name__
-    # escaped: a name in the message ("[/x]") is not Rich markup
-    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def _per_patient(dp: dict[str, Any]) -> str:
-    """A site's budget read per patient: under case-level DP the budget itself; per image, by
-    group privacy over its largest case."""
-    g = dp.get("patient_level")
-    if not g:
-        return "-"
-    k = g["max_images_per_case"]
-    if dp.get("unit") == "case":
-        return "= ε (per case)"
-    if k == 1:
-        return "= per image"
-    if not g["meaningful"]:
-        return f"none (k={k})"  # its delta reaches 1
-    return f"{g['epsilon']:.2f} (k={k})"  # its delta: summary.json
-
-
-def _kept(sg: dict[str, Any] | None) -> str:
-    """What a site's safeguard kept: federated, local, or the blend's alpha."""
-    if not sg:
-        return "-"
-    return f"blend α={sg['alpha']:g}" if sg["choice"] == "interpolated" else sg["choice"]
-
-
-def print_summary(summary: dict[str, Any], title: str) -> None:
-    table = Table(title=title)
-    # privacy.dp: the (epsilon, delta) each site spent, next to what it bought.
-    spent = summary.get("privacy", {}).get("clients", {})
-    guarded = "safeguard" in summary  # safeguard.mode: what each site kept
-    cols = ["client", "train/val/test", "best round", "val", "test Dice", "IoU", "HD95 px"]
-    cols += ["case Dice"] + (["ε (δ)", "per patient"] if spent else [])
-    cols += ["kept"] if guarded else []
-    for col in cols:
-        table.add_column(col, justify="right" if col != "client" else "left")
-    for name, c in summary["clients"].items():
-        n = c["n"]
-        dp = spent.get(name)
-        table.add_row(
-            name,
-            f"{n['train']}/{n['val']}/{n['test']}",
-            str(c["best_round"]),
-            _fmt(next(iter(c["val"].values()))),
-            _fmt(c["test"]["dice"]),
-            _fmt(c["test"]["iou"]),
-            _fmt(c["test"]["hd95_px"], 1),
-            _fmt(c["test"].get("case_dice")),
-            *([f"{dp['epsilon']:.2f} ({dp['delta']:.1e})", _per_patient(dp)] if dp else []),
-            *(["-", "-"] if spent and not dp else []),
-            *([_kept(c.get("safeguard"))] if guarded else []),
-        )
-    m = summary["mean"]["test"]
-    table.add_row(
-        "[bold]mean",
-        "",
-        "",
-        "",
-        f"[bold]{_fmt(m['dice'])}",
-        _fmt(m["iou"]),
-        _fmt(m["hd95_px"], 1),
-        _fmt(m["case_dice"]),
-        *(["", ""] if spent else []),
-        *([""] if guarded else []),
-    )
-    console.print(table)
-    client_level = summary.get("privacy", {}).get("client_level")
-    if client_level:
-        console.print(
-            f"client-level DP (DP-FedAvg): epsilon {client_level['epsilon']:.2f} at delta "
-            f"{client_level['delta']:.2g} over {client_level['rounds']} rounds",
-            highlight=False,
-        )
-    p, t, comm = summary["params"], summary["time"], summary["comm"]
-    console.print(
-        f"params shared/personal: {p['shared']:,}/{p['personal']:,}   "
-        f"up/down per client-round: {comm['bytes_up_per_round'] / 1e6:.2f}/"
-        f"{comm['bytes_down_per_round'] / 1e6:.2f} MB   "
-        f"time: {t['seconds_total']:.0f} s ({t['seconds_per_round'] or 0:.1f} s/round)"
-    )
-    for name, why in summary.get("excluded", {}).items():
-        console.print(
-            f"[yellow]excluded:[/] {name} diverged in round {why['round']} ({why['stage']}) and "
-            "has no results (train.on_divergence=exclude); the mean is over the others",
-            highlight=False,
-        )
-    ex = summary.get("execution")
-    if ex:
-        where = ex.get("name", ex["device"])
-        compiled = f", compiled ({ex['compile_mode']})" if ex.get("compile") else ""
-        console.print(f"on {where}, {ex['precision']}{compiled}")
+@app.callback()
+def _start() -> None:
+    setup_logging()
 
 
 @app.command()
@@ -223,7 +112,7 @@ def evaluate_cmd(
         table.add_column(col)
     for name, m in out["clients"].items():
         table.add_row(
-            name, _fmt(m["dice"]), _fmt(m["iou"]), _fmt(m["hd95_px"], 1), _fmt(m["case_dice"])
+            name, fmt(m["dice"]), fmt(m["iou"]), fmt(m["hd95_px"], 1), fmt(m["case_dice"])
         )
     console.print(table)
 
@@ -312,10 +201,10 @@ def adapt(
         table.add_row(
             key,
             str(ep),
-            _fmt(t["dice"]),
-            _fmt(t["iou"]),
-            _fmt(t["hd95_px"], 1),
-            _fmt(t["case_dice"]),
+            fmt(t["dice"]),
+            fmt(t["iou"]),
+            fmt(t["hd95_px"], 1),
+            fmt(t["case_dice"]),
         )
     console.print(table)
 
@@ -359,19 +248,20 @@ def bench(
         None, "--methods", help="main-matrix methods (default: spec)"
     ),
     seeds: list[int] = typer.Option(None, "--seeds", help="main/ablation seeds (default: spec)"),
-    only: list[str] = typer.Option(
-        None, "--only", help="main | ablation | loo | attack (repeatable)"
-    ),
+    only: list[str] = typer.Option(None, "--only", help="main | ablation | loo | attack"),
     variants: list[str] = typer.Option(
         None,
+        "--variants",
         "--variant",
-        help="only cells whose variant matches this glob (repeatable), e.g. 'fedoap.median.*'",
+        help="only cells whose variant matches one of these globs, e.g. 'fedoap.median.*'",
     ),
     jobs: int = typer.Option(1, "--jobs", "-j", help="cells run in parallel"),
     max_cells: int = typer.Option(None, "--max-cells", help="run at most this many (chunking)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and stop"),
 ) -> None:
-    """Run the benchmark matrix; finished cells are cached, results.csv is kept current."""
+    """Run the benchmark matrix; finished cells are cached, results.csv is kept current.
+
+    Each of --methods, --seeds, --only and --variants takes several values: --seeds 0 1 2."""
     from fedoap.bench import is_done, load_spec, plan, run_bench, select_variants
     from fedoap.fileio import check_output_dir
 
@@ -395,7 +285,7 @@ def bench(
             console.print(f"{'cached' if is_done(c, out, bspec) else 'todo  '} {c.key}")
         return
     try:
-        run_bench(bspec, bases, out, cells, jobs=jobs, max_cells=max_cells, log=console.print)
+        run_bench(bspec, bases, out, cells, jobs=jobs, max_cells=max_cells)
     except USER_ERRORS as err:
         fail(err)
 
@@ -403,12 +293,18 @@ def bench(
 @app.command()
 def report(
     results: Path = typer.Argument(..., help="a benchmark results folder (with results.csv)"),
+    analysis: Path | None = typer.Option(
+        None,
+        "--analysis",
+        help="a Python file of a study's own sections (its goals), binding ANALYSIS to a "
+        "fedoap.report.Analysis; run as code, so name only a file you trust",
+    ),
 ) -> None:
     """Write REPORT.md and figures/ from results.csv."""
     from fedoap.report import make_report
 
     try:
-        path = make_report(results)
+        path = make_report(results, analysis)
     except USER_ERRORS as err:
         fail(err)
         return
@@ -455,9 +351,11 @@ def data_prepare(
     )
 
 
-#: Options that take several values. Click options take one value each, so ``--seeds 0 1 2`` (the
-#: form users type, and the one the docs show) is rewritten to ``--seeds 0 --seeds 1 --seeds 2``.
-MULTI_VALUE_OPTIONS = ("--methods", "--seeds", "--only")
+#: Options that take several values, all in one way: after the option, separated by spaces or
+#: commas (``--seeds 0 1 2``, ``--seeds 0,1,2``), or with the option repeated. Click options take
+#: one value each, so the first two forms are rewritten to ``--seeds 0 --seeds 1 --seeds 2``.
+#: ``--variant`` is the earlier spelling of ``--variants``.
+MULTI_VALUE_OPTIONS = ("--methods", "--seeds", "--only", "--variants", "--variant")
 
 
 def expand_multi_value(argv: list[str]) -> list[str]:

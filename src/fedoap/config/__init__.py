@@ -8,20 +8,27 @@ key, before any data is read or any run folder is touched.
 The resolved config is written to ``RUN_DIR/config.yaml`` and is all that is needed to rebuild a
 run (``fedoap run --resume RUN_DIR``).
 
-The package, one job per module: :mod:`~fedoap.config.ranges` (numeric ranges),
+A key that was renamed is still read under its earlier name, from a file or an override, with
+a note (``federation.byzantine`` is now ``federation.num_byzantine``), and hashes as it did.
+
+The package, one job per module: :mod:`~fedoap.config.keys` (a key's history: the digest
+version that introduced it, its earlier names), :mod:`~fedoap.config.ranges` (numeric ranges),
 :mod:`~fedoap.config.schema` (the sections), :mod:`~fedoap.config.loading` (YAML, overrides, the
 typed build), :mod:`~fedoap.config.validation` (cross-field rules) and
-:mod:`~fedoap.config.identity` (a run's digest).
+:mod:`~fedoap.config.identity` (a run's digest, versioned).
 """
 
 from fedoap.config.identity import (
-    DIGEST_SECTIONS_WHEN_SET,
-    DIGEST_WHEN_SET,
+    DIGEST_VERSION,
     EXECUTION_KEYS,
     config_digest,
+    digest_view,
+    undeclared_keys,
 )
+from fedoap.config.keys import key, renamed_keys
 from fedoap.config.loading import (
     MAX_YAML_NODES,
+    RenamedKeyWarning,
     apply_overrides,
     from_dict,
     load_config,
@@ -71,8 +78,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DEVICE_PATTERN",
-    "DIGEST_SECTIONS_WHEN_SET",
-    "DIGEST_WHEN_SET",
+    "DIGEST_VERSION",
     "DataConfig",
     "EXECUTION_KEYS",
     "FederationConfig",
@@ -83,6 +89,7 @@ __all__ = [
     "PBLConfig",
     "PrivacyConfig",
     "Range",
+    "RenamedKeyWarning",
     "SEED_MAX",
     "SafeguardConfig",
     "SampleDPConfig",
@@ -93,11 +100,15 @@ __all__ = [
     "apply_overrides",
     "check_ranges",
     "config_digest",
+    "digest_view",
     "from_dict",
+    "key",
     "load_config",
     "load_yaml",
     "parse_override",
     "ranged",
+    "renamed_keys",
     "save_config",
+    "undeclared_keys",
     "validate",
 ]

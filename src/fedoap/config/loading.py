@@ -1,5 +1,7 @@
 """Reading a config: YAML (bounded, duplicate keys refused), dotted overrides, and the typed
-build of the dataclasses, each error naming the dotted key or the file."""
+build of the dataclasses, each error naming the dotted key or the file. A key given under a name
+it had before (its field's ``was``, :mod:`fedoap.config.keys`) is read under its current name,
+with a note (:class:`RenamedKeyWarning`): old configs and run folders keep loading."""
 
 from __future__ import annotations
 
@@ -8,12 +10,14 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from fedoap.config.keys import old_names, renamed_keys
 from fedoap.config.ranges import _short
 from fedoap.config.schema import Config
 from fedoap.config.validation import validate
@@ -97,6 +101,7 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     odd = [k for k in data if not isinstance(k, str)]
     if odd:
         raise ConfigError(f"{prefix or '<root>'}: config keys must be names, got {odd[0]!r}")
+    data = _current_names(cls, data, prefix)
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
@@ -105,6 +110,48 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         )
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     return cls(**kwargs)
+
+
+class RenamedKeyWarning(FutureWarning):
+    """A config key given under a name it had before: it is read under its current name."""
+
+
+def _note_renamed(old: str, new: str) -> None:
+    # Shown once per key and process: a benchmark reads hundreds of old run folders.
+    warnings.warn(
+        f"config key {old} is now called {new}: read as {new}", RenamedKeyWarning, stacklevel=3
+    )
+
+
+def _current_names(cls: type, data: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    """``data`` (a section of dataclass ``cls``) with each key given under an earlier name
+    moved to its current name; the same key under both names is an error."""
+    moved: dict[str, Any] | None = None
+    for f in dataclasses.fields(cls):
+        for old in old_names(f):
+            if old not in data:
+                continue
+            if f.name in data or (moved is not None and f.name in moved):
+                raise ConfigError(
+                    f"{prefix}{old} and {prefix}{f.name}: the same key, under its earlier and "
+                    f"its current name; give it once, as {prefix}{f.name}"
+                )
+            moved = dict(data) if moved is None else moved
+            moved[f.name] = moved.pop(old)
+            _note_renamed(f"{prefix}{old}", f"{prefix}{f.name}")
+    return data if moved is None else moved
+
+
+def _current_key(parts: list[str], schema: type) -> list[str]:
+    """An override's dotted key with each part given under an earlier name made current."""
+    renamed = renamed_keys(schema)
+    current: list[str] = []
+    for part in parts:
+        new = renamed.get(".".join([*current, part]))
+        current.append(part if new is None else new.rsplit(".", 1)[-1])
+    if current != parts:
+        _note_renamed(".".join(parts), ".".join(current))
+    return current
 
 
 #: Most nodes a YAML document may expand to once its aliases are resolved. A config has a few
@@ -212,11 +259,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply dotted overrides to a nested plain dict (in a copy)."""
+def apply_overrides(
+    data: dict[str, Any], overrides: Sequence[str], schema: type = Config
+) -> dict[str, Any]:
+    """Apply dotted overrides to a nested plain dict of dataclass ``schema`` (in a copy). A key
+    given under an earlier name is set under its current one, and replaces the key under any
+    name (an old file's ``federation.byzantine`` by ``federation.num_byzantine=0``)."""
+    earlier: dict[str, list[str]] = {}  # current dotted name -> its earlier last parts
+    for old, new in renamed_keys(schema).items():
+        earlier.setdefault(new, []).append(old.rsplit(".", 1)[-1])
     out = _copy_tree(data)
     for text in overrides:
         parts, value = parse_override(text)
+        parts = _current_key(parts, schema)
         node = out
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -225,6 +280,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
+        for old in earlier.get(".".join(parts), ()):
+            node.pop(old, None)
         node[parts[-1]] = value
     return out
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from fedoap.config.keys import key
 from fedoap.errors import ConfigError, shown
 
 
@@ -51,11 +52,15 @@ def ranged(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    since: int = 1,
+    was: str | tuple[str, ...] = (),
 ) -> Any:
     """A dataclass field whose value must lie in a range (checked by :func:`check_ranges`, with
     the dotted key in the error). Every int and float key of a config or of a method's options
-    declares one (tests/test_config.py checks that none is missing)."""
-    return field(default=default, metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt)})
+    declares one (tests/test_config.py checks that none is missing). ``since`` and ``was``: the
+    key's history (:func:`fedoap.config.keys.key`)."""
+    rng = Range(ge=ge, gt=gt, le=le, lt=lt)
+    return key(default, since=since, was=was, metadata={"range": rng})
 
 
 def check_ranges(obj: Any, prefix: str = "") -> None:

@@ -1,5 +1,10 @@
 """The config's sections: frozen dataclasses, one per section, each key commented, with its
-default and (numeric keys) its range."""
+default and (numeric keys) its range.
+
+A key added to a section declares the digest version that introduced it, ``since=``
+:data:`~fedoap.config.identity.DIGEST_VERSION` (``ranged(..., since=2)``, or
+``key(default, since=2)`` for a key without a range), so that runs made before it keep their
+identity; a key renamed keeps its earlier name in ``was=`` (:mod:`fedoap.config.keys`)."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fedoap.config.keys import key
 from fedoap.config.ranges import ranged
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -291,10 +297,11 @@ class SafeguardConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """A simulated attack, for measuring defences only (``federation.attack``): the named sites
-    poison what they send (fedoap.federation.attacks)."""
+    """A simulated attack, for measuring defences only (``federation.attack``): the named
+    clients poison what they send (fedoap.federation.attacks)."""
 
-    sites: tuple[str, ...] = ()
+    # The attacking clients, by name (data.clients).
+    clients: tuple[str, ...] = key((), was="sites")
     # nan: NaN uploads. scale: the update (upload - global) x1000. sign_flip: the update negated.
     # noise: Gaussian noise with the update's norm, instead of the update. invert_masks: honest
     # training on inverted training masks (data poisoning).
@@ -318,13 +325,13 @@ class FederationConfig:
     # (fewer: the run stops, resumable). In-process no site can be lost: both are unused there.
     round_timeout_s: float = ranged(3600.0, gt=0)
     min_fit_fraction: float = ranged(1.0, gt=0, le=1)
-    # How the server combines the accepted uploads of the shared parts (fedoap.federation.robust):
+    # How the server combines the accepted uploads of the shared parts (fedoap.aggregation):
     # the example-weighted mean, or a rule robust to a minority of bad sites.
     aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = "mean"
     # trimmed_mean: the share of uploads dropped at each end, per coordinate (floor(beta * n)).
     trim_beta: float = ranged(0.25, gt=0, lt=0.5)
-    # krum, multi_krum: how many bad sites f to tolerate; needs more than 2 f + 2 sampled sites.
-    byzantine: int = ranged(1, ge=0, le=100_000)
+    # krum, multi_krum: how many bad clients f to tolerate; needs more than 2 f + 2 sampled.
+    num_byzantine: int = ranged(1, ge=0, le=100_000, was="byzantine")
     # An upload whose update norm ||upload - global|| exceeds this many times the round's median
     # update norm is refused (recorded in summary.json ``refused``). None: no norm check.
     max_update_norm_ratio: float | None = ranged(10.0, gt=1)
@@ -337,7 +344,7 @@ class FederationConfig:
     # only what aggregation needs to run at all (keys, shapes, dtypes): non-finite values, a
     # wrong example count and outlying norms go into the aggregate.
     validate_updates: bool = True
-    # Measurement only: sites that attack (see AttackConfig); none by default.
+    # Measurement only: clients that attack (see AttackConfig); none by default.
     attack: AttackConfig = field(default_factory=AttackConfig)
 
 

@@ -105,8 +105,8 @@ def _validate_aggregator(cfg: Config, need: Callable[[bool, str], None]) -> None
     )
     krum = f.aggregator in ("krum", "multi_krum")
     need(
-        krum or f.byzantine == defaults.byzantine,
-        f"federation.byzantine: only used by federation.aggregator=krum or multi_krum, not "
+        krum or f.num_byzantine == defaults.num_byzantine,
+        f"federation.num_byzantine: only used by federation.aggregator=krum or multi_krum, not "
         f"{f.aggregator}",
     )
     need(
@@ -115,23 +115,24 @@ def _validate_aggregator(cfg: Config, need: Callable[[bool, str], None]) -> None
         "update is checked)",
     )
     names = [c.name for c in cfg.data.clients]
-    for i, site in enumerate(f.attack.sites):
+    for i, name in enumerate(f.attack.clients):
         need(
-            site in names,
-            f"federation.attack.sites[{i}]: {site!r} is not a client; clients: {', '.join(names)}",
+            name in names,
+            f"federation.attack.clients[{i}]: {name!r} is not a client; clients: "
+            f"{', '.join(names)}",
         )
     need(
-        bool(f.attack.sites) or f.attack.kind == defaults.attack.kind,
-        "federation.attack.kind: no federation.attack.sites attack",
+        bool(f.attack.clients) or f.attack.kind == defaults.attack.kind,
+        "federation.attack.kind: no federation.attack.clients attack",
     )
     if krum:
         n = len(cfg.data.clients)
         sampled = max(1, round(f.fraction * n))
         need(
-            sampled > 2 * f.byzantine + 2,
-            f"federation.byzantine={f.byzantine}: {f.aggregator} needs more than 2 f + 2 = "
-            f"{2 * f.byzantine + 2} sites per round (f < n/2 - 1), and {sampled} are sampled "
-            f"of {n}; lower f, or use median or trimmed_mean",
+            sampled > 2 * f.num_byzantine + 2,
+            f"federation.num_byzantine={f.num_byzantine}: {f.aggregator} needs more than 2 f + 2 "
+            f"= {2 * f.num_byzantine + 2} sites per round (f < n/2 - 1), and {sampled} are "
+            f"sampled of {n}; lower f, or use median or trimmed_mean",
         )
 
 

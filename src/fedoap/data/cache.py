@@ -36,15 +36,16 @@ from typing import Any
 import numpy as np
 
 from fedoap.config import VOLUME_SOURCES, ClientSpec, DataConfig
-from fedoap.data.dataset import resolve_path
-from fedoap.data.sources import RawClient
+from fedoap.data.paths import resolve_path
+from fedoap.data.sources.raw import RawClient
 from fedoap.fileio import atomic_writer
 
 #: Bump when the entry format or the meaning of a key input changes.
 CACHE_VERSION = 1
 
 #: Modules whose code decides the cached arrays; editing one of them invalidates every entry.
-CODE_MODULES = ("sources.py", "transforms.py", "synthetic.py", "dataset.py", "volumes.py")
+#: A folder stands for every ``.py`` file under it, so a module added to it is covered too.
+CODE_MODULES = ("sources", "transforms.py", "synthetic.py", "paths.py", "dataset.py", "volumes")
 
 #: The arrays of a :class:`RawClient`, stored under these names (plus the JSON string ``meta``).
 ARRAYS = ("images", "masks", "case_ids", "names")
@@ -90,7 +91,11 @@ def code_fingerprint() -> str:
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for name in CODE_MODULES:
-        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
+        path = here / name
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            rel = f.relative_to(here).as_posix()
+            h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 

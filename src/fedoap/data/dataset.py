@@ -7,14 +7,17 @@ memory as tensors and a batch is an index operation: data loading is never the b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedoap.config import VOLUME_SOURCES, ClientSpec, DataConfig
+from fedoap.data.cache import cached_raw
 from fedoap.data.errors import DataError
-from fedoap.data.sources import RawClient, load_folder, load_npz
+from fedoap.data.paths import resolve_path
+from fedoap.data.sources.folder import load_folder
+from fedoap.data.sources.npz import load_npz
+from fedoap.data.sources.raw import RawClient
 from fedoap.data.splits import SPLITS, cap_cases, cap_images, first_cases, split_by_case
 from fedoap.data.synthetic import generate_client
 from fedoap.data.transforms import letterbox, normalize
@@ -91,19 +94,12 @@ def _is_on(t: torch.Tensor, device: torch.device) -> bool:
     return t.device.index == device.index
 
 
-def resolve_path(root: str, path: str) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else Path(root).expanduser() / p
-
-
 def load_raw(spec: ClientSpec, cfg: DataConfig) -> RawClient:
     """Read one client's data as arrays at ``cfg.image_size``; errors name the client and file.
 
     Served from the on-disk cache (:mod:`fedoap.data.cache`) while the source, these settings and
     the loading code are unchanged, unless ``cfg.cache`` is off.
     """
-    from fedoap.data.cache import cached_raw  # local: the cache module imports this one
-
     return cached_raw(spec, cfg, lambda: _load_raw_uncached(spec, cfg))
 
 
@@ -115,7 +111,7 @@ def _load_raw_uncached(spec: ClientSpec, cfg: DataConfig) -> RawClient:
     assert spec.path is not None
     path = resolve_path(cfg.root, spec.path)
     if spec.source in VOLUME_SOURCES:
-        from fedoap.data.volumes import load_volumes  # local: nibabel only for volume sources
+        from fedoap.data.volumes.loader import load_volumes  # local: volume sources only
 
         raw = load_volumes(spec, path, cfg.image_size, cfg.max_image_pixels, cfg.max_volume_voxels)
     elif spec.source == "npz":

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from fedoap.data.errors import DataError
-from fedoap.data.sources import MAX_IMAGE_PIXELS, MAX_VOLUME_VOXELS
-from fedoap.data.volumes import Volume
+from fedoap.data.sources.raw import MAX_IMAGE_PIXELS, MAX_VOLUME_VOXELS
+from fedoap.data.volumes.nifti import Volume
 
 #: Largest spread (mm) of the gaps between neighbouring slices, or of their in-plane positions'
 #: drift, accepted as one regular grid.

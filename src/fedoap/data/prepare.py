@@ -22,7 +22,7 @@ from fedoap.config import VOLUME_SOURCES, DataConfig
 from fedoap.data.cache import save_npz_atomic
 from fedoap.data.dataset import load_raw
 from fedoap.data.errors import DataError
-from fedoap.data.sources import RawClient
+from fedoap.data.sources.raw import RawClient
 from fedoap.errors import FedoapError
 from fedoap.fileio import atomic_write_text, check_output_dir
 

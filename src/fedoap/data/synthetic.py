@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedoap.data.sources import RawClient
+from fedoap.data.sources.raw import RawClient
 
 Rng = np.random.Generator
 

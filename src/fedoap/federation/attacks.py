@@ -1,6 +1,7 @@
 """Simulated attacks, for measuring defences only (``federation.attack``).
 
-An attacking site runs the protocol like any other and poisons what it sends:
+An attacking site (:class:`AttackingSite`, which :func:`make_site` builds for the clients
+``federation.attack.clients`` names) runs the protocol like any other and poisons what it sends:
 
 - ``nan``: every floating tensor of its upload is NaN;
 - ``scale``: its update ``u - g`` (upload minus the global arrays it started from) times
@@ -17,15 +18,62 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from typing import Any
 
 import torch
 
-from fedoap.algorithms.base import SHARED, Update
+from fedoap.algorithms import Algorithm
+from fedoap.basetypes import SHARED, StateDict, Update
+from fedoap.config import Config
 from fedoap.data.dataset import ClientData, Split
-from fedoap.models import StateDict
+from fedoap.federation.site import Site
+from fedoap.federation.state import SiteState
+from fedoap.models import FedOAPNet
+from fedoap.training.device import Timer
 
 #: The factor of the ``scale`` attack.
 SCALE = 1000.0
+
+
+def make_site(
+    cfg: Config,
+    alg: Algorithm,
+    model: FedOAPNet,
+    data: ClientData,
+    record: SiteState,
+    timer: Timer,
+    **options: Any,
+) -> Site:
+    """The site of ``data``: an :class:`AttackingSite` where ``federation.attack.clients`` names
+    it, an honest :class:`~fedoap.federation.site.Site` otherwise (``options``: the site's)."""
+    if data.name in cfg.federation.attack.clients:
+        return AttackingSite(cfg, alg, model, data, record, timer, **options)
+    return Site(cfg, alg, model, data, record, timer, **options)
+
+
+class AttackingSite(Site):
+    """A site that follows the protocol and poisons what it sends (``federation.attack.kind``):
+    its upload after each round's honest training, or its training masks once, at the start
+    (``invert_masks``)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        alg: Algorithm,
+        model: FedOAPNet,
+        data: ClientData,
+        record: SiteState,
+        timer: Timer,
+        **options: Any,
+    ) -> None:
+        self.kind = cfg.federation.attack.kind
+        if self.kind == "invert_masks":
+            data = invert_training_masks(data)
+        super().__init__(cfg, alg, model, data, record, timer, **options)
+
+    def _fit(self, rnd: int, global_arrays: StateDict) -> Update:
+        update = super()._fit(rnd, global_arrays)
+        return poison_update(update, global_arrays, self.kind, self.cfg.seed, rnd, self.name)
 
 
 def poison_update(

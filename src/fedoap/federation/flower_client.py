@@ -12,7 +12,7 @@ created with mode 0700 or, when it exists, used only if it is a real folder (not
 link) owned by this user with no access for anyone else; and each end checks that the process
 at the other end runs as this user (``SO_PEERCRED``), so a socket planted by another user is
 never spoken to. What the site computes is unchanged: the worker calls the same
-handlers as the in-process ClientApp.
+handlers as the in-process ClientApp (:mod:`fedoap.federation.flower_site`).
 
 In simulation (``partition-id`` in the node config) Flower keeps its worker processes, so the
 steps run in this process; ``worker=false`` in a SuperNode's ``--node-config`` does the same on
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import stat
@@ -36,25 +37,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import message_size_mod
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
+from fedoap.federation.flower_records import (
+    claim_reply,
+    numpy_record,
+    plain,
+    received_config,
+    received_numpy,
+    reply,
+    step_records,
+)
 from fedoap.fileio import open_append
+from fedoap.logs import log_to_stream
 
-ARRAYS, METRICS, CONFIG, RESULT = "arrays", "metrics", "config", "result"
 #: How long a worker waits for its first listening socket before the relay gives up.
 WORKER_START_S = 300.0
+
+logger = logging.getLogger(__name__)
 
 
 def process_age() -> float | None:
@@ -67,23 +71,6 @@ def process_age() -> float | None:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
-
-
-def step_records(
-    result: str, upload: ArrayRecord | None, num_examples: int, train_loss: float
-) -> dict[str, Any]:
-    """A step's reply records: the result (JSON) and, when the site trained, its upload."""
-    records: dict[str, Any] = {CONFIG: ConfigRecord({RESULT: result})}
-    if upload is not None:
-        records[ARRAYS] = upload
-        records[METRICS] = MetricRecord(
-            {
-                "num-examples": num_examples,
-                "train-loss": train_loss,
-                "bytes-out": upload.count_bytes(),
-            }
-        )
-    return records
 
 
 # ------------------------------------------------------------------ the wire to the worker
@@ -258,51 +245,62 @@ def _in_this_process(context: Context) -> bool:
     return "partition-id" in nc or str(nc.get("worker", "true")).lower() in ("false", "0", "no")
 
 
-def _plain(record: Any) -> dict[str, Any]:
-    return {str(k): v for k, v in record.items()}
+_HANDLED = 0  # step messages this process has handled in itself (the first pays its start)
+
+
+def _first_startup() -> float:
+    """The seconds this process took to start, for its first step; 0 for later ones (Flower's
+    simulation keeps its processes)."""
+    global _HANDLED
+    age = (process_age() or 0.0) if _HANDLED == 0 else 0.0
+    _HANDLED += 1
+    return age
 
 
 client_app = ClientApp(mods=[message_size_mod])
 
 
+# The site's handlers are imported only where a step runs in this process: the relay imports no
+# PyTorch.
+
+
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
+    log_to_stream()  # into the SuperNode's log, with each record's level
     if _in_this_process(context):
-        from fedoap.federation.flower import query_handler
+        from fedoap.federation.flower_site import query_handler
 
         return query_handler(msg, context)
-    nc = _plain(context.node_config)
-    header = {"kind": "query", "node_config": nc, "config": _plain(msg.content[CONFIG])}
+    nc = plain(context.node_config)
+    header = {"kind": "query", "node_config": nc, "config": received_config(msg)}
     answer, _, _ = _ask_worker(nc, header, {})
-    return Message(content=RecordDict({METRICS: MetricRecord(answer["metrics"])}), reply_to=msg)
+    return claim_reply(msg, answer["metrics"])
 
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
+    log_to_stream()
     if _in_this_process(context):
-        from fedoap.federation.flower import train_handler
+        from fedoap.federation.flower_site import train_handler
 
-        return train_handler(msg, context)
+        return train_handler(msg, context, _first_startup())
     age = process_age() or 0.0
-    arrays: dict[str, np.ndarray] = {}
-    if ARRAYS in msg.content.array_records:
-        arrays = {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
-    nc = _plain(context.node_config)
-    header = {"kind": "train", "node_config": nc, "config": _plain(msg.content[CONFIG])}
+    arrays = received_numpy(msg)
+    nc = plain(context.node_config)
+    header = {"kind": "train", "node_config": nc, "config": received_config(msg)}
     answer, upload, started = _ask_worker(nc, header, arrays)
     result = json.loads(answer["result"])
     if result.get("note"):
-        print(result["note"], flush=True)  # into the SuperNode's log
+        logger.info(result["note"])  # into the SuperNode's log
     # This relay's own start (Flower starts one per message) and the worker's, if it started.
     result["seconds"]["startup"] = age + started + result["seconds"].get("startup", 0.0)
-    record = ArrayRecord({k: Array(v) for k, v in upload.items()}) if upload else None
     content = step_records(
         json.dumps(result),
-        record,
+        numpy_record(upload),
         int(answer.get("num_examples", 0)),
         float(answer.get("train_loss", 0.0)),
     )
-    return Message(content=RecordDict(content), reply_to=msg)
+    return reply(msg, content)
 
 
 __all__ = ["client_app"]

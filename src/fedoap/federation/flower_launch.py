@@ -1,8 +1,8 @@
 """Starting, driving and stopping Flower services from Python (simulation and loopback
 deployment), with the offline settings these machines need (docs/flower.md).
 
-A :class:`FlowerSession` owns a private ``FLWR_HOME``, starts ``flower-superlink`` and
-``flower-supernode`` processes in their own process groups, writes the CLI's connection profile,
+A :class:`FlowerSession` owns a private ``FLWR_HOME``, starts ``flower-superlink`` (and the
+services it starts) in its own process group, writes the CLI's connection profile,
 submits a run with ``flwr run``, reads the run's status from ``flwr list --format json`` (success
 is ``finished:completed``, never ``flwr run``'s exit code) and stops every service by PID.
 """
@@ -10,9 +10,8 @@ is ``finished:completed``, never ``flwr run``'s exit code) and stops every servi
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import ipaddress
 import json
+import logging
 import math
 import os
 import shutil
@@ -24,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from fedoap.errors import FederationError, NotFoundError
 from fedoap.fileio import open_append
@@ -38,6 +37,8 @@ OFFLINE_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
 }
 
+logger = logging.getLogger(__name__)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -45,7 +46,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _bin(name: str) -> str:
+def flower_executable(name: str) -> str:
     """A Flower executable from this Python's environment."""
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
@@ -58,82 +59,12 @@ def _bin(name: str) -> str:
 
 @dataclass(frozen=True)
 class TLSFiles:
+    """A SuperLink's TLS files: the CA certificate the nodes and the CLI trust, and the
+    SuperLink's certificate and key."""
+
     ca_cert: Path
     server_cert: Path
     server_key: Path
-
-
-def make_tls(folder: Path, host: str = "127.0.0.1") -> TLSFiles:
-    """A throw-away CA and a server certificate for ``host`` (for tests and loopback trials)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedoap test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP384R1())
-    san = x509.SubjectAlternativeName(
-        [x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(san, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    files = TLSFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
-    files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.server_key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return files
-
-
-def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
-    """An EC key pair for SuperNode authentication: (private key PEM, public key OpenSSH)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = folder / f"{name}.key", folder / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-    )
-    return private, public
 
 
 def _descendants(roots: list[int]) -> list[int]:
@@ -193,7 +124,7 @@ class FlowerSession:
                 continue
         self.pid_file.unlink(missing_ok=True)
 
-    def __enter__(self) -> FlowerSession:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -222,7 +153,7 @@ class FlowerSession:
     ) -> str:
         port = port or free_port()
         cmd = [
-            _bin("flower-superlink"),
+            flower_executable("flower-superlink"),
             "--port",
             str(port),
             "--disable-runtime-dependency-installation",
@@ -248,32 +179,6 @@ class FlowerSession:
         self.write_connection(tls)
         self._wait_port(port)
         return self.address
-
-    def start_supernode(
-        self,
-        name: str,
-        node_config: dict[str, Any],
-        tls: TLSFiles | None = None,
-        private_key: Path | None = None,
-        extra_env: dict[str, str] | None = None,
-    ) -> subprocess.Popen[bytes]:
-        assert self.address is not None, "start the SuperLink first"
-        cfg = " ".join(
-            f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items()
-        )
-        cmd = [
-            _bin("flower-supernode"),
-            "--superlink",
-            self.address,
-            "--port",
-            str(free_port()),
-            "--node-config",
-            cfg,
-        ]
-        cmd += ["--insecure"] if tls is None else ["--root-certificates", str(tls.ca_cert)]
-        if private_key is not None:
-            cmd += ["--auth-supernode-private-key", str(private_key)]
-        return self._spawn(f"supernode-{name}", cmd, {**self.env, **(extra_env or {})})
 
     def stop(self) -> None:
         # Flower's services start others in sessions of their own (SuperExec, the ServerApp, the
@@ -323,7 +228,7 @@ class FlowerSession:
 
     def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [_bin("flwr"), *args],
+            [flower_executable("flwr"), *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -353,11 +258,6 @@ class FlowerSession:
         )
         if not out.get("success"):
             raise RuntimeError(f"could not configure the simulation: {out}")
-
-    def register_node(self, public_key: Path) -> None:
-        out = self.flwr_json("supernode", "register", str(public_key), self.connection)
-        if not out.get("success"):
-            raise RuntimeError(f"could not register {public_key}: {out}")
 
     def run(self, run_config: dict[str, str], app: Path = APP_DIR) -> str:
         """Submit the app; returns the run id."""
@@ -417,9 +317,7 @@ def summary_written(run_dir: Path) -> Callable[[], bool]:
     return lambda: mtime() not in (None, before)
 
 
-def run_simulation(
-    run_dir: Path, num_clients: int, log: Any = print, resume: bool = False
-) -> dict[str, Any]:
+def run_simulation(run_dir: Path, num_clients: int, resume: bool = False) -> dict[str, Any]:
     """``federation.runtime=flower-sim``: the run folder's config through Flower's simulation
     runtime (a local SuperLink with ``--simulation``). With ``resume``, the server continues
     from its checkpoint and each site from its own folder. Returns Flower's run entry."""
@@ -429,7 +327,7 @@ def run_simulation(
         # this process holds the run folder's lock (fedoap.runs.RunDir.lock) for the ServerApp
         config = {"run-dir": str(run_dir.resolve()), "lock-held": "true"}
         run_id = fl.run({**config, "resume": "true"} if resume else config)
-        log(f"Flower run {run_id} submitted to {fl.address}")
+        logger.info(f"Flower run {run_id} submitted to {fl.address}")
         run = fl.wait(run_id, done_hint=summary_written(run_dir))
     if run["status"] != "finished:completed":
         raise FederationError(

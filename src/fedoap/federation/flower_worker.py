@@ -2,8 +2,9 @@
 
 ``python -m fedoap.federation.flower_worker SOCKET PIDS IDLE_S``: imports PyTorch and
 fedoap once, listens on the Unix socket ``SOCKET`` (mode 0600), and answers one request at a
-time with the same handlers as the in-process ClientApp (:func:`fedoap.federation.flower.identify`
-and :func:`~fedoap.federation.flower.run_step`), so the site's model and data are built once per
+time with the same handlers as the in-process ClientApp
+(:func:`fedoap.federation.flower_site.identify` and
+:func:`~fedoap.federation.flower_site.run_step`), so the site's model and data are built once per
 worker. It exits when any of ``PIDS`` (comma-separated: Flower's SuperExec and the SuperNode) is
 gone or after ``IDLE_S`` seconds without a request, and removes its socket.
 """
@@ -11,6 +12,7 @@ gone or after ``IDLE_S`` seconds without a request, and removes its socket.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -22,8 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedoap.federation.flower import identify, run_step
 from fedoap.federation.flower_client import foreign_uid, process_age, recv_frame, send_frame
+from fedoap.federation.flower_site import identify, run_step
+from fedoap.logs import log_to_stream
+
+logger = logging.getLogger(__name__)
 
 
 def _alive(pid: int) -> bool:
@@ -65,7 +70,7 @@ def serve(path: Path, watched: list[int], idle_s: float) -> None:
         os.umask(old)
     server.listen(1)
     server.settimeout(1.0)
-    print(f"site worker {os.getpid()} listening on {path}, watching {watched}", flush=True)
+    logger.info(f"site worker {os.getpid()} listening on {path}, watching {watched}")
     last = time.monotonic()
     try:
         while all(_alive(p) for p in watched) and time.monotonic() - last < idle_s:
@@ -76,7 +81,7 @@ def serve(path: Path, watched: list[int], idle_s: float) -> None:
             with conn:
                 uid = foreign_uid(conn)
                 if uid is not None:  # not our relay: say nothing
-                    print(f"site worker: refused a connection from uid {uid}", flush=True)
+                    logger.warning(f"site worker: refused a connection from uid {uid}")
                     continue
                 conn.settimeout(None)
                 header, arrays = recv_frame(conn)
@@ -92,8 +97,9 @@ def serve(path: Path, watched: list[int], idle_s: float) -> None:
     finally:
         server.close()
         path.unlink(missing_ok=True)
-        print(f"site worker {os.getpid()} stopped", flush=True)
+        logger.info(f"site worker {os.getpid()} stopped")
 
 
 if __name__ == "__main__":
+    log_to_stream()
     serve(Path(sys.argv[1]), [int(p) for p in sys.argv[2].split(",")], float(sys.argv[3]))

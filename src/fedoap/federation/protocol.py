@@ -10,11 +10,13 @@ and the round goes on with the other sites (with none left, the global model sta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
-from fedoap.models import StateDict
+from fedoap.basetypes import KV, SHARED, StateDict, Update
 from fedoap.training.engine import nonfinite_keys
 
 Template = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
@@ -61,3 +63,59 @@ def check_upload(
             "declared (it would weigh the average)"
         )
     return None
+
+
+def update_norm(arrays: StateDict, global_arrays: StateDict) -> float:
+    """``||upload - global||_2`` over the shared floating tensors both hold (in float64)."""
+    total = 0.0
+    for k, v in arrays.items():
+        if k.startswith(SHARED) and v.is_floating_point() and k in global_arrays:
+            total += float((v.double() - global_arrays[k].double().to(v.device)).square().sum())
+    return math.sqrt(total)
+
+
+def summary_norm(arrays: StateDict) -> float:
+    """``||summary||_2`` of an upload's floating ``kv.*`` tensors (0 without any)."""
+    total = 0.0
+    for k, v in arrays.items():
+        if k.startswith(KV) and v.is_floating_point():
+            total += float(v.double().square().sum())
+    return math.sqrt(total)
+
+
+def sample_clients(names: list[str], fraction: float, seed: int, rnd: int) -> list[str]:
+    """The clients that train in round ``rnd`` (in their configured order)."""
+    k = max(1, round(fraction * len(names)))
+    if k >= len(names):
+        return list(names)
+    chosen = np.random.default_rng([seed, rnd]).choice(len(names), size=k, replace=False)
+    return [names[i] for i in sorted(chosen)]
+
+
+def norm_outliers(
+    senders: list[str], updates: list[Update], global_arrays: StateDict, ratio: float | None
+) -> dict[str, str]:
+    """The senders whose update norm ``||upload - global||`` (over the shared floating
+    tensors), or K/V summary norm, exceeds ``ratio`` (``federation.max_update_norm_ratio``)
+    times the round's median, with why. None, or fewer than three uploads (with two, neither
+    is an outlier of the other): nobody."""
+    if ratio is None or len(updates) < 3:
+        return {}
+    norms = [update_norm(u.arrays, global_arrays) for u in updates]
+    # K/V summaries (bank mode) have no global counterpart to subtract: their own norms.
+    summaries = [summary_norm(u.arrays) for u in updates]
+    median = float(np.median(norms))
+    median_s = float(np.median(summaries))
+    out: dict[str, str] = {}
+    for name, norm, snorm in zip(senders, norms, summaries, strict=True):
+        if norm > ratio * median:
+            out[name] = (
+                f"update norm {norm:.4g} is {norm / median:.3g} x the round's median "
+                f"{median:.4g} (federation.max_update_norm_ratio={ratio:g})"
+            )
+        elif snorm > ratio * median_s:
+            out[name] = (
+                f"K/V summary norm {snorm:.4g} is {snorm / median_s:.3g} x the round's "
+                f"median {median_s:.4g} (federation.max_update_norm_ratio={ratio:g})"
+            )
+    return out

@@ -17,6 +17,7 @@ and listed under ``summary.json``'s ``excluded``.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,7 +28,10 @@ from fedoap.algorithms import Algorithm
 from fedoap.config import Config
 from fedoap.data.dataset import ClientData, pool_training_sets
 from fedoap.errors import CheckpointError
-from fedoap.federation.server import POOLED, Server, sample_clients
+from fedoap.federation.attacks import make_site
+from fedoap.federation.pooled import POOLED, PooledServer
+from fedoap.federation.protocol import sample_clients
+from fedoap.federation.server import Server
 from fedoap.federation.site import Reply, Site, Step
 from fedoap.federation.state import RunState, SiteState, load_run_state, save_selected
 from fedoap.models import FedOAPNet, StateDict
@@ -50,12 +54,16 @@ from fedoap.training.engine import predict_logits
 
 __all__ = ["POOLED", "InProcess", "Runner", "sample_clients"]
 
+logger = logging.getLogger(__name__)
+
 
 class InProcess:
     """The in-process transport: each step is a call of the site's ``handle``."""
 
     runtime = "inprocess"
+    label = ""
     trusted = True
+    holds_site_states = True
 
     def __init__(self, sites: dict[str, Site], execution: Callable[[], dict[str, Any]]) -> None:
         self.sites = sites
@@ -73,10 +81,6 @@ class InProcess:
     def restore_sites(self, rs: RunState) -> None:
         for name, site in self.sites.items():
             site.record = rs.sites[name]
-
-    def finetune_payload(self, global_arrays: StateDict, active: list[str]) -> StateDict:
-        alg = next(iter(self.sites.values())).alg
-        return alg.finetune_payload(global_arrays, {n: self.sites[n].record.state for n in active})
 
     def history(self) -> dict[str, Any]:
         return {}
@@ -96,14 +100,12 @@ class Runner:
         clients: list[ClientData],
         run_dir: RunDir,
         progress: bool = True,
-        log: Callable[[str], None] = print,
         data_seconds: float = 0.0,
     ) -> None:
         self.cfg = cfg
         self.alg = algorithm
         self.run_dir = run_dir
         self.progress = progress
-        self.log = log
         self.device = setup(cfg.train)  # a missing device fails here, before any work
         f, default = cfg.federation, type(cfg.federation)()
         unused = [
@@ -112,7 +114,7 @@ class Runner:
             if getattr(f, k) != getattr(default, k)
         ]
         if unused:  # no site can be lost in one process
-            log(f"warning: {', '.join(unused)} apply to Flower runs only; ignored in-process")
+            logger.warning(f"{', '.join(unused)} apply to Flower runs only; ignored in-process")
         self.timer = Timer(self.device, {"data": data_seconds})
         reset_peak_memory(self.device)
         model = algorithm.build_model()  # on the CPU: initial state is the same on any device
@@ -130,7 +132,8 @@ class Runner:
             sites[POOLED] = self._site(pool_training_sets(clients), SiteState(pooled_state))
         self.sites = sites
         self.transport = InProcess(sites, self.execution)
-        self.server = Server(
+        server = PooledServer if algorithm.pooled else Server
+        self.server = server(
             cfg,
             algorithm,
             self.transport,
@@ -140,11 +143,10 @@ class Runner:
             model,
             self.timer,
             progress=progress,
-            log=log,
         )
 
     def _site(self, data: ClientData, record: SiteState) -> Site:
-        return Site(
+        return make_site(
             self.cfg,
             self.alg,
             self.model,
@@ -185,7 +187,7 @@ class Runner:
         ):
             note = precision_note(self.cfg.train.precision, self.device)
             if note:
-                self.log(f"note: {note}")
+                logger.info(f"note: {note}")
             if self.cfg.train.compile:
                 with self.timer("compile"):
                     self._warm_up()

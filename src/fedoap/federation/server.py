@@ -5,7 +5,7 @@ sampling, what it accepts from the sites (:func:`~fedoap.federation.protocol.che
 aggregation, the fine-tuning and test steps, the metric history, the checkpoint
 (:mod:`fedoap.federation.state`) and ``summary.json``. How a :class:`~fedoap.federation.site.Step`
 reaches a site and its :class:`~fedoap.federation.site.Reply` comes back is the
-:class:`Transport`'s business: the in-process runner calls each site's
+:class:`~fedoap.federation.transport.Transport`'s business: the in-process runner calls each site's
 :meth:`~fedoap.federation.site.Site.handle` directly; the Flower ServerApp sends one message per
 site per step.
 
@@ -17,97 +17,30 @@ back is sent the next step and continues from its own saved state (``rejoined``)
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from fedoap.algorithms import KV, SHARED, Algorithm, Update, nbytes
+from fedoap.aggregation import build_aggregation
+from fedoap.algorithms import Algorithm
+from fedoap.basetypes import KV, Update, nbytes
 from fedoap.config import Config
 from fedoap.errors import DivergedError, FederationError
 from fedoap.federation import safeguard
-from fedoap.federation.protocol import Template, check_upload
+from fedoap.federation.protocol import Template, check_upload, norm_outliers, sample_clients
 from fedoap.federation.site import Reply, Step
-from fedoap.federation.state import RunState, SiteState, save_run_state
-from fedoap.federation.summary import make_summary
-from fedoap.metrics import CASE_FIELDS
+from fedoap.federation.state import RunState, save_run_state
+from fedoap.federation.summary import add_outcomes, make_summary, take_case_rows
+from fedoap.federation.transport import Transport
 from fedoap.models import FedOAPNet, StateDict
-from fedoap.privacy import privacy_summary
 from fedoap.runs import RunDir
 from fedoap.training.device import Timer
 from fedoap.training.engine import nonfinite_keys
 
-POOLED = "__pooled__"  # the single trainer of ``centralized`` (not a client name: has '_' x2)
-
-
-def update_norm(arrays: StateDict, global_arrays: StateDict) -> float:
-    """``||upload - global||_2`` over the shared floating tensors both hold (in float64)."""
-    total = 0.0
-    for k, v in arrays.items():
-        if k.startswith(SHARED) and v.is_floating_point() and k in global_arrays:
-            total += float((v.double() - global_arrays[k].double().to(v.device)).square().sum())
-    return math.sqrt(total)
-
-
-def summary_norm(arrays: StateDict) -> float:
-    """``||summary||_2`` of an upload's floating ``kv.*`` tensors (0 without any)."""
-    total = 0.0
-    for k, v in arrays.items():
-        if k.startswith(KV) and v.is_floating_point():
-            total += float(v.double().square().sum())
-    return math.sqrt(total)
-
-
-def sample_clients(names: list[str], fraction: float, seed: int, rnd: int) -> list[str]:
-    """The clients that train in round ``rnd`` (in their configured order)."""
-    k = max(1, round(fraction * len(names)))
-    if k >= len(names):
-        return list(names)
-    chosen = np.random.default_rng([seed, rnd]).choice(len(names), size=k, replace=False)
-    return [names[i] for i in sorted(chosen)]
-
-
-class Transport(Protocol):
-    """How steps reach the sites."""
-
-    #: "inprocess" or "flower": recorded in the checkpoint.
-    runtime: str
-    #: Uploads come from this process's own code: a malformed one is a bug, not a bad site.
-    trusted: bool
-
-    def exchange(
-        self, steps: dict[str, Step], global_arrays: StateDict, ft_extra: StateDict
-    ) -> tuple[dict[str, Reply], dict[str, str]]:
-        """Send each named site its step; returns the replies and the lost sites (name ->
-        why) of those that did not reply."""
-        ...
-
-    def site_states(self) -> dict[str, SiteState]:
-        """The site states the server's checkpoint holds (in-process: every one; on Flower:
-        none, sites keep their own)."""
-        ...
-
-    def restore_sites(self, rs: RunState) -> None:
-        """Put the checkpoint's site states back (in-process) or nothing (Flower)."""
-        ...
-
-    def finetune_payload(self, global_arrays: StateDict, active: list[str]) -> StateDict:
-        """The method's extra fine-tuning payload (FedDP needs every site's state: in-process
-        only)."""
-        ...
-
-    def history(self) -> dict[str, Any]:
-        """Transport-specific history kept in the checkpoint (e.g. Flower's byte counts)."""
-        ...
-
-    def restore_history(self, history: dict[str, Any]) -> None: ...
-
-    def describe(self) -> dict[str, Any]:
-        """Extra ``summary.json`` fields (``execution``, transport timings)."""
-        ...
+logger = logging.getLogger(__name__)
 
 
 class Server:
@@ -122,14 +55,14 @@ class Server:
         model: FedOAPNet,
         timer: Timer,
         progress: bool = False,
-        log: Callable[[str], None] = print,
     ) -> None:
         self.cfg, self.alg, self.transport = cfg, alg, transport
         self.run_dir, self.names, self.train_sizes = run_dir, names, train_sizes
-        self.model, self.timer, self.progress, self.log = model, timer, progress, log
+        self.model, self.timer, self.progress = model, timer, progress
         self.template: Template = alg.upload_template(model)
         self.global_arrays: StateDict = alg.init_global(model)
-        self.server: StateDict = {}
+        self.server_state: StateDict = {}  # the method's and the policy's server-side tensors
+        self.aggregation = build_aggregation(cfg)
         self.ft_extra: StateDict = {}
         self.stage, self.done = "federated", 0
         self.rows: list[dict[str, Any]] = []
@@ -156,7 +89,11 @@ class Server:
         return self.cfg.finetune.epochs if self.alg.has_finetune else 0
 
     def restore(self, rs: RunState) -> None:
-        self.global_arrays, self.server, self.ft_extra = rs.global_arrays, rs.server, rs.ft_extra
+        self.global_arrays, self.server_state, self.ft_extra = (
+            rs.global_arrays,
+            rs.server,
+            rs.ft_extra,
+        )
         self.stage, self.done = rs.stage, rs.done
         h = rs.history
         self.elapsed, self.rows, self.round_seconds = h["elapsed"], h["rows"], h["round_seconds"]
@@ -165,9 +102,9 @@ class Server:
         self.site_seconds = dict(h.get("site_seconds", {}))
         self.excluded = dict(h.get("excluded", {}))
         self.lost = list(h.get("lost", []))
-        # Checkpoints before issue 15 named the site "client".
+        # Older checkpoints name a refused upload's client "site".
         self.refused = [
-            {"round": r["round"], "site": r.get("site", r.get("client")), "reason": r["reason"]}
+            {"round": r["round"], "client": r.get("client", r.get("site")), "reason": r["reason"]}
             for r in h.get("refused", [])
         ]
         self.transport.restore_history(h.get("transport", {}))
@@ -197,7 +134,7 @@ class Server:
                 state = RunState(
                     self.cfg.digest(),
                     self.global_arrays,
-                    self.server,
+                    self.server_state,
                     self.ft_extra,
                     self.transport.site_states(),
                     self.stage,
@@ -212,7 +149,7 @@ class Server:
         """Whether this step's checkpoint carries tensors (``federation.checkpoint_every``; a
         Flower server's checkpoint is small and sites keep only their last few steps, so it
         saves every step)."""
-        every = 1 if self.transport.runtime != "inprocess" else self.cfg.federation.checkpoint_every
+        every = self.cfg.federation.checkpoint_every if self.transport.holds_site_states else 1
         return last_of_stage or self.done % every == 0
 
     # ------------------------------------------------------------------ the run
@@ -240,11 +177,8 @@ class Server:
             bar.set_postfix(self._postfix())
         if self.stage == "federated":
             self.stage, self.done = "finetune", 0
-            if epochs:
-                extra = self.transport.finetune_payload(self.global_arrays, self.active)
-                if extra:  # a method whose fine-tuning needs the server's arrays (FedDP)
-                    shared = {k: v for k, v in self.global_arrays.items() if not k.startswith(KV)}
-                    self.ft_extra = {**shared, **extra}
+            if epochs and self.alg.sends_personal_models:  # FedDP: every site's own model
+                self.ft_extra = self._finetune_payload()
             self.checkpoint()
         while self.stage == "finetune" and self.done < epochs:
             e = self.done + 1
@@ -283,18 +217,46 @@ class Server:
         self.elapsed = time.perf_counter() - start
         return self._finish()
 
-    def _case_rows(self) -> list[dict[str, Any]]:
-        """Each site's per-case test scores (its test entry's ``test.cases``), taken out of the
-        entry: they go to ``test_cases.csv``, not ``summary.json``."""
-        rows: list[dict[str, Any]] = []
-        for name, entry in self.tests.items():
-            cases = entry["test"].pop("cases", None)
-            for case in cases if isinstance(cases, list) else []:
-                if isinstance(case, dict):  # a site's own fields; the client is the sender
-                    rows.append(
-                        {**{k: v for k, v in case.items() if k in CASE_FIELDS}, "client": name}
-                    )
-        return rows
+    def _finetune_payload(self) -> StateDict:
+        """What a method whose fine-tuning needs every site's own model sends each site: the
+        shared arrays and the method's payload over the active sites' states (a transport that
+        does not hold them cannot run such a method, and refuses it before the first round)."""
+        held = self.transport.site_states()
+        missing = [n for n in self.active if n not in held]
+        if missing:
+            raise FederationError(
+                f"method {self.alg.name} needs every site's own model for fine-tuning; this "
+                f"transport does not hold the states of {', '.join(missing)}"
+            )
+        states = {n: held[n].state for n in self.active}
+        extra = self.alg.finetune_payload(self.global_arrays, states)
+        shared = {k: v for k, v in self.global_arrays.items() if not k.startswith(KV)}
+        return {**shared, **extra} if extra else {}
+
+    # ------------------------------------------------------------------ who trains
+
+    def _trainers(self, sampled: list[str]) -> list[str]:
+        """The sites that train in a round: the sampled ones still in the run."""
+        return [n for n in sampled if n not in self.excluded]
+
+    def _extra_steps(self, rnd: int) -> dict[str, Step]:
+        """Steps for trainers that are not sites (none here; ``centralized``'s pooled one)."""
+        return {}
+
+    def _sends_models(self, trainer: str) -> bool:
+        """Whether a trainer's global arrays and upload travel (counted in ``comm``)."""
+        return True
+
+    def _was_sampled(self, site: str, sampled: list[str]) -> bool:
+        return site in sampled
+
+    def _train_loss(self, site: str) -> float | None:
+        """The training loss a site's row of a round shows."""
+        return self.losses.get(site)
+
+    def _can_exclude(self, trainer: str) -> bool:
+        """Whether ``train.on_divergence=exclude`` can drop a trainer that diverged."""
+        return True
 
     def _federated_step(self, rnd: int) -> None:
         """Round ``rnd``: validation of round ``rnd - 1`` and training of round ``rnd`` in one
@@ -302,12 +264,11 @@ class Server:
         cfg = self.cfg
         # Sampled from every client, so excluding one leaves the others' draws unchanged.
         sampled = sample_clients(self.names, cfg.federation.fraction, cfg.seed, rnd)
-        trainers = [POOLED] if self.alg.pooled else [n for n in sampled if n not in self.excluded]
+        trainers = self._trainers(sampled)
         steps = {
             n: Step(rnd, "federated", validate=rnd > 1, fit=n in trainers) for n in self.active
         }
-        if self.alg.pooled:
-            steps[POOLED] = Step(rnd, "federated", fit=True)
+        steps.update(self._extra_steps(rnd))
         replies = self._exchange(steps, self.global_arrays)
         updates: list[Update] = []
         senders: list[str] = []
@@ -317,21 +278,21 @@ class Server:
             if reply is None or reply.update is None:
                 continue  # lost, excluded (diverged) or refused: recorded where it happened
             update = reply.update
-            if name != POOLED:  # pooling moves raw data, not model messages
+            if self._sends_models(name):
                 self.bytes_down.append(nbytes(self.global_arrays))
             checked = cfg.federation.validate_updates  # false: no defence (measurement)
             reason = check_upload(
                 update.arrays,
                 update.num_examples,
                 self.template,
-                self.train_sizes.get(name) if name != POOLED else None,
+                self.train_sizes.get(name),
                 values=checked,
             )
             loss = update.metrics.get("train_loss")
             finite = isinstance(loss, float | int) and math.isfinite(loss)
             if reason is None and checked and not finite:
                 reason = f"train loss {loss!r} is not a finite number"
-            attacker = name in cfg.federation.attack.sites  # measurement: a poisoned upload
+            attacker = name in cfg.federation.attack.clients  # measurement: a poisoned upload
             if reason is not None:
                 if self.transport.trusted and not attacker:  # fedoap's own code: a bug
                     raise FederationError(
@@ -344,7 +305,7 @@ class Server:
             senders.append(name)
             if finite:
                 self.losses[name] = float(loss)  # type: ignore[arg-type]
-            if name != POOLED:  # pooling moves raw data, not model messages
+            if self._sends_models(name):
                 self.bytes_up.append(nbytes(update.arrays))
         updates = self._check_norms(rnd, senders, updates)
         replied = sum(1 for n in trainers if n in replies)
@@ -359,7 +320,9 @@ class Server:
             )
         if updates:  # none when every site sampled this round was lost, refused or excluded
             with self.timer("aggregate"):
-                new = self.alg.aggregate(self.global_arrays, updates, self.server)
+                new = self.alg.aggregate(
+                    self.global_arrays, updates, self.server_state, self.aggregation
+                )
             bad = nonfinite_keys(new)
             if bad:
                 why = (
@@ -376,42 +339,19 @@ class Server:
                 )
             self.global_arrays = new
         elif trainers:
-            self.log(f"warning: round {rnd}: no upload was accepted; the global model is kept")
+            logger.warning(f"round {rnd}: no upload was accepted; the global model is kept")
 
     def _check_norms(self, rnd: int, senders: list[str], updates: list[Update]) -> list[Update]:
-        """Refuse the uploads whose update norm ``||upload - global||`` (over the shared floating
-        tensors) exceeds ``federation.max_update_norm_ratio`` times the round's median, and
-        return the others. A judgement on values, not a malformed upload: recorded as refused on
-        either transport, never taken for a bug."""
-        ratio = self.cfg.federation.max_update_norm_ratio
-        if not self.cfg.federation.validate_updates:
-            ratio = None
-        if ratio is None or len(updates) < 3:  # with two, neither is an outlier of the other
-            return updates
-        norms = [update_norm(u.arrays, self.global_arrays) for u in updates]
-        # K/V summaries (bank mode) have no global counterpart to subtract: their own norms.
-        summaries = [summary_norm(u.arrays) for u in updates]
-        median = float(np.median(norms))
-        median_s = float(np.median(summaries))
-        kept = []
-        for name, u, norm, snorm in zip(senders, updates, norms, summaries, strict=True):
-            why = None
-            if norm > ratio * median:
-                why = (
-                    f"update norm {norm:.4g} is {norm / median:.3g} x the round's median "
-                    f"{median:.4g} (federation.max_update_norm_ratio={ratio:g})"
-                )
-            elif snorm > ratio * median_s:
-                why = (
-                    f"K/V summary norm {snorm:.4g} is {snorm / median_s:.3g} x the round's "
-                    f"median {median_s:.4g} (federation.max_update_norm_ratio={ratio:g})"
-                )
-            if why is not None:
-                self._refuse(rnd, name, why)
-                self.losses.pop(name, None)
-                continue
-            kept.append(u)
-        return kept
+        """Refuse the uploads whose norms are outliers (:func:`norm_outliers`) and return the
+        others. A judgement on values, not a malformed upload: recorded as refused on either
+        transport, never taken for a bug."""
+        f = self.cfg.federation
+        ratio = f.max_update_norm_ratio if f.validate_updates else None
+        why = norm_outliers(senders, updates, self.global_arrays, ratio)
+        for name, reason in why.items():
+            self._refuse(rnd, name, reason)
+            self.losses.pop(name, None)
+        return [u for name, u in zip(senders, updates, strict=True) if name not in why]
 
     def _exchange(self, steps: dict[str, Step], global_arrays: StateDict) -> dict[str, Reply]:
         """Send the steps; record validation rows, divergence and lost sites."""
@@ -421,7 +361,7 @@ class Server:
             self.lost.append(
                 {"round": rnd, "client": name, "stage": steps[name].stage, "reason": why}
             )
-            self.log(f"warning: step {rnd}: site '{name}' was lost ({why}); the run goes on")
+            logger.warning(f"step {rnd}: site '{name}' was lost ({why}); the run goes on")
         for name in [n for n in steps if n in replies]:  # in the sites' configured order
             reply = replies[name]
             for phase, sec in reply.seconds.items():
@@ -433,14 +373,14 @@ class Server:
                     sampled = sample_clients(
                         self.names, self.cfg.federation.fraction, self.cfg.seed, rnd
                     )
-                    row["sampled"] = int(self.alg.pooled or name in sampled)
-                    row["train_loss"] = self.losses.get(POOLED, self.losses.get(name))
+                    row["sampled"] = int(self._was_sampled(name, sampled))
+                    row["train_loss"] = self._train_loss(name)
                     # Why the server refused this site's upload of that round, if it did.
                     row["refused"] = next(
                         (
                             r["reason"]
                             for r in self.refused
-                            if (r["round"], r["site"]) == (rnd, name)
+                            if (r["round"], r["client"]) == (rnd, name)
                         ),
                         None,
                     )
@@ -454,13 +394,13 @@ class Server:
         return replies
 
     def _refuse(self, rnd: int, site: str, reason: str) -> None:
-        self.refused.append({"round": rnd, "site": site, "reason": reason})
-        self.log(f"warning: round {rnd}: refused site '{site}''s update: {reason}")
+        self.refused.append({"round": rnd, "client": site, "reason": reason})
+        logger.warning(f"round {rnd}: refused site '{site}''s update: {reason}")
 
     def _exclude(self, name: str, err: DivergedError) -> None:
         """Drop a diverged client from the rest of the run (train.on_divergence=exclude), or
         re-raise: its state from before the failed step is kept and never aggregated again."""
-        if self.cfg.train.on_divergence == "stop" or name == POOLED:
+        if self.cfg.train.on_divergence == "stop" or not self._can_exclude(name):
             raise err
         self.excluded[name] = {
             "stage": err.stage,
@@ -468,8 +408,8 @@ class Server:
             "step": err.step,
             "reason": str(err),
         }
-        self.log(
-            f"warning: client '{name}' is excluded from the rest of the run "
+        logger.warning(
+            f"client '{name}' is excluded from the rest of the run "
             f"(train.on_divergence=exclude): {err.detail} in round {err.round} ({err.stage})"
         )
         if not self.active:
@@ -487,7 +427,7 @@ class Server:
     # ------------------------------------------------------------------ outputs
 
     def _finish(self) -> dict[str, Any]:
-        cases = self._case_rows()
+        cases = take_case_rows(self.tests)
         described = self.transport.describe()
         summary = make_summary(
             self.cfg,
@@ -504,27 +444,13 @@ class Server:
             phases=self.timer.seconds,
         )
         summary.update(described)
-        privacy = privacy_summary(self.cfg, self.tests, self.server)
-        if privacy is not None:  # each site's spent budget, in one place
-            summary["privacy"] = privacy
-            for entry in summary["clients"].values():
-                entry.pop("privacy", None)
-        for key in ("excluded", "refused", "lost"):
-            if getattr(self, key):
-                summary[key] = getattr(self, key)
-        if safeguard.enabled(self.cfg):  # what the sites kept, and what the stage cost
-            chosen = [e["safeguard"]["choice"] for e in self.tests.values() if "safeguard" in e]
-            summary["safeguard"] = {
-                "mode": self.cfg.safeguard.mode,
-                "kept": {c: chosen.count(c) for c in safeguard.CHOICES},
-            }
-            # What the stage cost, summed over the sites, on either transport.
-            summary["time"]["safeguard_seconds"] = round(self.site_seconds.get("safeguard", 0), 3)
+        events = {"excluded": self.excluded, "refused": self.refused, "lost": self.lost}
+        add_outcomes(summary, self.cfg, self.server_state, events, self.site_seconds)
         self.run_dir.write_metrics(self.rows)
         self.run_dir.write_cases(cases)
         from fedoap.plots import plot_curves  # matplotlib: only when a run ends
 
-        title = self.alg.name + (" on Flower" if self.transport.runtime == "flower" else "")
+        title = self.alg.name + self.transport.label
         plot_curves(self.rows, self.run_dir.plots, f"{title} (seed {self.cfg.seed})")
         # Last: summary.json marks the run complete (a kill before it is finished by --resume).
         self.run_dir.write_json(self.run_dir.summary, summary)

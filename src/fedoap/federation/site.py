@@ -35,13 +35,13 @@ from typing import Any
 import torch
 
 from fedoap.algorithms import KV, Algorithm, FitContext, Update
-from fedoap.algorithms.base import to_device
 from fedoap.config import Config
 from fedoap.data.dataset import ClientData
 from fedoap.errors import DivergedError
 from fedoap.federation import safeguard
-from fedoap.federation.attacks import invert_training_masks, poison_update
+from fedoap.federation.boundary import run_finetune_epoch, run_fit, to_device
 from fedoap.federation.state import SiteState
+from fedoap.metrics.selection import improves, selection_score
 from fedoap.models import FedOAPNet, StateDict
 from fedoap.privacy import DP_STEPS, largest_case
 from fedoap.training import evaluate
@@ -104,10 +104,6 @@ class Site:
         bar: BarFactory = _no_bar,
         on_selected: Callable[[Site], None] | None = None,
     ) -> None:
-        attack = cfg.federation.attack
-        self.attacker = data.name in attack.sites  # federation.attack: measurement only
-        if self.attacker and attack.kind == "invert_masks":
-            data = invert_training_masks(data)
         self.cfg, self.alg, self.model, self.data = cfg, alg, model, data
         self.record = record
         self.timer = timer
@@ -115,7 +111,9 @@ class Site:
         self.on_selected = on_selected  # called after the test: where the selected model goes
         # privacy.dp: the site's DP-SGD parameters, fixed (and checked) before its first step;
         # the steps it takes are counted in its state (DP_STEPS), which its checkpoint keeps.
-        self.dp = alg.site_dp(data.name, data.train.case_ids) if cfg.privacy.dp.enabled else None
+        self.dp = (
+            alg.trainer.site_dp(data.name, data.train.case_ids) if cfg.privacy.dp.enabled else None
+        )
         # safeguard.mode: local's protocol for the site's local-only model (record.local).
         self.local_alg = safeguard.local_algorithm(cfg) if safeguard.enabled(cfg) else None
         # What the test scored (and on_selected saves): the selected model, or the safeguard's.
@@ -166,13 +164,10 @@ class Site:
         passes = len(self.data.train) * self.alg.passes_per_round()
         with self.timer("train"), self.bar(f"round {rnd} {self.name}", passes) as progress:
             ctx = FitContext(self.name, rnd, self.cfg.seed, progress=progress)
-            update, self.record.state = self.alg.run_fit(
-                self.model, global_arrays, self.record.state, self.data, ctx
+            update, self.record.state = run_fit(
+                self.alg, self.model, global_arrays, self.record.state, self.data, ctx
             )
         self._count_dp_epochs(self.alg.passes_per_round())
-        if self.attacker:
-            kind = self.cfg.federation.attack.kind
-            update = poison_update(update, global_arrays, kind, self.cfg.seed, rnd, self.name)
         return update
 
     def _finetune(self, step: Step, ft_extra: StateDict) -> dict[str, Any]:
@@ -190,8 +185,8 @@ class Site:
             self.bar(f"fine-tune {step.epoch} {self.name}", len(self.data.train)) as progress,
         ):
             ctx = FitContext(self.name, step.round, self.cfg.seed, progress=progress)
-            loss, rec.state = self.alg.run_finetune_epoch(
-                self.model, payload, rec.state, self.data, ctx, first=step.epoch == 1
+            loss, rec.state = run_finetune_epoch(
+                self.alg, self.model, payload, rec.state, self.data, ctx, first=step.epoch == 1
             )
         self._count_dp_epochs(1)
         row = self._validate(step.round, "finetune", payload)
@@ -229,13 +224,13 @@ class Site:
         with self.timer("safeguard"):
             ctx = FitContext(self.name, e, self.cfg.seed)
             if e <= rounds:
-                update, track.state = alg.run_fit(self.model, {}, track.state, self.data, ctx)
+                update, track.state = run_fit(alg, self.model, {}, track.state, self.data, ctx)
                 loss = update.metrics["train_loss"]
             else:
                 if e == rounds + 1:
                     track.state = alg.start_finetune(track.best_weights, track.state)
-                loss, track.state = alg.run_finetune_epoch(
-                    self.model, {}, track.state, self.data, ctx, first=e == rounds + 1
+                loss, track.state = run_finetune_epoch(
+                    alg, self.model, {}, track.state, self.data, ctx, first=e == rounds + 1
                 )
         row = self._validate(e, "safeguard", {}, alg=alg, record=track, phase="safeguard")
         row["train_loss"] = loss
@@ -258,10 +253,9 @@ class Site:
         with self.timer(phase):
             alg.personalize(self.model, payload, rec.state)
             val = evaluate(self.model, self.data.val, t.precision, batch_size=t.eval_batch_size)
-            score = val[t.select_metric]
-            improved = score is not None and score > rec.best_score
+            improved = improves(val, t.select_metric, rec.best_score)
             if improved:
-                rec.best_score, rec.best_round = score, rnd
+                rec.best_score, rec.best_round = selection_score(val, t.select_metric), rnd
                 # Kept on the CPU, in the layout it is saved in.
                 rec.best_weights = to_device(
                     self.model.state_dict(), torch.device("cpu"), copy=True
@@ -310,8 +304,7 @@ class Site:
                     val = evaluate(
                         self.model, self.data.val, t.precision, batch_size=t.eval_batch_size
                     )
-                    score = val[t.select_metric]
-                    scores[a] = -math.inf if score is None else float(score)
+                    scores[a] = selection_score(val, t.select_metric)
             alpha = safeguard.best_alpha(scores)
         kv = rec.best_kv if alpha < 1 else {}
         self.final = (safeguard.blend(rec.best_weights, local.best_weights, alpha), kv)

@@ -7,8 +7,12 @@ from typing import Any
 import numpy as np
 
 from fedoap.algorithms import Algorithm
+from fedoap.basetypes import StateDict
 from fedoap.config import Config
+from fedoap.federation import safeguard
+from fedoap.metrics import CASE_FIELDS
 from fedoap.models import FedOAPNet
+from fedoap.privacy import privacy_summary
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -68,3 +72,43 @@ def make_summary(
         },
         **({"execution": execution} if execution else {}),
     }
+
+
+def add_outcomes(
+    summary: dict[str, Any],
+    cfg: Config,
+    server_state: StateDict,
+    events: dict[str, list[Any] | dict[str, Any]],
+    site_seconds: dict[str, float],
+) -> None:
+    """Add what happened beyond the scores: the privacy spent (each site's budget, in one
+    place), the sites excluded, the uploads refused and the sites lost (``events``, where any),
+    and what the safeguard kept and cost (summed over the sites, on either transport)."""
+    clients = summary["clients"]
+    privacy = privacy_summary(cfg, clients, server_state)
+    if privacy is not None:
+        summary["privacy"] = privacy
+        for entry in clients.values():
+            entry.pop("privacy", None)
+    for key, happened in events.items():
+        if happened:
+            summary[key] = happened
+    if safeguard.enabled(cfg):
+        chosen = [e["safeguard"]["choice"] for e in clients.values() if "safeguard" in e]
+        summary["safeguard"] = {
+            "mode": cfg.safeguard.mode,
+            "kept": {c: chosen.count(c) for c in safeguard.CHOICES},
+        }
+        summary["time"]["safeguard_seconds"] = round(site_seconds.get("safeguard", 0), 3)
+
+
+def take_case_rows(tests: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each site's per-case test scores (its test entry's ``test.cases``), taken out of the
+    entry: they go to ``test_cases.csv``, not ``summary.json``."""
+    rows: list[dict[str, Any]] = []
+    for name, entry in tests.items():
+        cases = entry["test"].pop("cases", None)
+        for case in cases if isinstance(cases, list) else []:
+            if isinstance(case, dict):  # a site's own fields; the client is the sender
+                rows.append({**{k: v for k, v in case.items() if k in CASE_FIELDS}, "client": name})
+    return rows

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedoap.config import Config
 from fedoap.models.attention import AttentionGate, SharedKVAttention
 from fedoap.models.blocks import Decoder, Down, Encoder, NormKind, SpatialAdapter
 
@@ -142,3 +143,22 @@ class FedOAPNet(nn.Module):
             self.forward(x)
         self.train(was_training)
         return int(counter.get_total_flops())
+
+
+def build_net(cfg: Config, attention: AttentionKind, use_adapter: bool, gate: bool) -> FedOAPNet:
+    """The network of a run's config (``model.*``, ``data.channels``) with a method's
+    attention, adapter and gate, on the CPU, initialised from the run seed (the process's global
+    RNG is left as it was). :func:`fedoap.training.device.place` puts it on the run's device."""
+    m = cfg.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return FedOAPNet(
+            in_channels=cfg.data.channels,
+            width=m.width,
+            depth=m.depth,
+            heads=m.heads,
+            norm=m.norm,
+            attention=attention,
+            use_adapter=use_adapter,
+            gate=gate,
+        )

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-StateDict = dict[str, torch.Tensor]
+from fedoap.basetypes import StateDict
 
 
 def module_state_keys(model: nn.Module, module: nn.Module) -> list[str]:
