@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from fedoap.aggregation import build_aggregation, weighted_mean
-from fedoap.algorithms import SHARED, FitContext, Update, build_algorithm
+from fedoap.algorithms import FitContext, build_algorithm
 from fedoap.algorithms.fedoap import BANK, SUMMARY, kmeans, kv_summary
+from fedoap.basetypes import SHARED, Update
 from fedoap.data import prepare_clients
 from tests.conftest import tiny_config
 

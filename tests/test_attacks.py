@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedoap.algorithms import Update
 from fedoap.api import run_experiment
+from fedoap.basetypes import Update
 from fedoap.config import ConfigError
 from fedoap.data.dataset import ClientData, Split
 from fedoap.federation.attacks import SCALE, invert_training_masks, poison_update

@@ -9,8 +9,9 @@ import torch
 
 import fedoap.training.engine as engine
 from fedoap.aggregation import build_aggregation
-from fedoap.algorithms import ALGORITHMS, SHARED, FitContext, build_algorithm
+from fedoap.algorithms import ALGORITHMS, FitContext, build_algorithm
 from fedoap.api import run_experiment
+from fedoap.basetypes import SHARED
 from fedoap.data import prepare_clients
 from fedoap.models.blocks import NORM_TYPES
 from fedoap.models.partition import keys_of_children, keys_of_type, sub
@@ -129,7 +130,7 @@ def test_server_optimizers_against_hand_computation(method):
     o = alg.options
     w0 = torch.tensor([1.0])
     server: dict = {}
-    from fedoap.algorithms import Update
+    from fedoap.basetypes import Update
 
     g = {"shared.w": w0}
     ws, m, v, mom = [1.0], 0.0, (getattr(o, "tau", 0.0) ** 2), 0.0

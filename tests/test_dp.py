@@ -347,7 +347,7 @@ def test_group_privacy_is_the_basic_bound_and_says_when_it_guarantees_nothing():
 
 def test_dp_fedavg_clips_each_update_averages_equally_and_adds_noise_of_z_c_over_k():
     from fedoap.aggregation.dp import dp_fedavg
-    from fedoap.algorithms import Update
+    from fedoap.basetypes import Update
 
     g = {"shared.w": torch.zeros(3)}
     ups = [

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from fedoap.algorithms import Update, build_algorithm
+from fedoap.algorithms import build_algorithm
+from fedoap.basetypes import Update
 from fedoap.errors import FederationError
 from fedoap.federation.boundary import run_fit
 from fedoap.federation.protocol import check_upload

@@ -15,7 +15,8 @@ from fedoap.aggregation.rules import (
     trimmed_mean,
     weighted_mean,
 )
-from fedoap.algorithms import Update, build_algorithm
+from fedoap.algorithms import build_algorithm
+from fedoap.basetypes import Update
 from fedoap.config import ConfigError
 from tests.conftest import tiny_config
 
@@ -199,3 +200,35 @@ def test_with_four_uploads_the_quarter_trimmed_mean_is_the_median_bit_for_bit():
     assert torch.equal(three, plain) and not torch.equal(
         three, coordinate_median(ups[:3], ["shared.w"])["shared.w"]
     )
+
+
+def test_a_new_rule_is_one_registered_function_and_a_run_uses_it(tmp_path):
+    from fedoap.aggregation import RULES
+    from fedoap.api import run_experiment
+
+    calls = []
+
+    def first_upload(updates, keys, policy):  # the first site's upload, as it is
+        calls.append(len(updates))
+        return {k: updates[0].arrays[k].clone() for k in keys}
+
+    RULES.register("first_upload")(first_upload)
+    try:
+        cfg = tiny_config(
+            "method=fedavg", "federation.aggregator=first_upload", "finetune.epochs=0"
+        )
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    finally:
+        del RULES._items["first_upload"]
+    assert calls == [3] * cfg.federation.rounds  # every round, over the three sites' uploads
+
+
+def test_an_unknown_rule_is_refused_before_any_work(tmp_path):
+    from fedoap.api import run_experiment
+
+    cfg = tiny_config("federation.aggregator=geometric_median")
+    with pytest.raises(
+        ConfigError, match="federation.aggregator: unknown aggregator 'geometric_me"
+    ):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

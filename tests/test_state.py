@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fedoap.algorithms import ClientState
+from fedoap.basetypes import ClientState
 from fedoap.errors import CheckpointError
 from fedoap.federation.state import (
     RunState,

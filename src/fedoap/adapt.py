@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from fedoap.algorithms import KV, SHARED, ClientState, FitContext, build_algorithm
+from fedoap.algorithms import FitContext, build_algorithm
 from fedoap.api import run_config
+from fedoap.basetypes import KV, SHARED, ClientState
 from fedoap.config import ClientSpec, Config, ConfigError
 from fedoap.data.dataset import ClientData, make_client
 from fedoap.errors import NotFoundError

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedoap.algorithms import KV, build_algorithm
+from fedoap.aggregation import build_aggregation
+from fedoap.algorithms import build_algorithm
+from fedoap.basetypes import KV
 from fedoap.config import (
     VOLUME_SOURCES,
     ClientSpec,
@@ -62,6 +64,7 @@ def run_experiment(
     """Validate everything, then train a new run in ``run_dir``; returns ``summary.json``."""
     cfg = resolve_precision(cfg)  # the run records, and is identified by, what it runs in
     algorithm = build_algorithm(cfg)  # unknown method / options fail here, before data is read
+    build_aggregation(cfg)  # so does an unknown aggregation rule
     setup(cfg.train)  # so does a device that is not there
     runtime = runtime_for(cfg, algorithm)  # and a method the runtime cannot run
     t0 = time.perf_counter()

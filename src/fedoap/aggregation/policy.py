@@ -4,42 +4,23 @@
 (:mod:`fedoap.aggregation.rules`); ``privacy.client_dp`` replaces it by DP-FedAvg
 (:mod:`fedoap.aggregation.dp`), which the robust rules do not compose with. A method receives
 the policy in :meth:`fedoap.algorithms.Algorithm.aggregate` and decides what to do with its
-result (a server optimiser's step, FedOAP's key/value bank), so a new rule is one function in
-``rules.py`` and one line in :data:`RULES`.
+result (a server optimiser's step, FedOAP's key/value bank). A new rule is a function registered
+in :data:`fedoap.aggregation.rules.RULES`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fedoap.aggregation.dp import dp_fedavg
-from fedoap.aggregation.rules import (
-    AGGREGATORS,
-    coordinate_median,
-    krum,
-    multi_krum,
-    trimmed_mean,
-    weighted_mean,
-)
+from fedoap.aggregation.rules import RULES
 from fedoap.basetypes import SHARED, StateDict, Update
-from fedoap.config import Config
+from fedoap.config import Config, ConfigError
 from fedoap.privacy import CLIENT_DP_ROUNDS
 from fedoap.training import make_generator
-
-Rule = Callable[[Sequence[Update], Sequence[str], "Aggregation"], StateDict]
-
-#: ``federation.aggregator`` -> the rule, given the policy's parameters.
-RULES: dict[str, Rule] = {
-    "mean": lambda u, k, a: weighted_mean(u, k, a.finite),
-    "median": lambda u, k, a: coordinate_median(u, k, a.finite),
-    "trimmed_mean": lambda u, k, a: trimmed_mean(u, k, a.trim_beta, a.finite),
-    "krum": lambda u, k, a: krum(u, k, a.num_byzantine, a.finite),
-    "multi_krum": lambda u, k, a: multi_krum(u, k, a.num_byzantine, a.finite),
-}
-assert tuple(RULES) == AGGREGATORS
 
 
 @dataclass(frozen=True)
@@ -62,12 +43,11 @@ class Aggregation:
     client_dp: ClientDP | None = None
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"unknown aggregator {self.rule!r}; known: {', '.join(RULES)}")
+        RULES.get(self.rule)  # an unknown name fails here, listing the known ones
 
     def combine(self, updates: Sequence[Update], keys: Sequence[str]) -> StateDict:
         """The rule's aggregate of ``keys`` over the uploads (no differential privacy)."""
-        return RULES[self.rule](updates, keys, self)
+        return RULES.get(self.rule)(updates, keys, self)
 
     def __call__(
         self, global_arrays: StateDict, updates: Sequence[Update], server: StateDict
@@ -90,4 +70,9 @@ def build_aggregation(cfg: Config) -> Aggregation:
     """The policy a run's config asks for."""
     f, cdp = cfg.federation, cfg.privacy.client_dp
     dp = ClientDP(cdp.clip_norm, cdp.noise_multiplier, cfg.seed) if cdp.enabled else None
+    if f.aggregator not in RULES:
+        known = ", ".join(RULES.names())
+        raise ConfigError(
+            f"federation.aggregator: unknown aggregator {f.aggregator!r}; known: {known}"
+        )
     return Aggregation(f.aggregator, f.trim_beta, f.num_byzantine, f.validate_updates, dp)

@@ -3,7 +3,10 @@
 Every rule works per key over the uploads' tensors of that key (``shared.*``), in float64, and
 returns tensors of the key's dtype. Integer tensors (batch norm's ``num_batches_tracked``) take
 the maximum over the uploads the rule uses (all of them, except under Krum and multi-Krum).
-``federation.aggregator`` picks the rule:
+``federation.aggregator`` picks the rule from :data:`RULES`; a new rule is one function
+registered there, ``@RULES.register("name")`` taking the uploads, the keys and the server's
+:class:`~fedoap.aggregation.policy.Aggregation` (its ``finite``, ``trim_beta``,
+``num_byzantine``), in a module that ``fedoap.aggregation`` imports. The built-in rules:
 
 - ``mean``: ``sum_k n_k w_k / sum_k n_k`` (FedAvg; McMahan et al. 2017). Breakdown point 0: one
   upload can move the result anywhere.
@@ -32,13 +35,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from fedoap.basetypes import StateDict, Update
+from fedoap.registry import Registry
 
+#: A rule: ``(uploads, keys, policy) -> the aggregate of keys``.
+Rule = Callable[[Sequence[Update], Sequence[str], Any], StateDict]
 #: The rules ``federation.aggregator`` names.
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
+RULES: Registry[Rule] = Registry("aggregator")
 
 
 def check_round(updates: Sequence[Update], keys: Sequence[str], finite: bool = True) -> None:
@@ -148,3 +155,31 @@ def multi_krum(
     order = torch.argsort(krum_scores(updates, keys, f), stable=True)
     chosen = [updates[int(i)] for i in order[: len(updates) - f]]
     return weighted_mean(chosen, keys, finite)
+
+
+# ---------------------------------------------------------------------- the registered rules
+
+
+@RULES.register("mean")
+def _mean(updates: Sequence[Update], keys: Sequence[str], p: Any) -> StateDict:
+    return weighted_mean(updates, keys, p.finite)
+
+
+@RULES.register("median")
+def _median(updates: Sequence[Update], keys: Sequence[str], p: Any) -> StateDict:
+    return coordinate_median(updates, keys, p.finite)
+
+
+@RULES.register("trimmed_mean")
+def _trimmed_mean(updates: Sequence[Update], keys: Sequence[str], p: Any) -> StateDict:
+    return trimmed_mean(updates, keys, p.trim_beta, p.finite)
+
+
+@RULES.register("krum")
+def _krum(updates: Sequence[Update], keys: Sequence[str], p: Any) -> StateDict:
+    return krum(updates, keys, p.num_byzantine, p.finite)
+
+
+@RULES.register("multi_krum")
+def _multi_krum(updates: Sequence[Update], keys: Sequence[str], p: Any) -> StateDict:
+    return multi_krum(updates, keys, p.num_byzantine, p.finite)

@@ -24,7 +24,6 @@ from fedoap.algorithms import (  # noqa: F401  (registration)
 )
 from fedoap.algorithms.base import Algorithm, FitContext
 from fedoap.algorithms.registry import ALGORITHMS
-from fedoap.basetypes import KV, SHARED, ClientState, Update, nbytes
 from fedoap.config import Config, ConfigError
 
 
@@ -36,14 +35,4 @@ def build_algorithm(cfg: Config) -> Algorithm:
     return cls(cfg)
 
 
-__all__ = [
-    "ALGORITHMS",
-    "KV",
-    "SHARED",
-    "Algorithm",
-    "ClientState",
-    "FitContext",
-    "Update",
-    "build_algorithm",
-    "nbytes",
-]
+__all__ = ["ALGORITHMS", "Algorithm", "FitContext", "build_algorithm"]

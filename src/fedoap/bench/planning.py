@@ -48,7 +48,10 @@ def derive(base: Config, overrides: Sequence[str]) -> Config:
             "train.on_divergence=exclude cannot be used in a benchmark (every cell must report "
             "every client); leave it at stop"
         )
+    from fedoap.aggregation import build_aggregation
     from fedoap.training.device import resolve_precision
+
+    build_aggregation(cfg)  # an unknown aggregation rule fails when the cell is planned
 
     # a cell's identity is the precision it runs in here (train.precision=auto resolved)
     return resolve_precision(cfg)

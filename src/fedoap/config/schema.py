@@ -325,9 +325,10 @@ class FederationConfig:
     # (fewer: the run stops, resumable). In-process no site can be lost: both are unused there.
     round_timeout_s: float = ranged(3600.0, gt=0)
     min_fit_fraction: float = ranged(1.0, gt=0, le=1)
-    # How the server combines the accepted uploads of the shared parts (fedoap.aggregation):
-    # the example-weighted mean, or a rule robust to a minority of bad sites.
-    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = "mean"
+    # How the server combines the accepted uploads of the shared parts: a rule registered in
+    # fedoap.aggregation.rules.RULES, the example-weighted mean ("mean") or one robust to a
+    # minority of bad sites ("median", "trimmed_mean", "krum", "multi_krum").
+    aggregator: str = "mean"
     # trimmed_mean: the share of uploads dropped at each end, per coordinate (floor(beta * n)).
     trim_beta: float = ranged(0.25, gt=0, lt=0.5)
     # krum, multi_krum: how many bad clients f to tolerate; needs more than 2 f + 2 sampled.

@@ -28,7 +28,8 @@ from typing import Any, cast
 
 from flwr.app import ArrayRecord, Context, Message
 
-from fedoap.algorithms import Update, build_algorithm
+from fedoap.algorithms import build_algorithm
+from fedoap.basetypes import Update
 from fedoap.config import VOLUME_SOURCES, ConfigError
 from fedoap.data.dataset import make_client
 from fedoap.federation.flower_records import (

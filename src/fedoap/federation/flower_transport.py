@@ -46,7 +46,7 @@ from typing import Any, cast
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from fedoap.algorithms import Update
+from fedoap.basetypes import Update
 from fedoap.errors import FederationError
 from fedoap.federation.flower_records import (
     ARRAYS,

@@ -30,7 +30,6 @@ from fedoap.data.dataset import ClientData, pool_training_sets
 from fedoap.errors import CheckpointError
 from fedoap.federation.attacks import make_site
 from fedoap.federation.pooled import POOLED, PooledServer
-from fedoap.federation.protocol import sample_clients
 from fedoap.federation.server import Server
 from fedoap.federation.site import Reply, Site, Step
 from fedoap.federation.state import RunState, SiteState, load_run_state, save_selected
@@ -52,7 +51,7 @@ from fedoap.training.device import (
 )
 from fedoap.training.engine import predict_logits
 
-__all__ = ["POOLED", "InProcess", "Runner", "sample_clients"]
+__all__ = ["InProcess", "Runner"]
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from fedoap.algorithms import KV, Algorithm, FitContext, Update
+from fedoap.algorithms import Algorithm, FitContext
+from fedoap.basetypes import KV, Update
 from fedoap.config import Config
 from fedoap.data.dataset import ClientData
 from fedoap.errors import DivergedError

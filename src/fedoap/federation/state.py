@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedoap.algorithms import KV, ClientState
+from fedoap.basetypes import KV, ClientState
 from fedoap.errors import CheckpointError
 from fedoap.federation.checkpoint import (
     flatten_optimizer,
