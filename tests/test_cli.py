@@ -8,7 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fedoap.cli.main import app
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 cli = CliRunner()
 
@@ -139,3 +139,13 @@ def test_a_safeguarded_run_shows_what_each_site_kept(tmp_path):
     for name, c in summary["clients"].items():
         line = next(ln for ln in res.output.splitlines() if f" {name} " in ln)
         assert c["safeguard"]["choice"] in line
+
+
+def test_version_is_the_installed_packages_and_the_changelogs_latest():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"fedoap {version('fedoap')}"
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert f"## {version('fedoap')} " in changelog  # every release has its entry

@@ -27,8 +27,24 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"fedoap {version('fedoap')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _start() -> None:
+def _start(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_show_version,
+        is_eager=True,
+        help="Show fedoap's version and exit.",
+    ),
+) -> None:
     setup_logging()
 
 
