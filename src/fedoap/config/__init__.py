@@ -11,13 +11,33 @@ run (``fedoap run --resume RUN_DIR``).
 A key that was renamed is still read under its earlier name, from a file or an override, with
 a note (``federation.byzantine`` is now ``federation.num_byzantine``), and hashes as it did.
 
-The package, one job per module: :mod:`~fedoap.config.keys` (a key's history: the digest
-version that introduced it, its earlier names), :mod:`~fedoap.config.ranges` (numeric ranges),
-:mod:`~fedoap.config.schema` (the sections), :mod:`~fedoap.config.loading` (YAML, overrides, the
-typed build), :mod:`~fedoap.config.validation` (cross-field rules) and
-:mod:`~fedoap.config.identity` (a run's digest, versioned).
+The package, one job per module: :mod:`~fedoap.config.keys` (a key's meaning and history: the
+digest version that introduced it, its earlier names), :mod:`~fedoap.config.ranges` (numeric
+ranges), the sections (:mod:`~fedoap.config.schema` with the root :class:`Config`,
+:mod:`~fedoap.config.data_schema`, :mod:`~fedoap.config.federation_schema`),
+:mod:`~fedoap.config.loading` (YAML, overrides, the typed build),
+:mod:`~fedoap.config.validation` (cross-field rules), :mod:`~fedoap.config.identity` (a run's
+digest, versioned) and :mod:`~fedoap.config.reference` (the configuration reference, generated
+from the sections).
 """
 
+from fedoap.config.data_schema import (
+    SEED_MAX,
+    VOLUME_SOURCES,
+    AugmentConfig,
+    ClientSpec,
+    DataConfig,
+    SplitConfig,
+    VolumeSpec,
+)
+from fedoap.config.federation_schema import (
+    AttackConfig,
+    ClientDPConfig,
+    FederationConfig,
+    PrivacyConfig,
+    SafeguardConfig,
+    SampleDPConfig,
+)
 from fedoap.config.identity import (
     DIGEST_VERSION,
     EXECUTION_KEYS,
@@ -42,26 +62,13 @@ from fedoap.config.ranges import (
     ranged,
 )
 from fedoap.config.schema import (
-    SEED_MAX,
-    VOLUME_SOURCES,
-    AttackConfig,
-    AugmentConfig,
-    ClientDPConfig,
-    ClientSpec,
     CompileMode,
     Config,
-    DataConfig,
-    FederationConfig,
     FinetuneConfig,
     KVConfig,
     ModelConfig,
     PBLConfig,
-    PrivacyConfig,
-    SafeguardConfig,
-    SampleDPConfig,
-    SplitConfig,
     TrainConfig,
-    VolumeSpec,
 )
 from fedoap.config.validation import (
     DEVICE_PATTERN,

@@ -1,12 +1,15 @@
-"""A config key's history, declared on its schema field beside its default: the digest version
-that introduced it (``since``; :mod:`fedoap.config.identity`) and the names it had before
-(``was``), which old files and overrides may still use (:mod:`fedoap.config.loading` reads them
-as the new name).
+"""A config key's meaning and history, declared on its schema field beside its default: what
+the key does (``doc``, shown by the configuration reference, :mod:`fedoap.config.reference`),
+the digest version that introduced it (``since``; :mod:`fedoap.config.identity`) and the names
+it had before (``was``), which old files and overrides may still use
+(:mod:`fedoap.config.loading` reads them as the new name).
 
     # renamed: files and overrides that say federation.byzantine still load, and hash as before
-    num_byzantine: int = ranged(1, ge=0, le=100_000, was="byzantine")
+    num_byzantine: int = ranged(1, ge=0, le=100_000, was="byzantine", doc="...")
     # a key added after digest version 1: left out of the digest while at its default
-    warmup: Literal["none", "linear"] = key("none", since=2)
+    warmup: Literal["none", "linear"] = key("none", since=2, doc="...")
+
+None of it is part of a run's identity: a digest hashes values, never field metadata.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 SINCE = "since"
 #: Field metadata: the key's earlier names, oldest first (absent: never renamed).
 WAS = "was"
+#: Field metadata: what the key means, one or a few sentences of Markdown (absent: undocumented).
+DOC = "doc"
 
 _MISSING: Any = dataclasses.MISSING
 
@@ -31,12 +36,16 @@ def key(
     default_factory: Callable[[], Any] = _MISSING,
     since: int = 1,
     was: str | tuple[str, ...] = (),
+    doc: str = "",
     metadata: Mapping[str, Any] | None = None,
 ) -> Any:
-    """A dataclass field with its history: ``since``, the digest version that introduced it
-    (a key added after version 1 needs a default, the value runs made before it had), and
-    ``was``, the name or names it had before, oldest first."""
+    """A dataclass field with its meaning and history: ``doc``, what the key does; ``since``,
+    the digest version that introduced it (a key added after version 1 needs a default, the
+    value runs made before it had), and ``was``, the name or names it had before, oldest
+    first."""
     meta = dict(metadata or {})
+    if doc:
+        meta[DOC] = doc
     if since != 1:
         meta[SINCE] = since
     olds = (was,) if isinstance(was, str) else tuple(was)
@@ -53,6 +62,11 @@ def key(
 def since_of(f: dataclasses.Field[Any]) -> int:
     """The digest version that introduced the key of field ``f``."""
     return int(f.metadata.get(SINCE, 1))
+
+
+def doc_of(f: dataclasses.Field[Any]) -> str:
+    """What the key of field ``f`` means (empty when it declares nothing)."""
+    return str(f.metadata.get(DOC, ""))
 
 
 def old_names(f: dataclasses.Field[Any]) -> tuple[str, ...]:

@@ -54,13 +54,14 @@ def ranged(
     lt: float | None = None,
     since: int = 1,
     was: str | tuple[str, ...] = (),
+    doc: str = "",
 ) -> Any:
     """A dataclass field whose value must lie in a range (checked by :func:`check_ranges`, with
     the dotted key in the error). Every int and float key of a config or of a method's options
-    declares one (tests/test_config.py checks that none is missing). ``since`` and ``was``: the
-    key's history (:func:`fedoap.config.keys.key`)."""
+    declares one (tests/test_config.py checks that none is missing). ``doc``, ``since`` and
+    ``was``: the key's meaning and history (:func:`fedoap.config.keys.key`)."""
     rng = Range(ge=ge, gt=gt, le=le, lt=lt)
-    return key(default, since=since, was=was, metadata={"range": rng})
+    return key(default, since=since, was=was, doc=doc, metadata={"range": rng})
 
 
 def check_ranges(obj: Any, prefix: str = "") -> None:

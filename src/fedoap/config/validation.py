@@ -6,16 +6,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from fedoap.config.data_schema import VOLUME_SOURCES, ClientSpec, VolumeSpec
+from fedoap.config.federation_schema import FederationConfig, PrivacyConfig, SafeguardConfig
 from fedoap.config.ranges import _short, check_ranges
-from fedoap.config.schema import (
-    VOLUME_SOURCES,
-    ClientSpec,
-    Config,
-    FederationConfig,
-    PrivacyConfig,
-    SafeguardConfig,
-    VolumeSpec,
-)
+from fedoap.config.schema import Config
 from fedoap.errors import ConfigError
 from fedoap.fileio import SAFE_NAME, SAFE_NAME_RULE
 
