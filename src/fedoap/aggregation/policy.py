@@ -70,9 +70,7 @@ def build_aggregation(cfg: Config) -> Aggregation:
     """The policy a run's config asks for."""
     f, cdp = cfg.federation, cfg.privacy.client_dp
     dp = ClientDP(cdp.clip_norm, cdp.noise_multiplier, cfg.seed) if cdp.enabled else None
-    if f.aggregator not in RULES:
-        known = ", ".join(RULES.names())
-        raise ConfigError(
-            f"federation.aggregator: unknown aggregator {f.aggregator!r}; known: {known}"
-        )
-    return Aggregation(f.aggregator, f.trim_beta, f.num_byzantine, f.validate_updates, dp)
+    try:
+        return Aggregation(f.aggregator, f.trim_beta, f.num_byzantine, f.validate_updates, dp)
+    except KeyError as err:  # the registry's message: the unknown name and the known ones
+        raise ConfigError(f"federation.aggregator: {err.args[0]}") from None
