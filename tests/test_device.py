@@ -7,6 +7,7 @@ inventory; tests that need a real GPU are marked ``cuda`` and skipped, visibly, 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import os
 
@@ -351,6 +352,7 @@ def test_summary_splits_wall_time_into_phases(tmp_path):
     assert phases["train"] > 0
     assert s["execution"]["device"] == "cpu"
     assert s["execution"]["precision"] == auto_precision(torch.device("cpu"))
+    assert s["execution"]["fedoap"] == importlib.metadata.version("fedoap")  # which release ran
 
 
 @pytest.mark.parametrize(("native", "want"), [(True, "bf16"), (False, "fp32")])

@@ -1,6 +1,8 @@
 """Every ``fedoap ...`` command in the README and the docs' code blocks parses: its command and
-options exist, and the config, benchmark spec or analysis file it names resolves. Paths it
-creates or reads from a run (``-o``, a run folder) are not required to exist here."""
+options exist, and the config, benchmark spec or analysis file it names resolves. A config the
+reader writes (``-c my-study.yaml``, not in the repository) is the YAML block that the page shows
+before the command, and must load as one. Paths it creates or reads from a run (``-o``, a run
+folder) are not required to exist here."""
 
 from __future__ import annotations
 
@@ -17,15 +19,20 @@ from fedoap.config import load_config
 from fedoap.report import load_analysis
 from tests.conftest import REPO
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```[a-z]*\n(.*?)^```", re.S | re.M)
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```", re.S | re.M)
 
 
-def documented_commands() -> list[tuple[str, list[str]]]:
-    """(where, argv after ``fedoap``) for every ``fedoap`` line of every fenced block."""
+def documented_commands() -> list[tuple[str, list[str], str | None]]:
+    """(where, argv after ``fedoap``, the page's last YAML block before it) for every ``fedoap``
+    line of every fenced block."""
     found = []
     for path in DOCS:
-        for block in FENCE.findall(path.read_text()):
+        last_yaml = None
+        for lang, block in FENCE.findall(path.read_text()):
+            if lang == "yaml":
+                last_yaml = block
+                continue
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.strip().removeprefix("$ ")
                 try:
@@ -34,10 +41,14 @@ def documented_commands() -> list[tuple[str, list[str]]]:
                     continue  # not shell (a table, a YAML line)
                 while tokens and (tokens[0] == "time" or re.fullmatch(r"\w+=\S*", tokens[0])):
                     tokens = tokens[1:]
+                for i, t in enumerate(tokens):  # the command ends where the shell takes over
+                    if t in (">", ">>", "|", "&&", ";", "2>&1"):
+                        tokens = tokens[:i]
+                        break
                 if tokens[:1] == ["fedoap"]:
                     # a shell variable of a loop ($seed): any value of its kind parses alike
                     argv = ["0" if t.startswith("$") else t for t in tokens[1:]]
-                    found.append((f"{path.name}: {line}", argv))
+                    found.append((f"{path.name}: {line}", argv, last_yaml))
     return found
 
 
@@ -63,8 +74,10 @@ def test_the_docs_show_commands():
     assert len(COMMANDS) >= 10, COMMANDS  # the scan finds the README's own examples
 
 
-@pytest.mark.parametrize("argv", [c[1] for c in COMMANDS], ids=[c[0] for c in COMMANDS])
-def test_a_documented_command_parses_and_its_files_resolve(argv):
+@pytest.mark.parametrize(
+    ("argv", "shown_yaml"), [c[1:] for c in COMMANDS], ids=[c[0] for c in COMMANDS]
+)
+def test_a_documented_command_parses_and_its_files_resolve(argv, shown_yaml, tmp_path):
     try:
         name, params = parse(argv)
     except click.BadParameter as err:
@@ -72,8 +85,13 @@ def test_a_documented_command_parses_and_its_files_resolve(argv):
             return
         raise
     config = params.get("config") or params.get("spec")
-    if config is not None and name == "run":
-        load_config(REPO / config, list(params.get("overrides") or []))
+    if config is not None and name in ("run", "config"):
+        path = REPO / config
+        if not path.exists():  # the reader's own config: the YAML the page shows
+            assert shown_yaml is not None, f"{config} is neither in the repository nor shown"
+            path = tmp_path / path.name
+            path.write_text(shown_yaml)
+        load_config(path, list(params.get("overrides") or []))
     if config is not None and name == "bench":
         load_spec(REPO / config)
     if params.get("analysis") is not None:

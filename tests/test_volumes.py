@@ -627,12 +627,12 @@ def test_layouts_are_recognised_by_their_dataset_json(tmp_path):
     assert detect_layout(tmp_path) is None
 
 
-def test_the_readme_volume_example_is_a_valid_config():
+def test_the_docs_volume_example_is_a_valid_config():
     from fedoap.config import Config, from_dict, validate
     from tests.conftest import REPO
 
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### 3D volumes: nnU-Net, Decathlon, NIfTI") :]
+    text = (REPO / "docs" / "data.md").read_text()
+    section = text[text.index("## 3D volumes: nnU-Net, Decathlon, NIfTI") :]
     block = section[section.index("```yaml") + len("```yaml") : section.index("```\n", 10)]
 
     cfg = from_dict(Config, yaml.safe_load(block))

@@ -1,5 +1,5 @@
-"""One "regimes" table across several benchmark results folders (the README's "When does
-federation help?"): the summary of ``fedoap report`` (best method without pooling, best − local,
+"""One "regimes" table across several benchmark results folders (docs/results/regimes.md):
+the summary of ``fedoap report`` (best method without pooling, best − local,
 FedOAP − local and FedAvg − local, paired by seed with 95% CIs), with a folder whose results
 carry no regime (e.g. federation4) named after the folder. Main-matrix rows only.
 

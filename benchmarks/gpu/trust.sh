@@ -14,7 +14,7 @@
 # BUDGET (default 470) seconds of bench work per run; JOBS_PRIVACY, JOBS_FEDOAP, JOBS_FEDAVG
 # (default 6, 6, 4) cells at a time in each bench; SEEDS (default "0 1 2"); DETERMINISTIC
 # (default 1) adds train.deterministic=true to every cell. Without it, two runs of one config on
-# an H200 differed by up to 6 points of the honest sites' mean Dice (2026-11-28, see the README),
+# an H200 differed by up to 6 points of the honest sites' mean Dice (docs/results/robustness.md),
 # more than the 2-point goal that the robustness bench checks, so an attack's effect in one seed
 # could not be told from the run's own noise. On the CPU the runs repeat bit for bit anyway.
 # CPU dry run of the whole script (numbers meaningless):

@@ -36,6 +36,7 @@ from fedoap.config import VOLUME_SOURCES, ClientSpec, ConfigError
 from fedoap.errors import FedoapError, NotFoundError, OutputError
 from fedoap.fileio import atomic_write_bytes, atomic_write_text, check_output_dir
 from fedoap.runs import RunDir
+from fedoap.version import fedoap_version
 
 if TYPE_CHECKING:
     import torch
@@ -113,15 +114,6 @@ def require_onnx() -> dict[str, str]:
             ) from None
         versions[name] = str(getattr(mod, "__version__", "unknown"))
     return versions
-
-
-def fedoap_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fedoap")
-    except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
-        return "unknown"
 
 
 def export_model(

@@ -29,9 +29,9 @@ app = typer.Typer(
 
 def _show_version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
+        from fedoap.version import fedoap_version
 
-        console.print(f"fedoap {version('fedoap')}", highlight=False)
+        console.print(f"fedoap {fedoap_version()}", highlight=False)
         raise typer.Exit()
 
 

@@ -146,7 +146,7 @@ class TrainConfig:
         "(patient's) pixels pooled, so an empty prediction on a patient with tumour scores 0. "
         "`dice`: per image, where every tumour-free slice predicted empty scores 1, which "
         "rewards quiet models over ones that find the tumour. In the scarcity study "
-        "(docs/scarcity.md) selecting on `dice` lost 6 to 10 points of per-patient Dice "
+        "(docs/results/scarcity.md) selecting on `dice` lost 6 to 10 points of per-patient Dice "
         "against `case_dice`. With one image per case they agree.",
     )
     num_threads: int = ranged(

@@ -22,7 +22,7 @@ CPU_UNNAMED = "a CPU whose model was not recorded"
 MIXED_MACHINES = (
     "These cells ran on more than one machine. The same config and seed give different last "
     "digits on different processors, and training can amplify them into whole Dice points "
-    "(the README's robustness section measures one such case). Paired differences between "
+    "(docs/results/robustness.md measures one such case). Paired differences between "
     "cells from different machines include that."
 )
 

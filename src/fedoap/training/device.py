@@ -135,8 +135,14 @@ def precision_note(precision: str, device: torch.device) -> str | None:
 
 
 def describe(device: torch.device) -> dict[str, Any]:
-    """The device as recorded in ``summary.json``."""
-    out: dict[str, Any] = {"device": str(device), "torch": torch.__version__}
+    """The device and software as recorded in ``summary.json``."""
+    from fedoap.version import fedoap_version
+
+    out: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "fedoap": fedoap_version(),
+    }
     if device.type == "cuda":
         out["name"] = torch.cuda.get_device_name(device)
         out["cuda"] = torch.version.cuda
