@@ -81,7 +81,7 @@ def threads_per_worker() -> Iterator[int]:
 
     Two workers each running torch's default of one thread per core oversubscribe the machine,
     and torch's threads spin-wait on each other. The LGG nnU-Net test, beside two single-thread
-    bench runs on our 2-core CPU, took 127 s (120 CPU-seconds) with two threads and 53 s (32
+    bench runs on a 2-core CPU, took 127 s (120 CPU-seconds) with two threads and 53 s (32
     CPU-seconds) with one. Without xdist nothing changes. Restored when the session ends."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     old = torch.get_num_threads()

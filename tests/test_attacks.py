@@ -73,7 +73,7 @@ def test_refused_attackers_leave_the_honest_sites_as_if_they_sent_nothing(tmp_pa
 
 
 def test_without_the_norm_check_a_scaled_upload_reaches_the_mean_but_not_the_median(tmp_path):
-    # Distance of the final global model from the same rule's clean run. On our CPU: 488 for
+    # Distance of the final global model from the same rule's clean run. On a 2-core CPU: 488 for
     # the mean (the attack took it over) and 0.62 for the median of three.
     over = ("federation.attack.clients=[ct]", "federation.max_update_norm_ratio=null")
     mean = run(tmp_path, "mean", *over)

@@ -1,4 +1,4 @@
-"""Groundwork for sample-level DP-SGD (issue 15): Opacus's per-sample gradients of the FedOAP
+"""Sample-level DP-SGD: Opacus's per-sample gradients of the FedOAP
 network equal a loop over single examples, for every parameter (instance norm, the decoupled
 cross-attention, the adapter and head included)."""
 
@@ -57,7 +57,7 @@ def test_opacus_per_sample_gradients_equal_a_loop_over_single_examples(kv):
         for n, p in params.items()
         for i in range(3)
     )
-    assert worst < 1e-10, worst  # 1.1e-13 in float64 on our CPU
+    assert worst < 1e-10, worst  # 1.1e-13 in float64 on an AMD EPYC
     # And the per-sample gradients are not all alike: the check compares real numbers.
     some = next(iter(params.values())).grad_sample  # type: ignore[union-attr]
     assert not torch.allclose(some[0], some[1])

@@ -586,7 +586,8 @@ def test_lgg_as_nnunet_federation_predicts_nifti_equal_to_the_in_memory_result(
     memory_dice = case_dice(torch.from_numpy(in_memory[:, None] > 0), truth, [case] * len(rows))
     file_dice = 2 * (pred * label).sum() / max(pred.sum() + label.sum(), 1)
     assert file_dice == pytest.approx(memory_dice[case], abs=1e-12)
-    assert file_dice > 0  # 0.467 on our CPU: the masks overlap the tumour, not only each other
+    # 0.467 on a 2-core AMD EPYC: the masks overlap the tumour, not only each other
+    assert file_dice > 0
 
     # A folder in, a folder out, through the command line. nnU-Net's imagesTs holds every
     # channel: a file of another channel than the model's is left out.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The loopback deployment before this changes (commit f96a2a6) and now, on this machine:
+# The loopback deployment of an older release (commit f96a2a6, whose sites kept their state apart
+# from the runner's) and of this code, on this machine:
 # the quickstart in fp32, 3 rounds, no fine-tuning, four SuperNodes with one thread each; and the
 # same config in-process with one thread, which the deployment should equal.
 #   bash benchmarks/flower/before_after.sh    # writes benchmarks/results/flower/before-after/

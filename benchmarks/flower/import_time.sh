@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Import time of the ClientApp path Flower pays per message: median of 5 fresh processes, before
-# this issue (commit f96a2a6) and now. Run it on an idle machine.
+# Import time of the ClientApp path Flower pays per message: median of 5 fresh processes, for an
+# older release (commit f96a2a6) and this code. Run it on an idle machine.
 #   bash benchmarks/flower/import_time.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -9,8 +9,8 @@ out=benchmarks/results/flower
 mkdir -p "$out"
 # fp32: this machine's CPU has no native bf16 (fedoap says so at start), and emulated bf16
 # convolutions are ~20x slower than fp32 here; the runtimes are compared on the same precision.
-# Selection on per-image Dice, as when these measurements were committed (the default is now
-# case Dice): the committed cells stay what this script produces.
+# Selection on per-image Dice (the default is case Dice), the setting of the committed cells, so
+# that they stay what this script produces.
 cfg=$out/quickstart-fp32.yaml
 fedoap config -c configs/quickstart.yaml train.precision=fp32 train.select_metric=dice > "$cfg"
 timed() {  # timed NAME COMMAND...: run once, record the whole command's wall-clock seconds

@@ -54,7 +54,7 @@ export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"
 quick=()
 if [ "${QUICK:-0}" = 1 ]; then
   STAGES=quick
-  # 64 training images per client as the issue asks; one round and one fine-tuning epoch, and
+  # 64 training images per client; one round and one fine-tuning epoch, and
   # small val/test caps, so that it ends in ~15 min on 2 cores (w=64 at 128^2 trains at ~1.3 s
   # per image there); fp32 and no compile, since this CPU emulates bf16.
   quick=(data.max_train_images=64 data.max_val_images=16 data.max_test_images=16
