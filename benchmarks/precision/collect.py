@@ -8,8 +8,11 @@ import numpy as np
 
 root = Path(sys.argv[1])
 rows = {}
+machines = set()
 for s in sorted(root.glob("*/summary.json")):
     d = json.loads(s.read_text())
+    execution = d.get("execution") or {}
+    machines.add(f"{execution.get('name', 'unrecorded')} ({execution.get('device', '?')})")
     prec = "bf16" if "-bf16-" in s.parent.name else "fp32"
     c = next(iter(d["clients"].values()))
     rows.setdefault(prec, []).append(
@@ -21,6 +24,8 @@ for s in sorted(root.glob("*/summary.json")):
             d["time"]["seconds_total"],
         )
     )
+print(f"Machine: {', '.join(sorted(machines))}; one run at a time.")
+print()
 print("| precision | seeds | val Dice | test Dice | test HD95 px | seconds per run |")
 print("|---|---|---|---|---|---|")
 for prec, r in sorted(rows.items()):

@@ -112,7 +112,7 @@ def main() -> None:
             }
 
         t = time.perf_counter()
-        summary = run_experiment(cfg, work / "run", progress=False, log=lambda s: None)
+        summary = run_experiment(cfg, work / "run", progress=False)
         run_s = time.perf_counter() - t
 
         per_case = []
