@@ -48,6 +48,7 @@ from fedoap.federation.state import load_selected, runtime_of
 from fedoap.fileio import atomic_write_bytes, check_output_dir, mirrored_outputs
 from fedoap.models import FedOAPNet
 from fedoap.runs import RunDir
+from fedoap.tracking import check_tracking
 from fedoap.training import evaluate, predict_logits
 from fedoap.training.device import oom_guard, place, resolve_precision, session, setup
 
@@ -67,6 +68,7 @@ def run_experiment(
     build_aggregation(cfg)  # so does an unknown aggregation rule
     setup(cfg.train)  # so does a device that is not there
     runtime = runtime_for(cfg, algorithm)  # and a method the runtime cannot run
+    check_tracking(cfg.tracking)  # and a tracking backend that is not installed
     t0 = time.perf_counter()
     if clients is None:
         clients = prepare_clients(cfg.data)  # bad data fails here, before the folder is touched
@@ -124,6 +126,7 @@ def _resume(rd: RunDir, overrides_cfg: Config | None, progress: bool) -> dict[st
         )
     algorithm = build_algorithm(cfg)
     setup(cfg.train)
+    check_tracking(cfg.tracking)
     return runtime_for(cfg, algorithm).resume(cfg, algorithm, rd, progress)
 
 

@@ -215,7 +215,7 @@ class RunDir:
         w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
         w.writeheader()
         for row in rows:
-            w.writerow({k: _fmt(row.get(k)) for k in METRIC_FIELDS})
+            w.writerow({k: csv_value(row.get(k)) for k in METRIC_FIELDS})
         atomic_write_text(self.metrics, buf.getvalue())
 
     def write_cases(self, rows: list[dict[str, Any]]) -> None:
@@ -227,7 +227,7 @@ class RunDir:
         w = csv.DictWriter(buf, fieldnames=list(CASE_FIELDS), extrasaction="ignore")
         w.writeheader()
         for row in rows:
-            w.writerow({k: _fmt(row.get(k)) for k in CASE_FIELDS})
+            w.writerow({k: csv_value(row.get(k)) for k in CASE_FIELDS})
         atomic_write_text(self.test_cases, buf.getvalue())
 
     def is_complete(self) -> bool:
@@ -264,7 +264,9 @@ class RunDir:
         atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
-def _fmt(v: Any) -> Any:
+def csv_value(v: Any) -> Any:
+    """A value as fedoap's CSV files write it: floats to 6 significant digits, None and NaN
+    empty."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     if isinstance(v, float):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -22,7 +23,8 @@ from fedoap.bench.examples import save_examples
 from fedoap.bench.planning import Cell
 from fedoap.bench.results import DIVERGED, write_results
 from fedoap.bench.spec import BenchSpec
-from fedoap.config import Config
+from fedoap.bench.tracking import BenchTracking
+from fedoap.config import Config, TrackingConfig
 from fedoap.cpu import cpu_budget
 from fedoap.errors import FedoapError
 from fedoap.fileio import atomic_write_text, check_output_dir, open_append
@@ -39,7 +41,12 @@ def _fedoap(*args: str) -> list[str]:
 
 
 def run_cell(
-    cell: Cell, out: Path, spec: BenchSpec, bases: dict[str, Config], threads: int
+    cell: Cell,
+    out: Path,
+    spec: BenchSpec,
+    bases: dict[str, Config],
+    threads: int,
+    tracking: BenchTracking | None = None,
 ) -> Path:
     """Run (or resume) one cell; returns its folder. Idempotent."""
     folder = out / "cells" / cell.key
@@ -52,20 +59,29 @@ def run_cell(
     if not cfg_path.exists():
         atomic_write_text(cfg_path, cfg.to_yaml())
     with open_append(folder / "log.txt", text=True) as log:
-        _run_cell_steps(cell, folder, run_dir, cfg_path, spec, bases[cell.regime], log)
+        _run_cell_steps(cell, folder, run_dir, cfg_path, spec, bases[cell.regime], log, tracking)
     return folder
 
 
 def _run_cell_steps(
-    cell: Cell, folder: Path, run_dir: Path, cfg_path: Path, spec: BenchSpec, base: Config, log: Any
+    cell: Cell,
+    folder: Path,
+    run_dir: Path,
+    cfg_path: Path,
+    spec: BenchSpec,
+    base: Config,
+    log: Any,
+    tracking: BenchTracking | None = None,
 ) -> None:
     """The cell's run (resumed if it was interrupted), then its adaptation (LOO) or examples."""
     if not (run_dir / "summary.json").is_file():
-        if (run_dir / "config.yaml").is_file():
+        env = {**os.environ, **tracking.cell_env(cell.key)} if tracking else None
+        if (run_dir / "config.yaml").is_file():  # its own config says where it reports
             cmd = _fedoap("run", "--resume", str(run_dir), "--quiet")
         else:
             cmd = _fedoap("run", "-c", str(cfg_path), "-o", str(run_dir), "--quiet", "--force")
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+            cmd += tracking.cell_args() if tracking else []
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     if cell.kind == "loo":
         assert cell.heldout is not None and spec.loo is not None
         adapt_dir = folder / "adapt"
@@ -136,18 +152,22 @@ def run_bench(
     cells: list[Cell],
     jobs: int = 1,
     max_cells: int | None = None,
+    tracking: TrackingConfig | None = None,
 ) -> None:
+    """Run the cells not done yet, ``jobs`` at a time; with ``tracking``, every cell of
+    ``cells`` reports to one store (:mod:`fedoap.bench.tracking`)."""
     check_output_dir(out)  # a file or an unwritable folder fails here, before any cell runs
     todo = [c for c in cells if not is_done(c, out, spec)]
     logger.info(f"{len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run")
     if max_cells is not None:
         todo = todo[:max_cells]
     out.mkdir(parents=True, exist_ok=True)
+    tracker = BenchTracking(out, tracking) if tracking is not None else None
     threads = max(1, cpu_budget() // max(jobs, 1))
     t0 = time.perf_counter()
     failures = []
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        futures = {pool.submit(run_cell, c, out, spec, bases, threads): c for c in todo}
+        futures = {pool.submit(run_cell, c, out, spec, bases, threads, tracker): c for c in todo}
         for i, fut in enumerate(as_completed(futures), 1):
             cell = futures[fut]
             try:
@@ -163,6 +183,9 @@ def run_bench(
             minutes = (time.perf_counter() - t0) / 60
             logger.info(f"[{i}/{len(todo)}] {cell.key}: {status} ({minutes:.1f} min)")
     write_results(out)
+    if tracker is not None:
+        tracker.send_finished({c.key: out / "cells" / c.key / "run" for c in cells})
+        tracker.finish(complete=not failures and all(is_done(c, out, spec) for c in cells))
     if failures:
         raise BenchError(
             f"{len(failures)} cell(s) failed (their logs are in {out / 'cells'}): "

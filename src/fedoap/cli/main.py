@@ -1,4 +1,4 @@
-"""``fedoap`` command line: run, evaluate, predict."""
+"""The ``fedoap`` command line: every command and its options."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from fedoap.cli.deploy import deploy_app, provision
 from fedoap.cli.output import (
     USER_ERRORS,
     console,
@@ -16,7 +17,7 @@ from fedoap.cli.output import (
     print_summary,
     setup_logging,
 )
-from fedoap.config import ConfigError, load_config
+from fedoap.config import ConfigError, TrackingConfig, load_config
 
 app = typer.Typer(
     add_completion=False,
@@ -274,11 +275,22 @@ def bench(
     jobs: int = typer.Option(1, "--jobs", "-j", help="cells run in parallel"),
     max_cells: int = typer.Option(None, "--max-cells", help="run at most this many (chunking)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and stop"),
+    track: str = typer.Option(
+        None,
+        "--track",
+        help="mlflow | tensorboard: every cell in one store (OUT/mlflow.db or OUT/tensorboard "
+        "unless --tracking-uri), one MLflow run per cell under one run of the benchmark",
+    ),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="the store (tracking.uri)"),
+    experiment: str = typer.Option(
+        None, "--experiment", help="MLflow experiment (default: OUT's name)"
+    ),
 ) -> None:
     """Run the benchmark matrix; finished cells are cached, results.csv is kept current.
 
     Each of --methods, --seeds, --only and --variants takes several values: --seeds 0 1 2."""
     from fedoap.bench import is_done, load_spec, plan, run_bench, select_variants
+    from fedoap.bench.tracking import tracked_config
     from fedoap.fileio import check_output_dir
 
     try:
@@ -293,6 +305,10 @@ def bench(
             only or ("main", "ablation", "loo", "attack"),
         )
         cells = select_variants(cells, variants or [])
+        given = None
+        if track is not None or tracking_uri is not None or experiment is not None:
+            given = _tracking_option(track, tracking_uri, experiment)
+        tracking = tracked_config(next(iter(bases.values())), given)
     except USER_ERRORS as err:
         fail(err)
         return
@@ -301,9 +317,18 @@ def bench(
             console.print(f"{'cached' if is_done(c, out, bspec) else 'todo  '} {c.key}")
         return
     try:
-        run_bench(bspec, bases, out, cells, jobs=jobs, max_cells=max_cells)
+        run_bench(bspec, bases, out, cells, jobs=jobs, max_cells=max_cells, tracking=tracking)
     except USER_ERRORS as err:
         fail(err)
+
+
+def _tracking_option(track: str | None, uri: str | None, experiment: str | None) -> TrackingConfig:
+    """``--track``, ``--tracking-uri`` and ``--experiment`` as a checked tracking section."""
+    overrides = [f"tracking.backend={track or 'none'}"]
+    overrides += [f"tracking.uri={uri}"] if uri is not None else []
+    overrides += [f"tracking.experiment={experiment}"] if experiment is not None else []
+    base = ["data.clients=[{name: a, source: synthetic, style: mri}]"]
+    return load_config(None, base + overrides).tracking
 
 
 @app.command()
@@ -329,6 +354,8 @@ def report(
 
 data_app = typer.Typer(no_args_is_help=True, help="Client data: preprocess and package it.")
 app.add_typer(data_app, name="data")
+app.command("provision")(provision)
+app.add_typer(deploy_app, name="deploy")
 
 
 @data_app.command("prepare")

@@ -70,6 +70,7 @@ from fedoap.config.schema import (
     PBLConfig,
     TrainConfig,
 )
+from fedoap.config.tracking_schema import TrackingConfig
 from fedoap.config.validation import (
     DEVICE_PATTERN,
     validate,
@@ -99,6 +100,7 @@ __all__ = [
     "RenamedKeyWarning",
     "SEED_MAX",
     "SafeguardConfig",
+    "TrackingConfig",
     "SampleDPConfig",
     "SplitConfig",
     "TrainConfig",

@@ -55,7 +55,7 @@ class FederationConfig:
         ge=1,
         doc="Write the resume checkpoint after every k-th round and fine-tuning epoch (always "
         "at the end of each stage). A paper-scale checkpoint (4 clients, w=64) is 2.8 GB, "
-        "8-10 s to write on a CPU machine; a killed run resumes exactly from the last one "
+        "3-10 s to write on a 2-core CPU; a killed run resumes exactly from the last one "
         "written.",
     )
     round_timeout_s: float = ranged(

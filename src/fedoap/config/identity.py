@@ -58,7 +58,10 @@ def digest_view(cfg: Config) -> dict[str, Any]:
     plain: dict[str, Any] = _as_v1(cfg)
     for dotted in EXECUTION_KEYS:
         section, name = dotted.split(".")
-        plain[section].pop(name, None)
+        if section in plain:  # a later section is absent while at its default
+            plain[section].pop(name, None)
+            if not plain[section]:  # only execution settings were set (tracking)
+                plain.pop(section)
     _drop_v1_when_set(plain)
     for section in V1_SECTIONS_WHEN_SET:  # a later section left empty: as if absent
         if not plain.get(section):
@@ -227,4 +230,7 @@ EXECUTION_KEYS = (
     "federation.checkpoint_every",
     "federation.round_timeout_s",
     "federation.min_fit_fraction",
+    "tracking.backend",
+    "tracking.uri",
+    "tracking.experiment",
 )

@@ -22,6 +22,7 @@ from fedoap.config.data_schema import SEED_MAX, DataConfig
 from fedoap.config.federation_schema import FederationConfig, PrivacyConfig, SafeguardConfig
 from fedoap.config.keys import key
 from fedoap.config.ranges import ranged
+from fedoap.config.tracking_schema import TrackingConfig
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -307,6 +308,12 @@ class Config:
         default_factory=SafeguardConfig,
         doc="A per-site final stage that keeps a site from ending up worse than with a model "
         "trained on its own data alone.",
+    )
+    tracking: TrackingConfig = key(
+        default_factory=TrackingConfig,
+        since=2,
+        doc="Experiment tracking: TensorBoard or MLflow (execution setting: not part of a run's "
+        "identity).",
     )
     algorithm: Mapping[str, Any] = key(
         default_factory=dict,

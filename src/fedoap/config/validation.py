@@ -62,6 +62,7 @@ def validate(cfg: Config) -> None:
     _validate_aggregator(cfg, need)
     _validate_privacy(cfg, need)
     _validate_safeguard(cfg, need)
+    _validate_tracking(cfg, need)
     need(d.channels in (1, 3), f"data.channels: must be 1 or 3, got {d.channels}")
     s = d.split
     need(abs(s.train + s.val + s.test - 1.0) < 1e-6, "data.split: train + val + test must sum to 1")
@@ -278,3 +279,19 @@ def _validate_volume_options(c: ClientSpec, key: str, need: Callable[[bool, str]
         v.slices == "foreground" or v.empty_fraction == 0.0,
         f"{key}.volume.empty_fraction: only used with slices=foreground",
     )
+
+
+def _validate_tracking(cfg: Config, need: Callable[[bool, str], None]) -> None:
+    """Tracking options only with a backend, and a name an experiment can have."""
+    tr = cfg.tracking
+    if tr.backend == "none":
+        need(tr.uri is None, "tracking.uri: only used with tracking.backend mlflow or tensorboard")
+        need(
+            tr.experiment is None,
+            "tracking.experiment: only used with tracking.backend=mlflow",
+        )
+    if tr.backend == "tensorboard":
+        need(tr.experiment is None, "tracking.experiment: only used with tracking.backend=mlflow")
+    for k in ("uri", "experiment"):
+        v = getattr(tr, k)
+        need(v is None or v.strip() != "", f"tracking.{k}: empty; leave it out for the default")

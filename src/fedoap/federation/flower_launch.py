@@ -84,7 +84,96 @@ def _descendants(roots: list[int]) -> list[int]:
     return found
 
 
-class FlowerSession:
+class FlowerCLI:
+    """The ``flwr`` command line against one SuperLink connection, with its own ``FLWR_HOME``
+    (whose ``config.toml`` names the connection) and the offline settings: submit a run, read
+    its status from ``flwr list --format json`` (success is ``finished:completed``, never
+    ``flwr run``'s exit code), wait for it, stop it."""
+
+    def __init__(self, home: Path, connection: str, workdir: Path) -> None:
+        self.home, self.connection, self.workdir = home, connection, workdir
+        # Flower's services start each other by name (flower-superexec, flwr-serverapp, ...):
+        # this Python's scripts folder goes first on PATH.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.home), "PATH": path}
+
+    def write_profile(self, address: str, ca_cert: Path | None) -> None:
+        """``FLWR_HOME/config.toml``: the connection to ``address``, over TLS trusting
+        ``ca_cert`` (None: plain HTTP, for loopback only)."""
+        lines = [
+            "[superlink]",
+            f'default = "{self.connection}"',
+            "",
+            f"[superlink.{self.connection}]",
+            f'address = "{address}"',
+        ]
+        lines += ["insecure = true"] if ca_cert is None else [f'root-certificates = "{ca_cert}"']
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [flower_executable("flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.workdir,
+        )
+
+    def flwr_json(self, *args: str) -> dict[str, Any]:
+        res = self.flwr(*args, "--format", "json")
+        try:
+            return dict(json.loads(res.stdout))
+        except json.JSONDecodeError as err:
+            raise RuntimeError(
+                f"flwr {' '.join(args)} failed: {res.stdout[-1500:]} {res.stderr[-1500:]}"
+            ) from err
+
+    def run(self, run_config: dict[str, str], app: Path = APP_DIR) -> str:
+        """Submit the app; returns the run id."""
+        overrides = " ".join(f"{k}='{v}'" for k, v in run_config.items())
+        out = self.flwr_json("run", str(app), self.connection, "--run-config", overrides)
+        if not out.get("success"):
+            raise RuntimeError(f"flwr run failed: {out}")
+        return str(out["run-id"])
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        out = self.flwr_json("list", self.connection)
+        for run in out.get("runs", []):
+            if str(run["run-id"]) == run_id:
+                return dict(run)
+        raise RuntimeError(f"run {run_id} not listed by the SuperLink: {out}")
+
+    def wait(
+        self,
+        run_id: str,
+        timeout: float = 3600,
+        poll: float = 2.0,
+        done_hint: Callable[[], bool] | None = None,
+        slow_poll: float = 30.0,
+    ) -> dict[str, Any]:
+        """Block until the run finishes; returns its ``flwr list`` entry.
+
+        Each status query is a ``flwr`` CLI process (about 2.5 CPU-seconds of imports here),
+        which on a small machine competes with the run itself. With ``done_hint`` (a cheap
+        check, e.g. that the run wrote its summary), the SuperLink is asked every ``poll``
+        seconds only once the hint holds, and otherwise every ``slow_poll`` seconds (to notice a
+        run that failed without finishing)."""
+        end = time.time() + timeout
+        asked = -math.inf
+        while time.time() < end:
+            hint = done_hint is None or done_hint()
+            if time.time() - asked >= (poll if hint else slow_poll):
+                asked = time.time()
+                run = self.status(run_id)
+                if str(run["status"]).startswith("finished"):
+                    return run
+            time.sleep(0.5 if done_hint is not None else poll)
+        raise TimeoutError(f"run {run_id} not finished after {timeout} s")
+
+
+class FlowerSession(FlowerCLI):
     """Flower services for one run, under ``workdir`` (FLWR_HOME, logs). Use as a context
     manager: every process it started is stopped on exit, by PID (its whole process group)."""
 
@@ -95,11 +184,7 @@ class FlowerSession:
         self.logs = self.workdir / "logs"
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.connection = connection
-        # Flower's services start each other by name (flower-superexec, flwr-serverapp, ...):
-        # this Python's scripts folder goes first on PATH.
-        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        self.env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.home), "PATH": path}
+        super().__init__(self.home, connection, self.workdir)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.address: str | None = None
         self.stop_leftovers()
@@ -202,48 +287,9 @@ class FlowerSession:
         self.procs.clear()
         self.pid_file.unlink(missing_ok=True)
 
-    def _wait_port(self, port: int, timeout: float = 60) -> None:
-        end = time.time() + timeout
-        while time.time() < end:
-            if self.procs and self.procs[0].poll() is not None:
-                raise RuntimeError(f"flower-superlink exited: see {self.logs / 'superlink.log'}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"flower-superlink did not listen on {port} within {timeout} s")
-
-    # -------------------------------------------------------------- CLI
-
     def write_connection(self, tls: TLSFiles | None = None) -> None:
-        lines = [
-            "[superlink]",
-            f'default = "{self.connection}"',
-            "",
-            f"[superlink.{self.connection}]",
-            f'address = "{self.address}"',
-        ]
-        lines += ["insecure = true"] if tls is None else [f'root-certificates = "{tls.ca_cert}"']
-        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
-
-    def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [flower_executable("flwr"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.workdir,
-        )
-
-    def flwr_json(self, *args: str) -> dict[str, Any]:
-        res = self.flwr(*args, "--format", "json")
-        try:
-            return dict(json.loads(res.stdout))
-        except json.JSONDecodeError as err:
-            raise RuntimeError(
-                f"flwr {' '.join(args)} failed: {res.stdout[-1500:]} {res.stderr[-1500:]}"
-            ) from err
+        assert self.address is not None
+        self.write_profile(self.address, None if tls is None else tls.ca_cert)
 
     def configure_simulation(self, num_supernodes: int, cpus_per_client: int = 1) -> None:
         out = self.flwr_json(
@@ -259,47 +305,16 @@ class FlowerSession:
         if not out.get("success"):
             raise RuntimeError(f"could not configure the simulation: {out}")
 
-    def run(self, run_config: dict[str, str], app: Path = APP_DIR) -> str:
-        """Submit the app; returns the run id."""
-        overrides = " ".join(f"{k}='{v}'" for k, v in run_config.items())
-        out = self.flwr_json("run", str(app), self.connection, "--run-config", overrides)
-        if not out.get("success"):
-            raise RuntimeError(f"flwr run failed: {out}")
-        return str(out["run-id"])
-
-    def status(self, run_id: str) -> dict[str, Any]:
-        out = self.flwr_json("list", self.connection)
-        for run in out.get("runs", []):
-            if str(run["run-id"]) == run_id:
-                return dict(run)
-        raise RuntimeError(f"run {run_id} not listed by the SuperLink: {out}")
-
-    def wait(
-        self,
-        run_id: str,
-        timeout: float = 3600,
-        poll: float = 2.0,
-        done_hint: Callable[[], bool] | None = None,
-        slow_poll: float = 30.0,
-    ) -> dict[str, Any]:
-        """Block until the run finishes; returns its ``flwr list`` entry.
-
-        Each status query is a ``flwr`` CLI process (about 2.5 CPU-seconds of imports here),
-        which on a small machine competes with the run itself. With ``done_hint`` (a cheap
-        check, e.g. that the run wrote its summary), the SuperLink is asked every ``poll``
-        seconds only once the hint holds, and otherwise every ``slow_poll`` seconds (to notice a
-        run that failed without finishing)."""
+    def _wait_port(self, port: int, timeout: float = 60) -> None:
         end = time.time() + timeout
-        asked = -math.inf
         while time.time() < end:
-            hint = done_hint is None or done_hint()
-            if time.time() - asked >= (poll if hint else slow_poll):
-                asked = time.time()
-                run = self.status(run_id)
-                if str(run["status"]).startswith("finished"):
-                    return run
-            time.sleep(0.5 if done_hint is not None else poll)
-        raise TimeoutError(f"run {run_id} not finished after {timeout} s")
+            if self.procs and self.procs[0].poll() is not None:
+                raise RuntimeError(f"flower-superlink exited: see {self.logs / 'superlink.log'}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"flower-superlink did not listen on {port} within {timeout} s")
 
 
 def summary_written(run_dir: Path) -> Callable[[], bool]:

@@ -8,6 +8,11 @@ site a node is comes from its node config (``client-name``, or ``partition-id`` 
 simulation); the resolved fedoap config travels from the server in every message, so a site
 needs only its own data path (``--node-config "client-name=... data-path=..."``).
 
+A site may track its own metrics to its own store, which may have to stay at the site:
+``tracking-backend`` (``mlflow`` or ``tensorboard``), and optionally ``tracking-uri`` and
+``tracking-experiment``, in its node config (the ``tracking`` keys of the config, for this site
+alone; the run config's ``tracking`` is the server's).
+
 Personal parameters, optimiser state and the selected model stay in the site's folder
 (``<output-dir>/checkpoints/site/<name>/``, ``checkpoints/best/<name>.safetensors``) and never
 enter a message: a step loads the site's state from its folder
@@ -30,7 +35,7 @@ from flwr.app import ArrayRecord, Context, Message
 
 from fedoap.algorithms import build_algorithm
 from fedoap.basetypes import Update
-from fedoap.config import VOLUME_SOURCES, ConfigError
+from fedoap.config import VOLUME_SOURCES, ConfigError, TrackingConfig
 from fedoap.data.dataset import make_client
 from fedoap.federation.flower_records import (
     claim,
@@ -47,7 +52,8 @@ from fedoap.federation.site import Site, Step
 from fedoap.federation.state import SiteState, load_site_state, save_selected, save_site_state
 from fedoap.models import FedOAPNet, StateDict
 from fedoap.runs import RunDir
-from fedoap.training.device import Timer, place, session, setup
+from fedoap.tracking import check_tracking, open_tracker
+from fedoap.training.device import Timer, describe, place, session, setup
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,7 @@ class _Built:
     site: Site
     out: RunDir  # the site's folder
     index: int
+    tracking: TrackingConfig  # the site's own, from its node config
 
 
 _SITES: dict[tuple[str, str, str, str, str], _Built] = {}
@@ -118,8 +125,36 @@ def _build(nc: Mapping[str, Any], cfg_yaml: str, run_dir: str) -> tuple[_Built, 
         save_selected(rd, site.name, weights, kv, site.record.best_round, alg.name, cfg.digest())
 
     site = Site(cfg, alg, model, data, record, Timer(device), on_selected=selected)
-    _SITES[key] = _Built(site, rd, names.index(name))
+    _SITES[key] = _Built(site, rd, names.index(name), site_tracking(nc))
     return _SITES[key], time.perf_counter() - t0
+
+
+def site_tracking(nc: Mapping[str, Any]) -> TrackingConfig:
+    """The site's own tracking, from its node config (``tracking-backend``, ``tracking-uri``,
+    ``tracking-experiment``); none unless it asks."""
+    backend = str(nc.get("tracking-backend", "none"))
+    if backend not in ("none", "mlflow", "tensorboard"):
+        raise ConfigError(
+            f"node-config tracking-backend={backend!r}: must be none, mlflow or tensorboard"
+        )
+    uri = str_of(nc, "tracking-uri") if "tracking-uri" in nc else None
+    experiment = str_of(nc, "tracking-experiment") if "tracking-experiment" in nc else None
+    tracking = TrackingConfig(backend=backend, uri=uri, experiment=experiment)  # type: ignore[arg-type]
+    check_tracking(tracking)
+    return tracking
+
+
+def track_site(
+    built: _Built, folder: Path, rows: list[dict[str, Any]], test: dict[str, Any] | None
+) -> None:
+    """The site's rows so far, and at the test its scores, to the site's own store."""
+    site = built.site
+    cfg = dataclasses.replace(site.cfg, tracking=built.tracking)
+    tracker = open_tracker(cfg, folder, name=site.name)
+    tracker.log_rows(rows)
+    if test is not None:
+        summary = {"clients": {site.name: test}, "execution": describe(site.timer.device)}
+        tracker.finish(summary)
 
 
 def identify(nc: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, int]:
@@ -160,10 +195,14 @@ def run_step(
     t0 = time.perf_counter()
     rows += answer.rows
     save_site_state(rd, site.name, step.round, site.record, {"rows": rows})
-    if answer.test is not None:  # the site's own record of its run
-        own = RunDir(rd.root / "sites" / site.name)
+    own = RunDir(rd.root / "sites" / site.name)  # the site's own record of its run
+    tracked = built.tracking.backend != "none"
+    if answer.test is not None or tracked:
         own.root.mkdir(parents=True, exist_ok=True)
         own.write_metrics(rows)
+    if tracked:
+        track_site(built, own.root, rows, answer.test)
+    if answer.test is not None:
         own.write_json(own.root / "test.json", answer.test)
     seconds = {
         "startup": startup,

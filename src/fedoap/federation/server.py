@@ -37,6 +37,7 @@ from fedoap.federation.summary import add_outcomes, make_summary, take_case_rows
 from fedoap.federation.transport import Transport
 from fedoap.models import FedOAPNet, StateDict
 from fedoap.runs import RunDir
+from fedoap.tracking import Tracker, open_tracker
 from fedoap.training.device import Timer
 from fedoap.training.engine import nonfinite_keys
 
@@ -77,6 +78,7 @@ class Server:
         self.tests: dict[str, Any] = {}
         # Seconds the sites spent per phase, summed over sites and steps (what they reported).
         self.site_seconds: dict[str, float] = {}
+        self.tracker = Tracker()  # opened by run(): a resumed run reports where it started
 
     # ------------------------------------------------------------------ state
 
@@ -144,6 +146,7 @@ class Server:
                 )
                 save_run_state(self.run_dir, state)
             self.run_dir.write_metrics(self.rows)
+            self.tracker.log_rows(self.rows)
 
     def _save_now(self, last_of_stage: bool = False) -> bool:
         """Whether this step's checkpoint carries tensors (``federation.checkpoint_every``; a
@@ -155,6 +158,7 @@ class Server:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
+        self.tracker = open_tracker(self.cfg, self.run_dir.root)
         start = time.perf_counter() - self.elapsed
         rounds, epochs = self.cfg.federation.rounds, self.finetune_epochs
         bar = tqdm(
@@ -455,4 +459,6 @@ class Server:
         # Last: summary.json marks the run complete (a kill before it is finished by --resume).
         self.run_dir.write_json(self.run_dir.summary, summary)
         self.run_dir.remove_stale_temporaries()
+        self.tracker.log_rows(self.rows)
+        self.tracker.finish(summary)
         return summary
