@@ -75,8 +75,10 @@ class OperatorKit:
         ``resume``) and wait until Flower reports it finished; returns the run folder and the
         run's ``flwr list`` entry."""
         if resume:
-            if run_dir is None or not (run_dir / "config.yaml").is_file():
-                raise NotFoundError(f"{run_dir}: not a run folder to resume")
+            if run_dir is None:
+                raise ConfigError("--resume needs --run-dir, the run folder to resume")
+            if not (run_dir / "config.yaml").is_file():
+                raise NotFoundError(f"{run_dir / 'config.yaml'} not found: not a run folder")
         else:
             run_dir = run_dir or self.new_run_dir()
             if run_dir.exists() and any(run_dir.iterdir()):
