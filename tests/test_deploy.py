@@ -145,15 +145,21 @@ def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
 @pytest.mark.deployment
 @pytest.mark.flower
 def test_a_federation_started_from_its_kits_ends_where_the_in_process_run_ends(tmp_path):
-    """Provision three sites, start the SuperLink and each site from its kit (TLS, SuperNode
-    authentication, the sites' keys registered by the operator's script), run with fedoap
-    deploy run: the result equals the in-process run of the same config, to 1e-6."""
+    """The operator's three commands: fedoap provision (three sites), start-superlink.sh (TLS,
+    SuperNode authentication, the sites' keys registered), fedoap deploy run, with each site
+    started from its own kit: the result equals the in-process run of the same config, to
+    1e-6."""
     pytest.importorskip("flwr")
     from fedoap.api import run_experiment
-    from fedoap.deploy.operate import OperatorKit
 
     port = _free_port()
-    kits = provision(load_project(write_project(tmp_path, port)), tmp_path / "kits")
+    project = write_project(tmp_path, port)
+    fedoap = [sys.executable, "-m", "fedoap.cli.main"]
+    subprocess.run(
+        [*fedoap, "provision", "-c", str(project), "-o", "kits"], cwd=tmp_path, check=True
+    )
+    kits = {"operator": tmp_path / "kits" / "operator"}
+    kits.update({n: tmp_path / "kits" / "sites" / n for n in SITES})
     procs = [_start(kits["operator"] / "start-superlink.sh", tmp_path / "superlink.log", {})]
     try:
         for name in SITES:
@@ -163,10 +169,16 @@ def test_a_federation_started_from_its_kits_ends_where_the_in_process_run_ends(t
                 "OMP_NUM_THREADS": "1",
             }
             procs.append(_start(kits[name] / "start-site.sh", tmp_path / f"{name}.log", env))
-        run_dir, run = OperatorKit(kits["operator"]).run(timeout=1200)
+        done = subprocess.run(
+            [*fedoap, "deploy", "run", "--kit", str(kits["operator"]), "--timeout", "1200"],
+            capture_output=True,
+            text=True,
+        )
     finally:
         _stop_all(procs)
-    assert run["status"] == "finished:completed"
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "finished:completed" in done.stdout
+    run_dir = kits["operator"] / "runs" / "run-1"
     deployed = json.loads((run_dir / "summary.json").read_text())
     ref = run_experiment(load_config(kits["operator"] / "config.yaml"), tmp_path / "ref")
     assert deployed["clients"].keys() == ref["clients"].keys()

@@ -248,3 +248,28 @@ def test_a_flower_site_tracks_its_own_metrics_to_its_own_store(tmp_path):
     assert want  # the site validated two rounds
     assert mlflow_curves(client, run.info.run_id, want) == {k: sorted(v) for k, v in want.items()}
     assert run.data.metrics[f"test_dice/{name}"] == result["test"]["test"]["dice"]
+
+
+@needs_mlflow
+@pytest.mark.flower
+def test_the_flower_server_tracks_its_view_of_every_site(tmp_path, monkeypatch):
+    """On Flower's simulation the ServerApp tracks what it receives: every site's rows, as
+    the server's metrics.csv holds them, and the test table."""
+    pytest.importorskip("flwr")
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(
+        "federation.rounds=1",
+        "finetune.epochs=1",
+        "train.num_threads=1",
+        "federation.runtime=flower-sim",
+        "tracking.backend=mlflow",
+    )
+    summary = run_experiment(cfg, tmp_path / "run", progress=False)
+    client, runs = mlflow_run(f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}")
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    want = expected_curves(tmp_path / "run")
+    assert len(want) == 3 * len(TRACKED)
+    assert mlflow_curves(client, run.info.run_id, want) == {k: sorted(v) for k, v in want.items()}
+    for name, c in summary["clients"].items():
+        assert run.data.metrics[f"test_dice/{name}"] == c["test"]["dice"]
