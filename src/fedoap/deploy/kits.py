@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from fedoap.deploy.pki import load_ca, make_ca, make_node_keys, make_server_cert
-from fedoap.deploy.project import Project
+from fedoap.deploy.project import Project, SiteSpec
 from fedoap.errors import OutputError
 from fedoap.federation.flower_launch import OFFLINE_ENV, FlowerCLI
 from fedoap.fileio import check_output_dir
@@ -60,8 +60,8 @@ def provision(project: Project, out: Path) -> dict[str, Path]:
         private, public = make_node_keys(kit, site.name)
         shutil.copyfile(public, operator / "node-keys" / public.name)
         shutil.copyfile(ca_cert, kit / "ca.crt")
-        _script(kit / "start-site.sh", _site_script(project, site.name, site.data, site))
-        (kit / "README.md").write_text(_site_readme(project, site.name, site.data))
+        _script(kit / "start-site.sh", _site_script(project, site))
+        (kit / "README.md").write_text(_site_readme(project, site))
         (kit / KIT_FILE).write_text(
             json.dumps({"role": "site", "site": site.name, "address": project.address}, indent=1)
         )
@@ -115,7 +115,8 @@ wait "$superlink"
 """
 
 
-def _site_script(project: Project, name: str, data: str, site) -> str:
+def _site_script(project: Project, site: SiteSpec) -> str:
+    name, data = site.name, site.data
     output = site.output or "$PWD/output"
     device = f' device=\\"{site.device}\\"' if site.device else ""
     return f"""#!/usr/bin/env bash
@@ -142,7 +143,8 @@ done
 """
 
 
-def _site_readme(project: Project, name: str, data: str) -> str:
+def _site_readme(project: Project, site: SiteSpec) -> str:
+    name, data = site.name, site.data
     return f"""# Site kit: {name} ({project.name})
 
 This folder lets this hospital take part in the federated study {project.name}. It trains a

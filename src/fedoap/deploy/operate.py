@@ -32,8 +32,7 @@ class OperatorKit:
         self.meta: dict[str, Any] = json.loads(path.read_text())
         if self.meta.get("role") != "operator":
             raise ConfigError(f"{path}: a site's kit; fedoap deploy runs from the operator kit")
-        host, _, kit_port = str(self.meta["address"]).rpartition(":")
-        self.port = port or int(kit_port)
+        self.port = port or int(str(self.meta["address"]).rpartition(":")[2])
         # The operator talks to the SuperLink on its own host; the certificate names localhost.
         self.cli = FlowerCLI(self.folder / "flwr-home", self.meta["connection"], self.folder)
         self.cli.write_profile(f"localhost:{self.port}", self.folder / "pki" / "ca.crt")
