@@ -273,3 +273,24 @@ def test_the_flower_server_tracks_its_view_of_every_site(tmp_path, monkeypatch):
     assert mlflow_curves(client, run.info.run_id, want) == {k: sorted(v) for k, v in want.items()}
     for name, c in summary["clients"].items():
         assert run.data.metrics[f"test_dice/{name}"] == c["test"]["dice"]
+
+
+@needs_mlflow
+def test_a_store_out_of_reach_leaves_the_run_untracked_with_one_warning(
+    tmp_path, caplog, monkeypatch
+):
+    import logging
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    cfg = tiny_config(
+        "federation.rounds=1",
+        "finetune.epochs=0",
+        "tracking.backend=mlflow",
+        "tracking.uri=http://127.0.0.1:9",  # nothing listens on the discard port
+    )
+    with caplog.at_level(logging.WARNING, logger="fedoap.tracking.core"):
+        summary = run_experiment(cfg, tmp_path / "run", progress=False)
+    assert summary["clients"]  # the run completed
+    warnings = [r for r in caplog.records if r.name == "fedoap.tracking.core"]
+    assert len(warnings) == 1 and "tracking to http://127.0.0.1:9" in warnings[0].message

@@ -267,15 +267,22 @@ def open_tracker(
     check_tracking(cfg.tracking)
     where = destination(cfg, folder, name)
     backend: Backend
-    if where["backend"] == "mlflow":
-        from fedoap.tracking.mlflow_store import MLflowStore
+    try:
+        if where["backend"] == "mlflow":
+            from fedoap.tracking.mlflow_store import MLflowStore
 
-        backend = MLflowStore(where["uri"], where["experiment"])
-    else:
-        from fedoap.tracking.tensorboard_files import EventFiles
+            backend = MLflowStore(where["uri"], where["experiment"])
+        else:
+            from fedoap.tracking.tensorboard_files import EventFiles
 
-        backend = EventFiles(Path(where["uri"]))
-    return Tracked(backend, folder, cfg, where, parent)
+            backend = EventFiles(Path(where["uri"]))
+        return Tracked(backend, folder, cfg, where, parent)
+    except Exception as err:  # a store out of reach: the run goes on untracked
+        logger.warning(
+            f"tracking to {where['uri']} is off: {type(err).__name__}: {err}; the run goes on, "
+            "and its folder holds every metric"
+        )
+        return Tracker()
 
 
 def replay(cfg: Config, folder: Path, name: str | None = None, parent: str | None = None) -> bool:
