@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 from fedoap.config import load_config
 from fedoap.deploy.kits import KIT_FILE
 from fedoap.errors import ConfigError, FederationError, NotFoundError
-from fedoap.federation.flower_launch import FlowerCLI, summary_written
+from fedoap.federation.flower_launch import FlowerCLI, summary_written, wait_for_port
 from fedoap.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -38,13 +36,8 @@ class OperatorKit:
         self.cli.write_profile(f"localhost:{self.port}", self.folder / "pki" / "ca.crt")
 
     def wait_for_superlink(self, timeout: float = 120) -> None:
-        end = time.time() + timeout
-        while time.time() < end:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.5)
-        raise FederationError(f"no SuperLink listens on port {self.port} after {timeout:.0f} s")
+        if not wait_for_port(self.port, timeout):
+            raise FederationError(f"no SuperLink listens on port {self.port} after {timeout:.0f} s")
 
     def register(self) -> list[str]:
         """Register every site's public key (``node-keys/*.pub``); a key registered before is

@@ -306,15 +306,26 @@ class FlowerSession(FlowerCLI):
             raise RuntimeError(f"could not configure the simulation: {out}")
 
     def _wait_port(self, port: int, timeout: float = 60) -> None:
-        end = time.time() + timeout
-        while time.time() < end:
+        def alive() -> None:
             if self.procs and self.procs[0].poll() is not None:
                 raise RuntimeError(f"flower-superlink exited: see {self.logs / 'superlink.log'}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"flower-superlink did not listen on {port} within {timeout} s")
+
+        if not wait_for_port(port, timeout, alive):
+            raise TimeoutError(f"flower-superlink did not listen on {port} within {timeout} s")
+
+
+def wait_for_port(port: int, timeout: float, check: Callable[[], None] | None = None) -> bool:
+    """Whether something listens on local ``port`` within ``timeout`` seconds; ``check`` runs
+    between tries (to raise when the process that should listen has died)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if check is not None:
+            check()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.2)
+    return False
 
 
 def summary_written(run_dir: Path) -> Callable[[], bool]:

@@ -85,25 +85,28 @@ def scalars(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, int, float]]:
     return out
 
 
+def _test_tables(summary: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Each client's test scores in ``summary.json``, and the mean's."""
+    tables = {str(n): c.get("test") or {} for n, c in summary.get("clients", {}).items()}
+    tables["mean"] = summary.get("mean", {}).get("test") or {}
+    return tables
+
+
 def test_scalars(summary: Mapping[str, Any], step: int) -> list[tuple[str, int, float]]:
     """The test table of ``summary.json``: ``test_dice/<client>`` ..., and ``test_dice/mean``."""
     out = []
-    tables = {metric_key(n): c.get("test") or {} for n, c in summary.get("clients", {}).items()}
-    tables["mean"] = summary.get("mean", {}).get("test") or {}
-    for who, test in tables.items():
+    for who, test in _test_tables(summary).items():
         for m in TEST_METRICS:
             v = test.get(m)
             if isinstance(v, int | float):
-                out.append((f"test_{m}/{who}", step, float(v)))
+                out.append((f"test_{m}/{metric_key(who)}", step, float(v)))
     return out
 
 
 def test_markdown(summary: Mapping[str, Any]) -> str:
     head = "| client | " + " | ".join(TEST_METRICS) + " |"
     lines = [head, "|" + "---|" * (len(TEST_METRICS) + 1)]
-    rows = {n: c.get("test") or {} for n, c in summary.get("clients", {}).items()}
-    rows["mean"] = summary.get("mean", {}).get("test") or {}
-    for n, t in rows.items():
+    for n, t in _test_tables(summary).items():
         cells = [f"{t[m]:.4f}" if isinstance(t.get(m), int | float) else "-" for m in TEST_METRICS]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -148,6 +151,7 @@ class Tracked(Tracker):
     ) -> None:
         self.backend, self.folder, self.where = backend, folder, where
         self.failed = False
+        self.last_step = 0  # the last round of the rows seen (log_rows)
         state = _read_state(folder, where)
         self.sent = int(state["rows"]) if state else 0
         run_id = str(state["run_id"]) if state else None
@@ -172,6 +176,8 @@ class Tracked(Tracker):
         atomic_write_text(self.folder / STATE_FILE, json.dumps({"runs": runs}, indent=1) + "\n")
 
     def log_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        # The test table goes at the last step metrics.csv has.
+        self.last_step = max((int(r["round"]) for r in rows), default=0)
         if len(rows) <= self.sent or self.failed:
             return
         try:
@@ -206,21 +212,13 @@ class Tracked(Tracker):
                 "fedoap": str(execution.get("fedoap", "")),
             }
         )
-        last = max((int(r) for r in _rounds(self.folder)), default=0)
-        self.backend.log_scalars(test_scalars(summary, last))
+        self.backend.log_scalars(test_scalars(summary, self.last_step))
         self.backend.log_text("test", test_markdown(summary))
         files = [self.folder / f for f in ARTIFACTS]
         plots = sorted((self.folder / "plots").glob("*.png"))
         self.backend.log_files([f for f in files + plots if f.is_file()])
         self.backend.end("FINISHED")
         self._save(finished=True)
-
-
-def _rounds(folder: Path) -> list[str]:
-    from fedoap.runs import read_metrics
-
-    path = folder / "metrics.csv"
-    return [r["round"] for r in read_metrics(path)] if path.is_file() else []
 
 
 def _read_states(folder: Path) -> list[dict[str, Any]]:
